@@ -28,7 +28,17 @@ if TYPE_CHECKING:
     from rwkvkit.state import RWKVState
     from rwkvkit.tokenizer import ByteTokenizer, WorldTokenizer
 
-__all__ = ["RwkvkitError", "__version__", *_LAZY]
+__all__ = [
+    "ByteTokenizer",
+    "ModelConfig",
+    "RWKVState",
+    "RwkvkitError",
+    "WorldTokenizer",
+    "__version__",
+    "build_model",
+    "load_model",
+    "save_model",
+]
 
 
 def __getattr__(name: str):

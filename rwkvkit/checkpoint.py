@@ -24,7 +24,7 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def _file_kind(path: Path) -> str:
-    """Guess the container format from the first bytes: 'zip' (torch >= 1.6), 'pickle' (legacy), 'safetensors'."""
+    """The container format from the first bytes: 'zip' (torch >= 1.6), 'pickle' (legacy), 'safetensors'."""
     with open(path, "rb") as f:
         head = f.read(16)
     if len(head) == 0:
@@ -62,9 +62,12 @@ def _load_pth(path: Path, kind: str) -> dict:
         raise RwkvkitError(f"{path} is truncated or corrupt ({e})") from None
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
-        detail = next((line for line in first if "Unsupported" in line or "GLOBAL" in line), first[0] if first else "")
+        detail = next(
+            (line for line in first if "Unsupported" in line or "GLOBAL" in line), first[0] if first else ""
+        )
         raise RwkvkitError(
-            f"refusing to load {path}: it holds objects other than tensors, which could run code ({detail.strip()})"
+            f"refusing to load {path}: it holds objects other than tensors, which could run code "
+            f"({detail.strip()})"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

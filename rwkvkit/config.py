@@ -67,7 +67,9 @@ def detect_version(state_dict: dict[str, torch.Tensor]) -> str:
         return "5.0"
     if any(k.endswith("att.time_first") for k in keys):
         return "4"
-    raise RwkvkitError("checkpoint keys match no known RWKV version (no att.r_k, time_maa, ln_x or time_first)")
+    raise RwkvkitError(
+        "checkpoint keys match no known RWKV version (no att.r_k, time_maa, ln_x or time_first)"
+    )
 
 
 SUPPORTED_VERSIONS = ("7",)

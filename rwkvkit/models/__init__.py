@@ -69,7 +69,9 @@ def model_from_state_dict(
     return model.eval()
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def load_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+):
     """Load an official RWKV checkpoint (`.pth` or `.safetensors`) as a model on ``device`` in ``dtype``."""
     return model_from_state_dict(load_state_dict(path), device=device, dtype=dtype, source=str(path))
 
@@ -90,9 +92,7 @@ def export_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     return out
 
 
-def save_model(
-    model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None
-) -> None:
+def save_model(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
     """Write the model as an official checkpoint (`.pth`, or `.safetensors` by suffix), atomically."""
     metadata = {"format": "pt", "rwkv_version": model.config.version}
     save_state_dict(export_state_dict(model, dtype), Path(path), metadata=metadata)

@@ -206,3 +206,94 @@ class RWKV7(nn.Module):
         logits = self.head(self.ln_out(x)).float()  # (B, T, V)
         new_state = RWKVState(torch.stack(att_shift), torch.stack(wkv_states), torch.stack(ffn_shift))
         return logits, new_state
+
+
+def _lora_width(multiplier: float, base: float) -> int:
+    """Low-rank width as the official trainer picks it: a multiple of 32, at least 32."""
+    return max(32, int(round(multiplier * base / 32) * 32))
+
+
+def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:
+    """Config for a new RWKV-7 trained from scratch, with the official trainer's low-rank widths.
+
+    The formulas reproduce the released models (C=768: 64/64/32/128; C=2048: 96/96/64/256).
+    """
+    if n_embd % head_size:
+        raise RwkvkitError(f"n_embd {n_embd} is not a multiple of head_size {head_size}")
+    return ModelConfig(
+        version="7",
+        n_layer=n_layer,
+        n_embd=n_embd,
+        vocab_size=vocab_size,
+        n_head=n_embd // head_size,
+        head_size=head_size,
+        dim_ffn=4 * n_embd,
+        d_decay=_lora_width(1.8, n_embd**0.5),
+        d_iclr=_lora_width(1.8, n_embd**0.5),
+        d_value=_lora_width(1.3, n_embd**0.5),
+        d_gate=_lora_width(0.6, n_embd**0.8),
+        layer0_has_value_lora=True,
+    )
+
+
+def _orthogonal_(weight: torch.Tensor, gain: float) -> None:
+    """Orthogonal init; like the official trainer, a tall matrix gets gain * sqrt(rows / cols)."""
+    rows, cols = weight.shape
+    if rows > cols:
+        gain *= math.sqrt(rows / cols)
+    nn.init.orthogonal_(weight, gain=gain)
+
+
+@torch.no_grad()
+def init_official_(model: RWKV7) -> RWKV7:
+    """Initialise every parameter with the official RWKV-7 from-scratch recipe (in place)."""
+    cfg = model.config
+    C, N, L = cfg.n_embd, cfg.head_size, cfg.n_layer
+    dev = model.device
+    n = torch.arange(C, device=dev, dtype=torch.float32)
+    ddd = (n / C).view(1, 1, C)
+    linear = (n / (C - 1) - 0.5).view(1, 1, C)
+    z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+    zigzag = (z * z.abs()).view(1, 1, C)
+
+    nn.init.uniform_(model.emb.weight, -1e-4, 1e-4)
+    _orthogonal_(model.head.weight, 0.5)  # gain 0.5 * sqrt(V / C) when V > C
+    model.ln_out.weight.fill_(1.0)
+    model.ln_out.bias.zero_()
+    for layer_id, block in enumerate(model.blocks):
+        r01 = layer_id / max(L - 1, 1)
+        r10 = 1.0 - layer_id / L
+        for ln in (getattr(block, "ln0", None), block.ln1, block.ln2):
+            if ln is not None:
+                ln.weight.fill_(1.0)
+                ln.bias.zero_()
+        att, ffn = block.att, block.ffn
+        att.x_r.copy_(1 - ddd ** (0.2 * r10))
+        att.x_w.copy_(1 - ddd ** (0.9 * r10))
+        att.x_k.copy_(1 - ddd ** (0.7 * r10))
+        att.x_v.copy_(1 - ddd ** (0.7 * r10))
+        att.x_a.copy_(1 - ddd ** (0.9 * r10))
+        att.x_g.copy_(1 - ddd ** (0.2 * r10))
+        decay_speed = -6 + 6 * (n / (C - 1)) ** (1 + r01**0.3)
+        att.w0.copy_(decay_speed.view(1, 1, C) + 0.5 + 2.5 * zigzag)
+        att.a0.copy_(-0.19 + 0.3 * zigzag + 0.4 * linear)
+        lora_pairs = [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)]
+        if att.has_value_lora:
+            att.v0.copy_(0.73 - 0.4 * linear)
+            lora_pairs.append((att.v1, att.v2))
+        for down, up in lora_pairs:
+            down.zero_()
+            _orthogonal_(up, 0.1)
+        att.k_k.copy_(0.71 - 0.1 * linear)
+        att.k_a.fill_(1.02)
+        att.r_k.fill_(-0.04)
+        _orthogonal_(att.receptance.weight, 1.0)
+        _orthogonal_(att.key.weight, 0.1)
+        _orthogonal_(att.value.weight, 1.0)
+        att.output.weight.zero_()
+        att.ln_x.weight.fill_(((layer_id + 1) / L) ** 0.7)
+        att.ln_x.bias.zero_()
+        ffn.x_k.copy_(1 - ddd ** (r10**4))
+        _orthogonal_(ffn.key.weight, 1.0)
+        ffn.value.weight.zero_()
+    return model
