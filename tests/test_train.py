@@ -1,0 +1,155 @@
+"""The trainer: official init values, optimizer groups, schedule, L2Wrap, data windows, and a short run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import reference_logits, reference_model
+
+from rwkvkit import RwkvkitError, load_model
+from rwkvkit.models import build_model
+from rwkvkit.models.rwkv7 import init_official_, new_config
+from rwkvkit.train.data import eval_windows, sample_batch
+from rwkvkit.train.optim import L2Wrap, lr_at, param_groups
+from rwkvkit.train.trainer import TrainConfig, train
+
+
+def test_new_config_reproduces_released_lora_widths():
+    c768 = new_config(12, 768, 65536)
+    assert (c768.d_decay, c768.d_iclr, c768.d_value, c768.d_gate) == (64, 64, 32, 128)
+    c2048 = new_config(24, 2048, 65536)
+    assert (c2048.d_decay, c2048.d_iclr, c2048.d_value, c2048.d_gate) == (96, 96, 64, 256)
+    assert c768.dim_ffn == 4 * 768 and c768.n_head == 12
+
+
+def test_official_init_values_by_hand():
+    L, C, N = 4, 64, 16
+    model = init_official_(build_model(new_config(L, C, 300, N)))
+    b1 = model.blocks[1].att
+    r10, r01 = 1 - 1 / L, 1 / (L - 1)
+    n = 5
+    assert b1.x_r[0, 0, n].item() == pytest.approx(1 - (n / C) ** (0.2 * r10), rel=1e-6)
+    assert b1.x_w[0, 0, n].item() == pytest.approx(1 - (n / C) ** (0.9 * r10), rel=1e-6)
+    z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+    zigzag = z * abs(z)
+    w0 = -6 + 6 * (n / (C - 1)) ** (1 + r01**0.3) + 0.5 + 2.5 * zigzag
+    assert b1.w0[0, 0, n].item() == pytest.approx(w0, rel=1e-5)
+    assert b1.a0[0, 0, n].item() == pytest.approx(-0.19 + 0.3 * zigzag + 0.4 * (n / (C - 1) - 0.5), rel=1e-5)
+    assert b1.v0[0, 0, n].item() == pytest.approx(0.73 - 0.4 * (n / (C - 1) - 0.5), rel=1e-6)
+    assert b1.k_k[0, 0, n].item() == pytest.approx(0.71 - 0.1 * (n / (C - 1) - 0.5), rel=1e-6)
+    assert torch.all(b1.k_a == 1.02) and torch.all(b1.r_k == -0.04)
+    assert torch.all(b1.w1 == 0) and torch.all(b1.g1 == 0)
+    assert torch.all(b1.output.weight == 0) and torch.all(model.blocks[2].ffn.value.weight == 0)
+    assert b1.ln_x.weight[0].item() == pytest.approx((2 / L) ** 0.7)
+    assert model.emb.weight.abs().max() <= 1e-4
+    # orthogonal with gain: W W^T = gain^2 I for the square receptance, 0.1^2 for att.key
+    r = b1.receptance.weight
+    assert torch.allclose(r @ r.T, torch.eye(C), atol=1e-4)
+    k = b1.key.weight
+    assert torch.allclose(k @ k.T, 0.01 * torch.eye(C), atol=1e-5)
+    # head (V > C): gain 0.5 * sqrt(V / C), so W^T W = 0.25 V / C * I
+    h = model.head.weight
+    assert torch.allclose(h.T @ h, 0.25 * 300 / C * torch.eye(C), rtol=1e-3, atol=1e-3)
+    ffn_x_k = model.blocks[1].ffn.x_k[0, 0, n].item()
+    assert ffn_x_k == pytest.approx(1 - (n / C) ** (r10**4), rel=1e-6)
+
+
+def test_param_groups_decay_only_2d_weights_and_double_lr_w0():
+    model = build_model(new_config(2, 64, 100, 16))
+    groups = {g["name"]: g for g in param_groups(model, weight_decay=0.1)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups["decay"]["params"]}
+    assert "blocks.0.att.key.weight" in decayed and "head.weight" in decayed and "emb.weight" in decayed
+    assert all(n.endswith(".weight") for n in decayed)
+    assert not any("ln" in n or n.endswith(("w1", "w2", "x_r")) for n in decayed)
+    double = {names[id(p)] for p in groups["2x_lr"]["params"]}
+    assert double == {"blocks.0.att.w0", "blocks.1.att.w0"} and groups["2x_lr"]["lr_scale"] == 2.0
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(list(model.parameters()))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(0, 0.0, 1e-3, 1e-4, warmup_steps=10) == pytest.approx(1e-4)
+    assert lr_at(9, 0.0, 1e-3, 1e-4, warmup_steps=10) == pytest.approx(1e-3)
+    assert lr_at(50, 0.5, 1e-3, 1e-4, warmup_steps=10) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert lr_at(100, 1.0, 1e-3, 1e-4, warmup_steps=10) == pytest.approx(1e-4)
+
+
+def test_l2wrap_adds_gradient_on_the_max_logit_only():
+    logits = torch.tensor([[[1.0, 3.0, -2.0], [0.5, -1.0, 0.25]]], requires_grad=True)  # (1, 2, 3)
+    loss = logits.sum() * 0.0
+    L2Wrap.apply(loss, logits).backward()
+    factor = 1e-4 / 2
+    expected = torch.tensor([[[0.0, 3.0 * factor, 0.0], [0.5 * factor, 0.0, 0.0]]])
+    assert torch.allclose(logits.grad, expected)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    tokens = np.arange(1000, dtype=np.int64)
+    x1, y1 = sample_batch(tokens, step=7, batch_size=4, ctx_len=16, seed=3)
+    x2, y2 = sample_batch(tokens, step=7, batch_size=4, ctx_len=16, seed=3)
+    x3, _ = sample_batch(tokens, step=8, batch_size=4, ctx_len=16, seed=3)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+    assert torch.equal(y1[:, :-1], x1[:, 1:])  # targets are the inputs shifted by one
+    x, y = eval_windows(tokens, ctx_len=100)
+    assert x.shape == (9, 100) and torch.equal(x.flatten(), torch.arange(900)) and y[0, 0] == 1
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(RwkvkitError, match="multiple of"):
+        train(TrainConfig(n_embd=100, head_size=32, out=str(tmp_path)))
+    with pytest.raises(RwkvkitError, match="no such data file"):
+        train(TrainConfig(data=str(tmp_path / "nope.txt"), out=str(tmp_path)))
+
+
+def test_short_training_run_lowers_loss_and_writes_a_reference_loadable_pth(tmp_path):
+    text = (
+        "To be, or not to be, that is the question:\n"
+        "Whether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\n"
+    ) * 40
+    (tmp_path / "train.txt").write_text(text)
+    (tmp_path / "val.txt").write_text(text[:1500])
+    cfg = TrainConfig(
+        data=str(tmp_path / "train.txt"),
+        val_data=str(tmp_path / "val.txt"),
+        out=str(tmp_path / "run"),
+        n_layer=2,
+        n_embd=32,
+        head_size=16,
+        ctx_len=64,
+        batch_size=8,
+        steps=60,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_every=30,
+        progress=False,
+    )
+    result = train(cfg)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 60 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5  # from ~ln(256) = 5.5 to well below
+    assert result.val_loss is not None and result.val_loss < 3.0
+    assert [m["step"] for m in metrics if "val_loss" in m] == [30, 60]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    # the written file is an official checkpoint: the reference package runs it and agrees with us
+    model = load_model(result.model_path)
+    tokens = list(b"To be, or not")
+    with torch.inference_mode():
+        ours, _ = model(torch.tensor([tokens]))
+    theirs, _ = reference_logits(reference_model(result.model_path), tokens)
+    assert (ours[0] - theirs).abs().max() < 1e-4 * max(1.0, theirs.abs().max().item())
+    # and its validation loss is what the trainer reported
+    val = torch.tensor([list(text[:1500].encode())])
+    x, y = eval_windows(val[0].numpy(), 64)
+    with torch.inference_mode():
+        logits, _ = model(x)
+    assert F.cross_entropy(logits.flatten(0, 1), y.flatten()).item() == pytest.approx(
+        result.val_loss, rel=1e-4
+    )
