@@ -1,0 +1,40 @@
+"""Inference: next-token sampling (``sampling.py``) and streamed text generation (``generate.py``).
+
+    from rwkvkit.infer import generate, generate_text, sample_logits
+
+(Imported eagerly: a lazy ``generate`` attribute would be shadowed by the ``generate`` submodule.)
+"""
+
+from __future__ import annotations
+
+from rwkvkit.infer.generate import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    GenerationResult,
+    GenerationStream,
+    StopStringFilter,
+    generate,
+    generate_text,
+    prefill,
+)
+from rwkvkit.infer.sampling import check_sampling_args, sample_logits, sampling_distribution
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_PREFILL_CHUNK",
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_TOP_K",
+    "DEFAULT_TOP_P",
+    "GenerationResult",
+    "GenerationStream",
+    "StopStringFilter",
+    "check_sampling_args",
+    "generate",
+    "generate_text",
+    "prefill",
+    "sample_logits",
+    "sampling_distribution",
+]

@@ -1,0 +1,300 @@
+"""Text generation: prefill a prompt in chunks, then decode one token at a time with the carried state.
+
+``generate(...)`` returns a :class:`GenerationStream`, an iterator of text pieces that can be shown as
+they arrive; when it is exhausted its ``result`` holds a :class:`GenerationResult` (full text, token ids,
+finish reason, final state). ``generate_text(...)`` does both in one call.
+
+Guarantees:
+- Every piece is valid UTF-8 text: token bytes go through the tokenizer's ``IncrementalDecoder``, which
+  holds back a multi-byte character until all of its bytes have arrived.
+- A stop token ends generation and is not part of the text or of ``tokens``.
+- A stop string ends generation and is never emitted, even when it spans several tokens: text that could
+  be the start of a stop string is held back until the next tokens show whether it is one.
+- The final state has consumed the prompt and every id in ``result.tokens`` (including the tokens that
+  formed a stop string), so a conversation can continue from it with the next prompt.
+- Memory is bounded for any prompt length: the prompt runs through the model in chunks of at most
+  ``prefill_chunk`` tokens with ``last_only=True``, so only the final position's logits are computed.
+
+An empty prompt is an error even when a state is given: the state does not hold the logits of the
+token that produced it, so there is nothing to sample the first token from. To continue from a state,
+pass the text that follows it (e.g. the next user turn) as the prompt.
+
+Model calls run under ``torch.inference_mode()`` one at a time (never across a ``yield``, so the caller's
+code between pieces is not affected); the returned state therefore holds inference tensors.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rwkvkit.errors import RwkvkitError
+from rwkvkit.infer.sampling import check_sampling_args, sample_logits
+from rwkvkit.state import RWKVState
+
+# Generation defaults (the CLI repeats them for its --help without importing torch; a test keeps them equal).
+DEFAULT_MAX_TOKENS = 200
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 0.85  # the reference package's default
+DEFAULT_TOP_K = 0  # no limit
+DEFAULT_PREFILL_CHUNK = 256  # the reference package's prefill chunk length
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced.
+
+    text: everything emitted (stop strings and what follows them excluded).
+    tokens: the generated ids, stop token excluded; the final state has consumed all of them.
+    finish_reason: "stop" (stop token or stop string) or "length" (max_tokens reached).
+    stop: the stop token (int) or stop string (str) that ended generation, else None.
+    state: the recurrent state after the prompt and ``tokens``.
+    """
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    state: RWKVState
+    prompt_tokens: int
+    stop: int | str | None = None
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+class GenerationStream:
+    """Iterator over the text pieces of one generation; ``result`` is set once it is exhausted."""
+
+    def __init__(self, pieces: Generator[str, None, GenerationResult]):
+        self._pieces = pieces
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """Stop early (``result`` stays None)."""
+        self._pieces.close()
+
+
+@torch.inference_mode()
+def _forward(model, tokens: list[int], state: RWKVState | None) -> tuple[torch.Tensor, RWKVState]:
+    """Run ``tokens`` from ``state``; return the logits after the last token (V,) and the new state."""
+    x = torch.tensor([tokens], dtype=torch.long, device=model.device)  # (1, T)
+    logits, state = model(x, state, last_only=True)  # logits (1, 1, V)
+    return logits[0, -1], state
+
+
+def prefill(
+    model, tokens: Sequence[int], state: RWKVState | None = None, chunk_size: int = DEFAULT_PREFILL_CHUNK
+) -> tuple[torch.Tensor, RWKVState]:
+    """Run ``tokens`` through the model in chunks of at most ``chunk_size``, carrying the state.
+
+    Returns (logits after the last token, float32 (V,), state after all tokens).
+    """
+    if len(tokens) == 0:
+        raise RwkvkitError("empty prompt: at least one token is needed")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise RwkvkitError(f"prefill chunk size must be an integer >= 1, got {chunk_size}")
+    logits = None
+    for start in range(0, len(tokens), chunk_size):
+        logits, state = _forward(model, list(tokens[start : start + chunk_size]), state)
+    return logits, state
+
+
+class StopStringFilter:
+    """Holds back text until it is sure it does not begin a stop string; reports the first stop string.
+
+    ``push(text)`` returns (text safe to emit, the stop string found or None). After a stop string is found
+    everything from it on is dropped. ``flush()`` returns what is still held back (call it at the end).
+    """
+
+    def __init__(self, stop_strings: Iterable[str]):
+        self.stop_strings = [s for s in stop_strings]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, str | None]:
+        self.pending += text
+        first: tuple[int, str] | None = None
+        for stop in self.stop_strings:
+            at = self.pending.find(stop)
+            if at >= 0 and (first is None or at < first[0]):
+                first = (at, stop)
+        if first is not None:
+            emit, self.pending = self.pending[: first[0]], ""
+            return emit, first[1]
+        hold = self._longest_partial_match()
+        emit, self.pending = (
+            self.pending[: len(self.pending) - hold],
+            self.pending[len(self.pending) - hold :],
+        )
+        return emit, None
+
+    def _longest_partial_match(self) -> int:
+        """Length of the longest end of ``pending`` that is the beginning of some stop string."""
+        longest = max((len(s) for s in self.stop_strings), default=0)
+        for size in range(min(len(self.pending), longest - 1), 0, -1):
+            tail = self.pending[-size:]
+            if any(stop.startswith(tail) for stop in self.stop_strings):
+                return size
+        return 0
+
+    def flush(self) -> str:
+        emit, self.pending = self.pending, ""
+        return emit
+
+
+def _prompt_tokens(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
+    if isinstance(prompt, str):
+        tokens = tokenizer.encode(prompt) if prompt else []
+    else:
+        tokens = []
+        for t in prompt:
+            try:
+                tokens.append(operator.index(t))  # int, numpy integer, 0-d integer tensor
+            except TypeError:
+                raise RwkvkitError(f"prompt token ids must be integers, got {t!r}") from None
+    if not tokens:
+        raise RwkvkitError(
+            "empty prompt: at least one token is needed to start generating (a state alone holds no "
+            "next-token logits; pass the text that follows it)"
+        )
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise RwkvkitError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+    return tokens
+
+
+@dataclass
+class _Settings:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    generator: torch.Generator | None
+    stop_tokens: frozenset[int]
+    stop_strings: list[str]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_p: float = DEFAULT_TOP_P,
+    top_k: int = DEFAULT_TOP_K,
+    seed: int | None = None,
+    stop_tokens: Iterable[int] | None = None,
+    stop_strings: Iterable[str] = (),
+    state: RWKVState | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> GenerationStream:
+    """Generate text after ``prompt``, streamed as pieces of valid text.
+
+    Args:
+        model: an RWKV model (``logits, state = model(tokens (B, T), state, last_only=...)``).
+        tokenizer: encodes the prompt and decodes the generated ids (see ``rwkvkit.tokenizer``).
+        prompt: text, or token ids. Must not be empty.
+        max_tokens: the most tokens to generate (>= 0).
+        temperature, top_p, top_k: sampling parameters (see ``sample_logits``; temperature 0 = greedy).
+        seed: seeds a private ``torch.Generator`` so the same seed gives the same text; None uses torch's
+            global random state.
+        stop_tokens: ids that end generation without being emitted. None means the tokenizer's
+            end-of-text id (0); pass () to disable.
+        stop_strings: strings that end generation; they are never emitted, even across tokens.
+        state: the state to start from (None = a fresh sequence). It is not modified.
+        prefill_chunk: the most prompt tokens run through the model at once.
+    Returns a GenerationStream; iterate it for the pieces, then read ``.result``.
+    Raises RwkvkitError for an empty prompt, out-of-vocabulary ids, an incompatible state or bad parameters
+    (checked here, before anything runs).
+    """
+    check_sampling_args(temperature, top_p, top_k)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise RwkvkitError(f"max_tokens must be an integer >= 0, got {max_tokens}")
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise RwkvkitError(f"prefill chunk size must be an integer >= 1, got {prefill_chunk}")
+    stop_strings = list(stop_strings)
+    if any(not isinstance(s, str) or s == "" for s in stop_strings):
+        raise RwkvkitError("stop strings must be non-empty strings")
+    if stop_tokens is None:
+        eot = getattr(tokenizer, "eot_id", None)
+        stop_tokens = () if eot is None else (eot,)
+    stop_tokens = frozenset(int(t) for t in stop_tokens)
+    tokens = _prompt_tokens(tokenizer, prompt, model.config.vocab_size)
+    if state is not None:
+        state.check_compatible(model.config, 1)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    settings = _Settings(max_tokens, temperature, top_p, top_k, generator, stop_tokens, stop_strings)
+    return GenerationStream(_run(model, tokenizer, tokens, state, prefill_chunk, settings))
+
+
+def _run(
+    model, tokenizer, prompt: list[int], state: RWKVState | None, prefill_chunk: int, cfg: _Settings
+) -> Generator[str, None, GenerationResult]:
+    from rwkvkit.tokenizer import IncrementalDecoder
+
+    t0 = time.perf_counter()
+    logits, state = prefill(model, prompt, state, prefill_chunk)  # logits (V,)
+    t1 = time.perf_counter()
+    # Ids the tokenizer cannot decode (a model vocabulary padded past the tokenizer's) are never sampled.
+    usable = min(int(tokenizer.vocab_size), logits.shape[-1])
+
+    decoder = IncrementalDecoder(tokenizer)
+    stops = StopStringFilter(cfg.stop_strings)
+    pieces: list[str] = []
+    generated: list[int] = []
+    finish, stop_hit = "length", None
+    for _ in range(cfg.max_tokens):
+        token = sample_logits(logits[:usable], cfg.temperature, cfg.top_p, cfg.top_k, cfg.generator)
+        if token in cfg.stop_tokens:
+            finish, stop_hit = "stop", token
+            break
+        generated.append(token)
+        emit, stop_hit = stops.push(decoder.feed(token))
+        if emit:
+            pieces.append(emit)
+            yield emit
+        logits, state = _forward(model, [token], state)  # the state always covers every generated token
+        if stop_hit is not None:
+            finish = "stop"
+            break
+    if not isinstance(stop_hit, str):  # ended by length or a stop token: release what is held back
+        emit, stop_hit_at_end = stops.push(decoder.flush())
+        if stop_hit_at_end is not None:
+            finish, stop_hit = "stop", stop_hit_at_end
+        else:
+            emit += stops.flush()
+        if emit:
+            pieces.append(emit)
+            yield emit
+    t2 = time.perf_counter()
+    return GenerationResult(
+        text="".join(pieces),
+        tokens=generated,
+        finish_reason=finish,
+        state=state,
+        prompt_tokens=len(prompt),
+        stop=stop_hit,
+        prefill_seconds=t1 - t0,
+        decode_seconds=t2 - t1,
+    )
+
+
+def generate_text(model, tokenizer, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
+    """Run :func:`generate` to the end and return its GenerationResult (same keyword arguments)."""
+    stream = generate(model, tokenizer, prompt, **kwargs)
+    for _ in stream:
+        pass
+    assert stream.result is not None
+    return stream.result

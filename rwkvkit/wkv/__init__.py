@@ -1,0 +1,181 @@
+"""The WKV-7 operator: the ONE place the rest of rwkvkit calls to run the RWKV-7 time-mix recurrence.
+
+This module owns the public contract, argument validation and the choice of implementation. It is
+device agnostic (pure PyTorch, no CUDA-only imports); every implementation trains through autograd.
+
+    y, final_state = wkv7(r, w, k, v, a, b, state=None, *, impl=None, chunk_size=None)
+
+Inputs r, w, k, v, a, b are tensors (B, T, H, N) of any float dtype, on one device. Per batch element
+and head, with the state S laid out as S[value_i, key_j] ("[value, key]", as the reference kernels
+and v7 inference keep it):
+
+    S_t = S_{t-1} (diag(exp(w_t)) + a_t b_t^T) + v_t k_t^T
+    y_t = S_t r_t                                   (the output reads the NEW state)
+
+element-wise: S_t[i, j] = S_{t-1}[i, j] exp(w_t[j]) + (sum_l S_{t-1}[i, l] a_t[l]) b_t[j] + v_t[i] k_t[j].
+The RWKV-7 model passes a = -kk and b = kk * iclr, with kk L2-normalized per head.
+
+``w`` is the LOG of the per-step decay: decay d = exp(w) per key channel, so w <= 0 (w = 0 means no
+decay). RWKV-7 passes w = -exp(-0.5) * sigmoid(z), i.e. w in [-0.6066, 0] (decay in (0.545, 1]).
+
+Valid range of w for the chunked form: max(-w) * chunk_size <= W_CHUNK_LIMIT (= 80), which keeps every
+float32 intermediate finite (the in-chunk factors reach exp(max|w| * chunk_size / 2)). For RWKV-7's w
+this holds for any chunk size up to 131. The check runs here for CPU tensors (no sync cost there); on
+accelerators it is a precondition, so the hot path never waits on the device. Use
+``impl="reference"`` (no limit) for stronger decays.
+
+``state`` is the initial state (B, H, N, N) as [value, key], or None for zeros. The state is computed in
+float32 (in float64 when r is float64, to verify implementations). Returns y (B, T, H, N) in r's dtype
+and the final state (B, H, N, N) in float32 (float64 for float64 r).
+
+``impl``: None (auto), "reference" (step by step, the ground truth) or "chunked" (chunk-parallel). Auto
+picks the step form for T <= AUTO_STEP_MAX_T (faster for one-token inference on CPU) and chunked
+otherwise. :func:`set_default_impl` / :func:`use_impl` override what None means (e.g. in tests).
+``chunk_size`` (chunked only; ignored by the reference) defaults to DEFAULT_CHUNK_SIZE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from rwkvkit.wkv.wkv7_chunked import DEFAULT_CHUNK_SIZE, W_CHUNK_LIMIT, wkv7_chunked
+from rwkvkit.wkv.wkv7_reference import wkv7_reference
+
+__all__ = [
+    "AUTO_STEP_MAX_T",
+    "DEFAULT_CHUNK_SIZE",
+    "IMPLEMENTATIONS",
+    "W_CHUNK_LIMIT",
+    "get_default_impl",
+    "set_default_impl",
+    "use_impl",
+    "wkv7",
+]
+
+# Names accepted by `impl=` (None means auto).
+IMPLEMENTATIONS: tuple[str, ...] = ("reference", "chunked")
+
+# Auto uses the step form up to this T: on CPU (B=1, H=12, N=64) it is faster than chunked for T <= 3.
+AUTO_STEP_MAX_T = 3
+
+_default_impl: str | None = None  # what impl=None resolves to; None = auto by T
+
+
+def _check_impl(impl: str | None) -> None:
+    if impl is not None and impl not in IMPLEMENTATIONS:
+        raise ValueError(f"wkv7: unknown impl {impl!r}; expected None (auto) or one of {IMPLEMENTATIONS}")
+
+
+def get_default_impl() -> str | None:
+    """What ``impl=None`` currently resolves to (None = automatic choice by T)."""
+    return _default_impl
+
+
+def set_default_impl(impl: str | None) -> str | None:
+    """Make ``impl=None`` mean `impl` (None restores the automatic choice). Returns the previous value."""
+    global _default_impl
+    _check_impl(impl)
+    previous, _default_impl = _default_impl, impl
+    return previous
+
+
+@contextlib.contextmanager
+def use_impl(impl: str | None) -> Iterator[None]:
+    """Context manager: within the block, ``wkv7(..., impl=None)`` uses `impl`."""
+    previous = set_default_impl(impl)
+    try:
+        yield
+    finally:
+        set_default_impl(previous)
+
+
+def _validate(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None,
+) -> None:
+    named = {"r": r, "w": w, "k": k, "v": v, "a": a, "b": b}
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"wkv7: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"wkv7: {name} must have a floating dtype, got {x.dtype}")
+    if r.dim() != 4:
+        raise ValueError(f"wkv7: r must have shape (B, T, H, N), got {tuple(r.shape)}")
+    for name, x in named.items():
+        if x.shape != r.shape:
+            raise ValueError(f"wkv7: {name} has shape {tuple(x.shape)}, expected r's shape {tuple(r.shape)}")
+        if x.device != r.device:
+            raise ValueError(f"wkv7: {name} is on {x.device}, but r is on {r.device}")
+    if state is not None:
+        B, _, H, N = r.shape
+        if not isinstance(state, torch.Tensor) or not state.is_floating_point():
+            raise ValueError("wkv7: state must be a floating-point torch.Tensor (B, H, N, N) or None")
+        if state.shape != (B, H, N, N):
+            raise ValueError(
+                f"wkv7: state has shape {tuple(state.shape)}, expected (B, H, N, N) = {(B, H, N, N)} "
+                "laid out as [value, key]"
+            )
+        if state.device != r.device:
+            raise ValueError(f"wkv7: state is on {state.device}, but r is on {r.device}")
+
+
+def _check_w_range(w: torch.Tensor, chunk_size: int) -> None:
+    """Raise if the chunked form could overflow in float32. Only on CPU, where it costs no device sync."""
+    if w.device.type != "cpu" or w.numel() == 0:
+        return
+    max_neg = -float(w.detach().amin())
+    if max_neg * chunk_size > W_CHUNK_LIMIT:
+        safe = int(W_CHUNK_LIMIT // max_neg) if max_neg > 0 else chunk_size
+        raise ValueError(
+            f"wkv7: w reaches {-max_neg:.4g}; the chunked form needs max(-w) * chunk_size <= "
+            f"{W_CHUNK_LIMIT:g} (chunk_size={chunk_size}). Use chunk_size <= {safe} or impl='reference'."
+        )
+
+
+def wkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+    *,
+    impl: str | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the RWKV-7 WKV recurrence (see the module docstring for the exact contract).
+
+    Args:
+        r, w, k, v, a, b: (B, T, H, N); w is the log of the per-step decay (w <= 0).
+        state: initial state (B, H, N, N) as [value, key], or None for zeros.
+        impl: None (auto / the default set by set_default_impl), "reference" or "chunked".
+        chunk_size: chunk length for the chunked form (default DEFAULT_CHUNK_SIZE).
+    Returns:
+        y (B, T, H, N) in r's dtype, final state (B, H, N, N) float32 (float64 for float64 r).
+    """
+    _validate(r, w, k, v, a, b, state)
+    _check_impl(impl)
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_SIZE
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"wkv7: chunk_size must be a positive int, got {chunk_size!r}")
+
+    T = r.shape[1]
+    if impl is None:
+        impl = _default_impl
+    if impl is None:
+        impl = "reference" if T <= AUTO_STEP_MAX_T else "chunked"
+
+    if impl == "reference":
+        return wkv7_reference(r, w, k, v, a, b, state)
+    _check_w_range(w, min(chunk_size, max(T, 1)))
+    return wkv7_chunked(r, w, k, v, a, b, state, chunk_size=chunk_size)
