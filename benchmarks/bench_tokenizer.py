@@ -3,10 +3,12 @@
 Measures encode and decode throughput (MB of UTF-8 per second and tokens per second) on English prose
 (Shakespeare, data/shakespeare/train.txt), on a Chinese / Japanese / emoji / English mix generated here
 from a fixed seed, and on its Chinese part alone; checks that both give identical ids; prints a markdown
-table with the speedup. rwkvkit's encoder caches the ids of text pieces (words with their leading
-space), so encode is timed twice: "cold" empties that cache before every run (text never seen before),
-"warm" keeps it (text made of pieces seen before, as in a large corpus). Runs alternate between the two
-tokenizers and the best of --repeats is kept, so a busy machine skews both alike. Also reports load times.
+table with the speedup, for both encode backends of rwkvkit: "aho-corasick" (the default, Rust via
+ahocorasick-rs, no cache) and "python" (the pure-Python fallback). The python backend caches the ids of
+text pieces (words with their leading space), so encode is timed twice: "cold" empties that cache before
+every run (text never seen before), "warm" keeps it (text made of pieces seen before, as in a large
+corpus). Runs alternate between the tokenizers and the best of --repeats is kept, so a busy machine skews
+them alike. Also reports load and build times.
 
     python benchmarks/bench_tokenizer.py                  # the table for benchmarks/RESULTS.md
     python benchmarks/bench_tokenizer.py --repeats 5 --mixed-chars 200000
@@ -98,17 +100,23 @@ def main() -> None:
     ref = TRIE_TOKENIZER(str(Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt"))
     ref_load = time.perf_counter() - start
     start = time.perf_counter()
-    tok = WorldTokenizer()
+    ac = WorldTokenizer(backend="aho-corasick")
     our_load = time.perf_counter() - start
+    py = WorldTokenizer(backend="python")
+    prompt = "User: hi! What is RWKV?\n\nAssistant:"
     start = time.perf_counter()
-    tok.encode("User: hi! What is RWKV?\n\nAssistant:")  # short text: the byte walk, no build needed
-    our_first = time.perf_counter() - start
+    py.encode(prompt)  # short text: the byte walk, no build needed
+    py_first = time.perf_counter() - start
     start = time.perf_counter()
-    tok._vocab.regex_encoder()  # normally built once ~50k characters have been encoded
-    our_build = time.perf_counter() - start
+    ac.encode(prompt)  # the first encode builds the automaton
+    ac_first = time.perf_counter() - start
+    start = time.perf_counter()
+    py._vocab.regex_encoder()  # normally built once ~50k characters have been encoded
+    py_build = time.perf_counter() - start
     start = time.perf_counter()
     WorldTokenizer()
     our_second = time.perf_counter() - start
+    backends = {"aho-corasick": ac, "python": py}
 
     corpora = {
         "English (Shakespeare)": args.english.read_text(encoding="utf-8"),
@@ -118,46 +126,74 @@ def main() -> None:
     rows = []
     for name, text in corpora.items():
         size_mb = len(text.encode("utf-8")) / 1e6
-        ids = tok.encode(text)
         expected = ref.encode(text)
-        if ids != expected:
-            raise SystemExit(f"{name}: rwkvkit and the reference disagree")
-        n_tok = len(ids)
-        t = best_times(
-            {
-                "ref": lambda t=text: ref.encode(t),
-                "cold": lambda t=text: tok.encode(t),
-                "warm": lambda t=text: tok.encode(t),
-                "ref_dec": lambda i=ids: ref.decodeBytes(i).decode("utf-8", errors="replace"),
-                "dec": lambda i=ids: tok.decode(i),
-            },
-            args.repeats,
-            before={"cold": tok.clear_cache, "warm": lambda t=text: tok.encode(t)},
-        )
-        t_ref, t_cold, t_warm, t_ref_dec, t_dec = (t[k] for k in ("ref", "cold", "warm", "ref_dec", "dec"))
-        for op, ours, theirs in (
-            ("encode, cold cache", t_cold, t_ref),
-            ("encode, warm cache", t_warm, t_ref),
-            ("decode", t_dec, t_ref_dec),
-        ):
-            rows.append(
-                (name, op, size_mb, n_tok, size_mb / theirs, size_mb / ours, n_tok / ours, theirs / ours)
+        for backend, tok in backends.items():
+            if tok.encode(text) != expected:
+                raise SystemExit(f"{name}: rwkvkit ({backend}) and the reference disagree")
+        n_tok = len(expected)
+        fns: dict[str, Callable[[], object]] = {"ref": lambda t=text: ref.encode(t)}
+        before: dict[str, Callable[[], None]] = {}
+        for backend, tok in backends.items():
+            fns[f"{backend} cold"] = lambda t=text, k=tok: k.encode(t)
+            fns[f"{backend} warm"] = lambda t=text, k=tok: k.encode(t)
+            before[f"{backend} cold"] = tok.clear_cache
+            before[f"{backend} warm"] = lambda t=text, k=tok: k.encode(t)
+        fns["ref_dec"] = lambda i=expected: ref.decodeBytes(i).decode("utf-8", errors="replace")
+        fns["dec"] = lambda i=expected: ac.decode(i)
+        t = best_times(fns, args.repeats, before=before)
+        for backend in backends:
+            for op in ("cold", "warm"):
+                ours, theirs = t[f"{backend} {op}"], t["ref"]
+                rows.append(
+                    (
+                        name,
+                        f"encode, {op} cache",
+                        backend,
+                        size_mb,
+                        n_tok,
+                        size_mb / theirs,
+                        size_mb / ours,
+                        n_tok / ours,
+                        theirs / ours,
+                    )
+                )
+        ours, theirs = t["dec"], t["ref_dec"]
+        rows.append(
+            (
+                name,
+                "decode",
+                "(shared)",
+                size_mb,
+                n_tok,
+                size_mb / theirs,
+                size_mb / ours,
+                n_tok / ours,
+                theirs / ours,
             )
+        )
 
     print(f"vocab load: reference TRIE_TOKENIZER {ref_load:.2f} s; rwkvkit WorldTokenizer() {our_load:.2f} s")
-    print(f"  first encode of a short prompt {our_first * 1e3:.1f} ms (byte walk, nothing to build)")
-    print(f"  building the fast encoder (after ~50k characters) {our_build:.2f} s")
     print(f"  another WorldTokenizer() (cached vocab) {our_second * 1e3:.2f} ms")
-    print("ids identical to the reference on every corpus: yes\n")
-    print("| text | operation | MB | tokens | reference MB/s | rwkvkit MB/s | rwkvkit Mtok/s | speedup |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for name, op, size_mb, n_tok, ref_mbs, our_mbs, our_toks, speedup in rows:
+    print(f"  aho-corasick: first encode (builds the automaton) {ac_first:.2f} s")
+    print(f"  python: first encode of a short prompt {py_first * 1e3:.1f} ms (byte walk, nothing to build)")
+    print(f"  python: building the trie regex (after ~50k characters) {py_build:.2f} s")
+    print("ids identical to the reference on every corpus, both backends: yes")
+    print("the aho-corasick backend has no cache: cold and warm are the same code\n")
+    print(
+        "| text | operation | backend | MB | tokens | reference MB/s | rwkvkit MB/s | rwkvkit Mtok/s "
+        "| speedup |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, op, backend, size_mb, n_tok, ref_mbs, our_mbs, our_toks, speedup in rows:
         print(
-            f"| {name} | {op} | {size_mb:.2f} | {n_tok:,} | {ref_mbs:.2f} | {our_mbs:.2f} | "
+            f"| {name} | {op} | {backend} | {size_mb:.2f} | {n_tok:,} | {ref_mbs:.2f} | {our_mbs:.2f} | "
             f"{our_toks / 1e6:.2f} | {speedup:.1f}x |"
         )
-    speedups = [r[-1] for r in rows if r[1].startswith("encode")]
-    print(f"\nencode speedup: min {min(speedups):.1f}x, median {statistics.median(speedups):.1f}x")
+    for backend in backends:
+        speedups = [r[-1] for r in rows if r[2] == backend]
+        median = statistics.median(speedups)
+        print(f"\n{backend} encode speedup: min {min(speedups):.1f}x, median {median:.1f}x", end="")
+    print()
 
 
 if __name__ == "__main__":

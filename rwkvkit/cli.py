@@ -337,7 +337,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _add_train(subparsers, load: bool) -> None:
     """Register ``train``; its arguments come from rwkvkit.train.trainer, imported only when ``load``."""
-    summary = "train or fine-tune an RWKV model"
+    summary = "train a new RWKV-7 model from scratch on a text file"
     if not load:
         subparsers.add_parser("train", help=summary, add_help=False)
         return

@@ -27,10 +27,23 @@ def ref() -> TRIE_TOKENIZER:
 
 @pytest.fixture(scope="module")
 def tok() -> WorldTokenizer:
-    tokenizer = WorldTokenizer()
-    # Build the fast encoder now: otherwise the first 50k characters would use the byte walk.
+    tokenizer = WorldTokenizer()  # backend "auto": aho-corasick, as ahocorasick-rs is installed
+    assert tokenizer._vocab.ac_encoder() is not None, "the aho-corasick fast path is not active"
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def py_tok() -> WorldTokenizer:
+    tokenizer = WorldTokenizer(backend="python")
+    # Build the trie regex now: otherwise the first 50k characters would use the byte walk.
     assert tokenizer._vocab.regex_encoder() is not None
     return tokenizer
+
+
+@pytest.fixture(scope="module", params=["aho-corasick", "python"])
+def any_tok(request: pytest.FixtureRequest, tok: WorldTokenizer, py_tok: WorldTokenizer) -> WorldTokenizer:
+    """Each backend in turn, for the tests of parity with the reference."""
+    return tok if request.param == "aho-corasick" else py_tok
 
 
 def ref_encode_bytes(ref: TRIE_TOKENIZER, data: bytes) -> list[int]:
@@ -63,20 +76,21 @@ SAMPLES = {
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))
-def test_encode_matches_reference(tok: WorldTokenizer, ref: TRIE_TOKENIZER, name: str) -> None:
-    assert_same(tok, ref, SAMPLES[name])
-    assert_same(tok, ref, SAMPLES[name] * 3)  # again, now partly from the piece cache
+def test_encode_matches_reference(any_tok: WorldTokenizer, ref: TRIE_TOKENIZER, name: str) -> None:
+    assert_same(any_tok, ref, SAMPLES[name])
+    assert_same(any_tok, ref, SAMPLES[name] * 3)  # again, now partly from the piece cache
 
 
-def test_encode_matches_reference_on_shakespeare(tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
+def test_encode_matches_reference_on_shakespeare(any_tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
     text = SHAKESPEARE.read_text(encoding="utf-8")[:60_000]
-    assert_same(tok, ref, text)
-    assert_same(tok, ref, text[1000:30_000])
+    assert_same(any_tok, ref, text)
+    assert_same(any_tok, ref, text[1000:30_000])
 
 
-def test_empty_text(tok: WorldTokenizer) -> None:
-    assert tok.encode("") == []
-    assert tok.decode([]) == ""
+def test_empty_text(any_tok: WorldTokenizer) -> None:
+    assert any_tok.encode("") == []
+    assert any_tok.encode_bytes(b"") == []
+    assert any_tok.decode([]) == ""
 
 
 def _random_text(rng: random.Random) -> str:
@@ -111,62 +125,65 @@ def _random_text(rng: random.Random) -> str:
     return "".join(parts)
 
 
-def test_random_unicode_matches_reference(tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
+def test_random_unicode_matches_reference(any_tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
     rng = random.Random(1234)
     texts = [_random_text(rng) for _ in range(3000)]
     for text in texts:
-        assert_same(tok, ref, text)
-    assert_same(tok, ref, "".join(texts))  # one long text: many pieces, batch-encoded
+        assert_same(any_tok, ref, text)
+    assert_same(any_tok, ref, "".join(texts))  # one long text: many pieces, batch-encoded
 
 
-def test_random_bytes_decoded_with_replace_match_reference(tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
+def test_random_bytes_decoded_with_replace_match_reference(
+    any_tok: WorldTokenizer, ref: TRIE_TOKENIZER
+) -> None:
     rng = random.Random(99)
     for _ in range(1500):
         text = rng.randbytes(rng.randint(0, 60)).decode("utf-8", errors="replace")
-        assert_same(tok, ref, text)
+        assert_same(any_tok, ref, text)
 
 
-def test_random_raw_bytes_match_reference(tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
+def test_random_raw_bytes_match_reference(any_tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
     rng = random.Random(7)
     for _ in range(800):
         data = rng.randbytes(rng.randint(0, 60))
-        assert tok.encode_bytes(data) == ref_encode_bytes(ref, data)
+        assert any_tok.encode_bytes(data) == ref_encode_bytes(ref, data)
 
 
-def test_random_token_concatenations_match_reference(tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
+def test_random_token_concatenations_match_reference(any_tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
     # Gluing real tokens together stresses the longest-match edge cases (a token followed by the
     # start of a longer one, partial UTF-8 tokens next to each other, ...).
     rng = random.Random(5)
     for _ in range(1500):
         ids = [rng.randint(1, 65529) for _ in range(rng.randint(1, 10))]
         data = ref.decodeBytes(ids)
-        assert tok.encode_bytes(data) == ref_encode_bytes(ref, data)
+        assert any_tok.encode_bytes(data) == ref_encode_bytes(ref, data)
         text = data.decode("utf-8", errors="replace")
-        assert_same(tok, ref, text)
+        assert_same(any_tok, ref, text)
 
 
-def test_text_containing_the_batch_separator(tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
+def test_text_containing_the_batch_separator(any_tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
     # NUL joins new pieces for one regex call; text that contains NUL takes the piece-by-piece path.
     text = "".join(f"w{i}\x00 x{i * 7} 你{i}" for i in range(300))
-    assert_same(tok, ref, text)
+    assert_same(any_tok, ref, text)
 
 
 def test_piece_cache_overflow_stays_exact(
-    tok: WorldTokenizer, ref: TRIE_TOKENIZER, monkeypatch: pytest.MonkeyPatch
+    py_tok: WorldTokenizer, ref: TRIE_TOKENIZER, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(world_module, "_PIECE_CACHE_ENTRIES", 50)
     monkeypatch.setattr(world_module, "_PIECE_CACHE_MAX_CHARS", 4)
     rng = random.Random(3)
     words = [" " + "".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 7))) for _ in range(400)]
     for _ in range(5):
-        assert_same(tok, ref, "".join(rng.choices(words, k=300)))
+        assert_same(py_tok, ref, "".join(rng.choices(words, k=300)))
 
 
 def test_first_characters_use_the_byte_walk(tmp_path: Path, ref: TRIE_TOKENIZER) -> None:
-    # A fresh vocab (another path) starts with the byte walk, ready at once, then builds the regex.
+    # With the pure-Python backend, a fresh vocab (another path) starts with the byte walk, ready at once,
+    # then builds the regex.
     path = tmp_path / "copy_of_vocab.txt"
     path.write_bytes(REF_VOCAB.read_bytes())
-    tokenizer = WorldTokenizer(path)
+    tokenizer = WorldTokenizer(path, backend="python")
     texts = [SAMPLES[name] for name in sorted(SAMPLES)]
     for text in texts:
         assert_same(tokenizer, ref, text)
@@ -176,6 +193,64 @@ def test_first_characters_use_the_byte_walk(tmp_path: Path, ref: TRIE_TOKENIZER)
     assert tokenizer._vocab._regex_encoder is not None
     for text in texts:
         assert_same(tokenizer, ref, text)
+
+
+# ------------------------------------------------------------------------------------------------
+# The two backends: aho-corasick (Rust, default) vs the pure-Python encoder
+# ------------------------------------------------------------------------------------------------
+
+
+def _backend_inputs() -> list[str]:
+    rng = random.Random(4321)
+    texts = [SAMPLES[name] for name in sorted(SAMPLES)]
+    texts.append(SHAKESPEARE.read_text(encoding="utf-8")[:80_000])
+    texts += [_random_text(rng) for _ in range(2000)]
+    texts += [rng.randbytes(rng.randint(0, 80)).decode("utf-8", errors="replace") for _ in range(1000)]
+    texts.append("".join(texts[-3000:]))
+    return texts
+
+
+def test_backends_agree(tok: WorldTokenizer, py_tok: WorldTokenizer) -> None:
+    assert tok._vocab is py_tok._vocab  # same vocab, two encoders
+    for text in _backend_inputs():
+        fast = tok.encode(text)
+        slow = py_tok.encode(text)
+        assert fast == slow, f"backends disagree on {text[:80]!r}"
+    rng = random.Random(8)
+    for _ in range(1000):
+        data = rng.randbytes(rng.randint(0, 80))
+        assert tok.encode_bytes(data) == py_tok.encode_bytes(data)
+    for _ in range(1000):  # real tokens glued together, including partial-UTF-8 ones
+        data = py_tok.decode_bytes([rng.randint(1, 65529) for _ in range(rng.randint(1, 12))])
+        assert tok.encode_bytes(data) == py_tok.encode_bytes(data)
+
+
+def test_backends_agree_on_long_runs(tok: WorldTokenizer, py_tok: WorldTokenizer) -> None:
+    # Long repeats stress longest-match restarts (the automaton must not drop or merge matches).
+    for text in ("a" * 5000, " " * 3001, "\n" * 777 + "x", "ab" * 999, "你好" * 1000, "😀" * 500):
+        assert tok.encode(text) == py_tok.encode(text)
+
+
+def test_backend_option(tmp_path: Path, ref: TRIE_TOKENIZER, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(RwkvkitError, match="unknown tokenizer backend 'rust'"):
+        WorldTokenizer(backend="rust")
+    assert "backend='python'" in repr(WorldTokenizer(backend="python"))
+    # Without ahocorasick-rs, "auto" falls back to the pure-Python encoder and "aho-corasick" is an error.
+    monkeypatch.setattr(world_module, "_import_ahocorasick", lambda: None)
+    path = tmp_path / "copy_of_vocab.txt"
+    path.write_bytes(REF_VOCAB.read_bytes())
+    auto = WorldTokenizer(path)
+    assert_same(auto, ref, SAMPLES["mixed"])
+    assert auto._vocab.ac_encoder() is None
+    with pytest.raises(RwkvkitError, match="needs the ahocorasick-rs package"):
+        WorldTokenizer(path, backend="aho-corasick").encode("x")
+
+
+def test_aho_corasick_needs_every_byte(tmp_path: Path) -> None:
+    path = _write_vocab(tmp_path / "vocab.txt", ["a", "b", "ab"])
+    assert WorldTokenizer(path).encode("abba") == [3, 2, 1]  # auto: the pure-Python walk
+    with pytest.raises(RwkvkitError, match="every single byte"):
+        WorldTokenizer(path, backend="aho-corasick").encode("abba")
 
 
 def test_shipped_vocab_is_the_reference_file() -> None:
@@ -243,9 +318,9 @@ def test_decode_accepts_tensors_and_arrays(tok: WorldTokenizer) -> None:
     assert "".join(streamed) + decoder.flush() == "tensor 你好" * 2
 
 
-def test_lone_surrogate_is_a_clear_error(tok: WorldTokenizer) -> None:
+def test_lone_surrogate_is_a_clear_error(any_tok: WorldTokenizer) -> None:
     with pytest.raises(RwkvkitError, match="surrogate U\\+D800"):
-        tok.encode("ok \ud800")
+        any_tok.encode("ok \ud800")
     with pytest.raises(RwkvkitError, match="surrogate"):
         ByteTokenizer().encode("\udfff")
 
@@ -431,10 +506,11 @@ def _small_vocab(extra: list[bytes | str]) -> list[bytes | str]:
         ["ab", b"a\xe4", b"\xb8\xad\xe6", "中", " a"],
     ],
 )
-def test_custom_vocab_matches_reference(tmp_path: Path, extra: list[bytes | str]) -> None:
+@pytest.mark.parametrize("backend", ["aho-corasick", "python"])
+def test_custom_vocab_matches_reference(tmp_path: Path, extra: list[bytes | str], backend: str) -> None:
     path = _write_vocab(tmp_path / "vocab.txt", _small_vocab(extra))
-    mine, theirs = WorldTokenizer(path), TRIE_TOKENIZER(str(path))
-    mine._vocab.regex_encoder()  # use the fast encoder (where the vocab allows it) from the start
+    mine, theirs = WorldTokenizer(path, backend=backend), TRIE_TOKENIZER(str(path))
+    mine._vocab.regex_encoder()  # use the regex encoder (where the vocab allows it) from the start
     assert mine.vocab_size == 320  # 256 + len(extra) rounded up to a multiple of 64
     # Text without NUL, so that pieces are joined for one regex call when the vocab allows it.
     assert mine.encode("ab abc abcd bc 中文 a") == theirs.encode("ab abc abcd bc 中文 a")
@@ -443,6 +519,8 @@ def test_custom_vocab_matches_reference(tmp_path: Path, extra: list[bytes | str]
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
         assert mine.encode(text) == (theirs.encode(text) if text else [])
+        data = text.encode("utf-8")[1:]  # often starts inside a character
+        assert mine.encode_bytes(data) == ref_encode_bytes(theirs, data)
 
 
 def test_vocab_without_all_bytes_raises_on_unknown_byte(tmp_path: Path) -> None:

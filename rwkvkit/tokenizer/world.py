@@ -7,6 +7,18 @@ This module owns:
 * ``WorldTokenizer``: encoding text as the greedy longest match over its UTF-8 bytes, byte-exact with the
   reference ``rwkv.rwkv_tokenizer.TRIE_TOKENIZER``, and decoding ids back to bytes / text.
 
+Two encoders
+------------
+The default backend ("aho-corasick") uses the Rust-backed ``ahocorasick-rs`` package, a core dependency:
+the UTF-8 bytes of the text become a str with one character per byte (``.decode("latin-1")``), and so do
+the tokens; one ``find_matches_as_strings`` call with leftmost-longest, non-overlapping semantics returns
+every token, and a dict maps each to its id. Leftmost-longest matching takes the longest token starting at
+the first position where one matches; when every single byte is a token, a token matches at every
+position, so this is exactly the greedy longest match of the reference, for any vocab (with or without
+partial-UTF-8 tokens) and any bytes. The automaton (~0.1 s, ~11 MB) is built on the first encode. It needs
+all 256 single bytes in the vocab; otherwise, or where the package cannot be imported, the pure-Python
+backend ("python", below) is used, which is also kept as the slow reference beside the fast path.
+
 How encoding is made fast in pure Python
 ----------------------------------------
 The reference walks a byte trie in Python, one step per byte. Here:
@@ -47,6 +59,7 @@ from collections.abc import Iterable
 from itertools import chain, compress, count, filterfalse, repeat
 from operator import add
 from pathlib import Path
+from types import ModuleType
 
 from rwkvkit.errors import RwkvkitError
 
@@ -71,6 +84,8 @@ _CHUNK_PIECES = 8192  # text with new pieces is encoded this many pieces at a ti
 _REGEX_AFTER_CHARS = 50_000  # until this many characters were encoded, use the byte walk (no build time)
 
 _CONT_LOW, _CONT_HIGH = 0x80, 0xBF  # UTF-8 continuation bytes
+
+BACKENDS = ("auto", "aho-corasick", "python")  # WorldTokenizer(backend=...); "auto" prefers aho-corasick
 
 
 # --------------------------------------------------------------------------------------------------
@@ -523,6 +538,43 @@ class _RegexEncoder:
 
 
 # --------------------------------------------------------------------------------------------------
+# The Aho-Corasick encoder (Rust, via ahocorasick-rs)
+# --------------------------------------------------------------------------------------------------
+
+
+class _AhoCorasickEncoder:
+    """Greedy longest match as one leftmost-longest Aho-Corasick search over the text's bytes (as latin-1).
+
+    Exact only for a vocab in which every single byte is a token (the caller checks that).
+    """
+
+    def __init__(self, bytes_to_id: dict[bytes, int], ahocorasick_rs: ModuleType) -> None:
+        # latin-1 maps each byte to the character with the same code, so bytes <-> str is one-to-one.
+        token_id = {token.decode("latin-1"): tid for token, tid in bytes_to_id.items()}
+        automaton = ahocorasick_rs.AhoCorasick(
+            list(token_id),
+            matchkind=ahocorasick_rs.MATCHKIND_LEFTMOST_LONGEST,
+            # Keep the token strs, so that matches come back as those very objects (fast dict lookups).
+            store_patterns=True,
+            implementation=ahocorasick_rs.Implementation.ContiguousNFA,
+        )
+        self._find = automaton.find_matches_as_strings
+        self._token_id = token_id
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        return list(map(self._token_id.__getitem__, self._find(data.decode("latin-1"))))
+
+
+def _import_ahocorasick() -> ModuleType | None:
+    """The ``ahocorasick_rs`` module, or None where it is not installed (or cannot load)."""
+    try:
+        import ahocorasick_rs
+    except ImportError:
+        return None
+    return ahocorasick_rs
+
+
+# --------------------------------------------------------------------------------------------------
 # Parsed vocab, shared per path
 # --------------------------------------------------------------------------------------------------
 
@@ -548,6 +600,8 @@ class _Vocab:
         self._byte_greedy: _ByteGreedy | None = None
         self._regex_encoder: _RegexEncoder | None = None
         self._regex_checked = False
+        self._ac_encoder: _AhoCorasickEncoder | None = None
+        self._ac_checked = False
         self._plain_chars = 0  # characters encoded by the byte walk while the regex is not built yet
 
     def decode_table(self, vocab_size: int) -> dict[int, bytes]:
@@ -577,12 +631,52 @@ class _Vocab:
                     self._regex_checked = True
         return self._regex_encoder
 
+    def ac_encoder(self) -> _AhoCorasickEncoder | None:
+        """The Aho-Corasick encoder, built on first use; None without ahocorasick-rs or all 256 bytes."""
+        if not self._ac_checked:
+            with self._lock:
+                if not self._ac_checked:
+                    module = _import_ahocorasick()
+                    if module is not None and all(bytes([b]) in self.bytes_to_id for b in range(256)):
+                        self._ac_encoder = _AhoCorasickEncoder(self.bytes_to_id, module)
+                    self._ac_checked = True
+        return self._ac_encoder
+
     def clear_cache(self) -> None:
         if self._regex_encoder is not None:
             self._regex_encoder.clear_cache()
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of text: by the byte walk for the first _REGEX_AFTER_CHARS characters, then by the regex."""
+    def encode(self, text: str, backend: str = "auto") -> list[int]:
+        """Ids of text with this backend ("auto" falls back to "python" when aho-corasick is unavailable)."""
+        if backend != "python":
+            encoder = self.ac_encoder()
+            if encoder is not None:
+                return encoder.encode_bytes(_utf8(text))
+            if backend == "aho-corasick":
+                raise RwkvkitError(self._no_ac_reason())
+        return self.encode_python(text)
+
+    def encode_bytes(self, data: bytes, backend: str = "auto") -> list[int]:
+        """Ids of raw bytes (not necessarily valid UTF-8) with this backend."""
+        if backend != "python":
+            encoder = self.ac_encoder()
+            if encoder is not None:
+                return encoder.encode_bytes(data)
+            if backend == "aho-corasick":
+                raise RwkvkitError(self._no_ac_reason())
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.byte_greedy().encode(data)
+        return self.encode_python(text)
+
+    def _no_ac_reason(self) -> str:
+        if _import_ahocorasick() is None:
+            return "the aho-corasick backend needs the ahocorasick-rs package (pip install ahocorasick-rs)"
+        return f"the aho-corasick backend needs every single byte to be a token, which {self.path} lacks"
+
+    def encode_python(self, text: str) -> list[int]:
+        """Pure Python: the byte walk for the first _REGEX_AFTER_CHARS characters, then the trie regex."""
         if not self._regex_checked:
             with self._lock:
                 plain = self._plain_chars + len(text) <= _REGEX_AFTER_CHARS
@@ -636,12 +730,25 @@ class WorldTokenizer:
     another file in the same format. Parsed vocabs are cached per path, so a second instance is cheap.
     ``vocab_size`` defaults to the largest id + 1 rounded up to a multiple of 64 (65536 for the World
     vocab); ids below it that have no token (65530..65535) decode to nothing, like id 0.
+    ``backend`` picks the encoder (see the module doc): "auto" (default) uses "aho-corasick" where it is
+    available and "python" otherwise; asking for "aho-corasick" where it is unavailable raises on encode.
+    Both give the same ids.
     """
 
     name = "world"
     eot_id = EOT_ID
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        vocab_size: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise RwkvkitError(
+                f"unknown tokenizer backend {backend!r}: expected one of {', '.join(BACKENDS)}"
+            )
+        self.backend = backend
         self._vocab = _load_vocab(path)
         minimum = self._vocab.max_id + 1
         if vocab_size is None:
@@ -659,7 +766,9 @@ class WorldTokenizer:
         return self._vocab.path
 
     def __repr__(self) -> str:
-        return f"WorldTokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+        return (
+            f"WorldTokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, backend={self.backend!r})"
+        )
 
     # ---- encoding ----
     def encode(self, text: str) -> list[int]:
@@ -669,16 +778,11 @@ class WorldTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__} (use encode_bytes for bytes)")
-        return self._vocab.encode(text)
+        return self._vocab.encode(text, self.backend)
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Token ids of raw bytes, which need not be valid UTF-8 (same greedy rule as ``encode``)."""
-        data = bytes(data)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return self._vocab.byte_greedy().encode(data)
-        return self.encode(text)
+        return self._vocab.encode_bytes(bytes(data), self.backend)
 
     def clear_cache(self) -> None:
         """Forget the cached encodings of text pieces (shared by all tokenizers of this vocab file)."""
