@@ -1,7 +1,8 @@
 """The WKV-7 operator: the ONE place the rest of rwkvkit calls to run the RWKV-7 time-mix recurrence.
 
 This module owns the public contract, argument validation and the choice of implementation. It is
-device agnostic (pure PyTorch, no CUDA-only imports); every implementation trains through autograd.
+device agnostic (pure PyTorch, no CUDA-only imports); every implementation is differentiable (the
+reference through autograd of its steps, the chunked form through its own hand-written backward).
 
     y, final_state = wkv7(r, w, k, v, a, b, state=None, *, impl=None, chunk_size=None)
 

@@ -1,4 +1,4 @@
-"""Chunk-parallel RWKV-7 WKV in pure PyTorch (any device, trains through autograd).
+"""Chunk-parallel RWKV-7 WKV in pure PyTorch (any device), with a hand-written backward.
 
 This module owns the chunked evaluation of the v7 recurrence (state S as [value, key])
 
@@ -19,11 +19,24 @@ entering the chunk, the substitution P_t = S_t diag(exp(-g_t)) turns the decay i
 
 Everything that does not depend on S0 (the four n x n blocks in one matmul, (I - L)^{-1} by one
 unit-triangular solve, W, U0, V^T k_out) is computed for all chunks at once. The only sequential part
-is, per chunk, U^T = S0 W^T + U0^T and the S_next line: two (N x N x n) matmuls. Y then comes from the
+is, per chunk, U = W S0^T + U0 and the S_next line: two (N x N x n) matmuls. Y then comes from the
 gathered per-chunk S0 and U in batched matmuls. (Folding W^T b_out into an N x N transition matrix
 A_c, S_next = S0 A_c + B_c, costs an extra N^3 per chunk and measured ~25% slower on CPU.) Terms that
-touch S0 or the outgoing state only use exponents <= 0. m cancels exactly in every product, so it is
-detached from autograd.
+touch S0 or the outgoing state only use exponents <= 0. m cancels exactly in every product, so the
+backward treats it as a constant.
+
+Backward (:class:`_ChunkedWKV7`, checked against autograd of the step-by-step reference and by
+gradcheck in tests/test_wkv7.py). It reuses the forward's chunk matrices (saved, not recomputed) and
+has one sequential part, the reverse-time recurrence for dS (the gradient of the state leaving a chunk):
+
+    dU = lower-incl(r~ b~^T)^T dY + b_out dS^T,    dS_prev = dS diag(exp(g_last)) + dY^T r exp(g) + dU^T W
+
+Then, batched over chunks, with dZ = (I - L)^{-T} dU: since W only feeds U = W S0^T + U0,
+d(a exp(gx)) = dZ S0 and dL = dZ U^T, so the gradient of all four masked n x n blocks is one matmul,
+[dZ; dY] [U; V]^T, and the gradients of [a~; r~] and [b~; k~] are two more. The log-decay gradient
+collects dx~ * x~ per scaled input; g_last gets sum_V dS * S_next (every term of S_next carries
+exp(g_last) exactly once), and dw is the reverse cumulative sum over the chunk.
+The backward is once-differentiable (no double backward / create_graph through it).
 
 Valid range of w: the factors exp(+-(g - m)) reach exp(max|w| * n / 2), and the (masked-away) upper
 triangle of a~ b~^T reaches exp(max|w| * n). To keep every intermediate finite in float32 the
@@ -51,12 +64,13 @@ W_CHUNK_LIMIT = 80.0
 
 
 def _to_chunks(x: torch.Tensor, n: int, pad: int) -> torch.Tensor:
-    """(B, T, H, N) -> contiguous (B*H, NC, n, N), zero-padding the time axis by `pad` steps."""
+    """(B, T, H, N) -> chunk-major (NC, B*H, n, N) (a view when possible), zero-padding the time by `pad`."""
     B, T, H, N = x.shape
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
-    x = x.reshape(B, (T + pad) // n, n, H, N).permute(0, 3, 1, 2, 4)  # (B, H, NC, n, N)
-    return x.reshape(B * H, (T + pad) // n, n, N)
+    NC = (T + pad) // n
+    x = x.reshape(B, NC, n, H, N).permute(1, 0, 3, 2, 4)  # (NC, B, H, n, N)
+    return x.reshape(NC, B * H, n, N)
 
 
 def _gram_mask(n: int, device: torch.device) -> torch.Tensor:
@@ -64,6 +78,138 @@ def _gram_mask(n: int, device: torch.device) -> torch.Tensor:
     strict = torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)
     incl = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     return torch.cat([torch.cat([strict, strict], dim=1), torch.cat([incl, incl], dim=1)], dim=0)
+
+
+class _ChunkedWKV7(torch.autograd.Function):
+    """The chunked recurrence on chunk-major tensors (NC, BH, n, N) with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, S_init):  # type: ignore[override]
+        NC, BH, n, N = r.shape
+        dt, dev = r.dtype, r.device
+        v = v.contiguous()  # a view of the caller's layout; the matmuls want it contiguous
+        g = torch.cumsum(w, dim=-2)  # (NC, BH, n, K) inclusive; the exclusive gx = g - w
+        mid = max(n // 2 - 1, 0)
+        m = g[..., mid : mid + 1, :]  # (NC, BH, 1, K) reference point, cancels exactly
+        h = g - m
+        # Stacked pairs so that one matmul / one elementwise pass serves both halves.
+        e_ar = torch.empty(NC, BH, 2 * n, N, dtype=dt, device=dev)  # [exp(gx - m); exp(g - m)]
+        torch.exp(h - w, out=e_ar[..., :n, :])
+        torch.exp(h, out=e_ar[..., n:, :])
+        e_nh = torch.reciprocal(e_ar[..., n:, :])  # exp(m - g)
+        ar = torch.empty_like(e_ar)  # [a~; r~]
+        torch.mul(a, e_ar[..., :n, :], out=ar[..., :n, :])
+        torch.mul(r, e_ar[..., n:, :], out=ar[..., n:, :])
+        bk = torch.empty_like(e_ar)  # [b~; k~]
+        torch.mul(b, e_nh, out=bk[..., :n, :])
+        torch.mul(k, e_nh, out=bk[..., n:, :])
+        g_last = g[..., -1:, :]
+        e_m = torch.exp(m)  # <= 1
+        e_lm = torch.exp(g_last - m)  # <= 1
+        decay = torch.exp(g_last)  # (NC, BH, 1, K): total decay of the chunk per key
+
+        # The four intra-chunk blocks [[a~b~^T, a~k~^T], [r~b~^T, r~k~^T]] in one matmul, masked to
+        # strictly-lower (top) / lower-incl-diagonal (bottom); masked_fill selects, so the large
+        # masked-away upper entries never meet a multiplication by zero.
+        G = (ar @ bk.mT).masked_fill_(~_gram_mask(n, dev), 0.0)  # (NC, BH, 2n, 2n)
+        L, Mk = G[..., :n, :n], G[..., :n, n:]
+        # (I - L)^{-1}; unitriangular reads only the strictly-lower part, so -G's diagonal is ignored.
+        eye = torch.eye(n, dtype=dt, device=dev)
+        L_inv = torch.linalg.solve_triangular(-L, eye.expand_as(L), upper=False, unitriangular=True)
+        are = ar * e_m  # [a exp(gx); r exp(g)]
+        W = L_inv @ are[..., :n, :]  # (I - L)^{-1} (a exp(gx))                    (NC, BH, n, K)
+        bk_out = bk * e_lm  # [b exp(g_last - g); k exp(g_last - g)], <= |b|, |k|
+        b_out = bk_out[..., :n, :]
+        VK = v.mT @ bk_out[..., n:, :]  # V^T k_out                                  (NC, BH, V, K)
+
+        # The only sequential part, per chunk: U = W S0^T + U0 (row i = S_{i-1} a_i) and
+        # S_next = S0 diag(exp(g_last)) + U^T b_out + V^T k_out. S0[c] is the state entering chunk c.
+        S0 = torch.empty(NC + 1, BH, N, N, dtype=dt, device=dev)
+        S0[0] = S_init
+        uv = torch.empty(NC, BH, 2 * n, N, dtype=dt, device=dev)  # [U; V] per chunk
+        uv[:, :, n:] = v
+        U0 = (L_inv @ Mk) @ v  # (I - L)^{-1} strictly-lower(a~ k~^T) V              (NC, BH, n, V)
+        # (unbind once: per-step indexing costs more than the small ops; baddbmm_ into the strided uv
+        # view is ~2x slower than computing contiguous and copying)
+        S0_l, uv_l = S0.unbind(0), uv[:, :, :n].unbind(0)
+        steps = zip(U0.unbind(0), W.unbind(0), VK.unbind(0), b_out.unbind(0), decay.unbind(0), strict=True)
+        for c, (U0_c, W_c, VK_c, b_out_c, decay_c) in enumerate(steps):
+            U_c = torch.baddbmm(U0_c, W_c, S0_l[c].mT)  # U = W S0^T + U0            (BH, n, V)
+            uv_l[c].copy_(U_c)
+            torch.addcmul(torch.baddbmm(VK_c, U_c.mT, b_out_c), S0_l[c], decay_c, out=S0_l[c + 1])
+
+        # All outputs in parallel: Y = r exp(g) S0^T + [lower-incl(r~b~^T) | lower-incl(r~k~^T)] [U; V].
+        re = are[..., n:, :]  # r exp(g)
+        Y = (G[..., n:, :] @ uv).add_(re @ S0[:NC].mT)  # (NC, BH, n, V)
+        ctx.save_for_backward(v, ar, bk, e_ar, e_m, e_lm, decay, G, L_inv, W, bk_out, uv, S0, re)
+        return Y, S0[NC].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dY, dS_final):  # type: ignore[override]
+        v, ar, bk, e_ar, e_m, e_lm, decay, G, L_inv, W, bk_out, uv, S0, re = ctx.saved_tensors
+        NC, BH, n, N = v.shape
+        dt, dev = v.dtype, v.device
+        # One buffer for [dZ; dY; dU] per chunk, so that [dY; dU] and [dZ; dY] are both plain views.
+        zyu = torch.empty(NC, BH, 3 * n, N, dtype=dt, device=dev)
+        zyu[:, :, n : 2 * n] = 0.0 if dY is None else dY
+        dY = zyu[..., n : 2 * n, :]
+        R_b = G[..., n:, :n]
+        b_out = bk_out[..., :n, :]
+
+        # Reverse-time recurrence for dS (the gradient w.r.t. the state leaving each chunk):
+        #   dU = R_b^T dY + b_out dS^T,   dS_prev = dS diag(exp(g_last)) + dY^T r exp(g) + dU^T W.
+        dS = torch.empty(NC + 1, BH, N, N, dtype=dt, device=dev)  # dS[c] = grad of S0[c]
+        dS[NC] = 0.0 if dS_final is None else dS_final
+        dS_y = dY.mT @ re  # (NC, BH, V, K)
+        dU_y = R_b.mT @ dY  # the part of dU from Y                               (NC, BH, n, V)
+        # g_last gets sum_V dS_out * S_out: S_out = S0 exp(g_last) + U^T b_out + V^T k_out, and these
+        # three terms are exactly the ones that carry exp(g_last) (via the decay, b_out and k_out).
+        dg_last = torch.empty(NC, BH, 1, N, dtype=dt, device=dev)
+        dS_l, S0_l, dU_l, dgl_l = dS.unbind(0), S0.unbind(0), zyu[:, :, 2 * n :].unbind(0), dg_last.unbind(0)
+        per_chunk = (dU_y, b_out, dS_y, W, decay)
+        steps = list(enumerate(zip(*(x.unbind(0) for x in per_chunk), strict=True)))
+        for c, (dU_y_c, b_out_c, dS_y_c, W_c, decay_c) in reversed(steps):
+            dS_c = dS_l[c + 1]
+            dU_c = torch.baddbmm(dU_y_c, b_out_c, dS_c.mT)  # (BH, n, V)
+            dU_l[c].copy_(dU_c)
+            torch.sum(dS_c * S0_l[c + 1], dim=-2, keepdim=True, out=dgl_l[c])
+            torch.addcmul(torch.baddbmm(dS_y_c, dU_c.mT, W_c), dS_c, decay_c, out=dS_l[c])
+        dS_out = dS[1:]  # grad of each chunk's outgoing state
+        S_in = S0[:NC]
+        dU = zyu[..., 2 * n :, :]
+
+        # W = Linv A (A = a exp(gx)), U0 = Linv Z (Z = Mk V), Linv = (I - L)^{-1}, U = W S0^T + U0.
+        # W only feeds U, so dW = dU S0; with dZ = Linv^T dU this gives dA = Linv^T dW = dZ S0 and
+        # dL = dA W^T + dZ U0^T = dZ U^T, dMk = dZ V^T: the top row of dG is dZ [U; V]^T.
+        zyu[..., :n, :] = L_inv.mT @ dU  # dZ
+        dzy = zyu[..., : 2 * n, :]  # [dZ; dY]
+        dA_re = dzy @ S_in  # [dA; d(r exp(g))]                                     (NC, BH, 2n, K)
+        dG = (dzy @ uv.mT).masked_fill_(~_gram_mask(n, dev), 0.0)  # [[dL, dMk], [dR_b, dR_k]]
+        dbk_out = uv @ dS_out  # [d b_out; d k_out]                                   (NC, BH, 2n, K)
+        # dv = Mk^T dZ + R_k^T dY + k_out dS_out^T, the first two as one matmul with [Mk; R_k].
+        dv = (G[..., n:].mT @ dzy).add_(bk_out[..., n:, :] @ dS_out.mT)
+
+        # Gradients of the stacked scaled inputs [a~; r~] and [b~; k~].
+        d_ar = (dG @ bk).addcmul_(dA_re, e_m)
+        d_bk = dG.mT @ ar
+        d_bk.addcmul_(dbk_out, e_lm)
+        # Back to the raw inputs and to the log-decays: x~ = x exp(phi) gives dx = dx~ exp(phi) and
+        # dphi = dx~ x~. a~ has phi = gx - m, r~ has g - m, b~ and k~ have m - g; the outgoing factor
+        # exp(g_last - m) and the chunk decay exp(g_last) feed g_last through dg_last from the loop
+        # (m is a constant that cancels).
+        p_ar = d_ar * ar
+        dgx = p_ar[..., :n, :]
+        p = p_ar.addcmul(d_bk, bk, value=-1.0)
+        dg = p[..., :n, :] + p[..., n:, :]  # dgx + dg_r - dg_b - dg_k
+        d_ar.mul_(e_ar)  # [da; dr]
+        d_bk.view(NC, BH, 2, n, N).div_(e_ar[..., n:, :].unsqueeze(2))  # [db; dk]: times exp(m - g)
+        dg[..., -1:, :] += dg_last
+        # g = cumsum(w): dw = reverse cumsum of dg; gx = g - w adds -dgx.
+        dw = torch.sub(dg, dgx).add_(dg.sum(-2, keepdim=True)).sub_(dg.cumsum(-2))  # in place: fewer allocs
+        da, dr = d_ar[..., :n, :], d_ar[..., n:, :]
+        db, dk = d_bk[..., :n, :], d_bk[..., n:, :]
+        return dr, dw, dk, dv, da, db, dS[0].clone()  # (clone: do not pin the whole dS buffer)
 
 
 def wkv7_chunked(
@@ -93,53 +239,7 @@ def wkv7_chunked(
     n = min(chunk_size, T)
     NC = -(-T // n)
     pad = NC * n - T
-    r, w, k, v, a, b = (_to_chunks(x.to(dt), n, pad) for x in (r, w, k, v, a, b))  # (BH, NC, n, N)
-
-    # Log-decays relative to the chunk's reference point m (g at the middle; m cancels exactly).
-    g = torch.cumsum(w, dim=-2)  # (BH, NC, n, K) inclusive; the exclusive gx = g - w
-    mid = max(n // 2 - 1, 0)
-    m = g[..., mid : mid + 1, :].detach()  # (BH, NC, 1, K)
-    h = g - m  # (BH, NC, n, K), |h| <= max|w| * n / 2
-    e_h = torch.exp(h)
-    e_neg_h = torch.exp(-h)
-    a_t = a * torch.exp(h - w)  # a~ = a exp(gx - m)
-    r_t = r * e_h  # r~ = r exp(g - m)
-    b_t = b * e_neg_h  # b~ = b exp(m - g)
-    k_t = k * e_neg_h  # k~ = k exp(m - g)
-    e_m = torch.exp(m)  # (BH, NC, 1, K), <= 1
-    g_last = g[..., -1:, :]  # (BH, NC, 1, K)
-    e_last_m = torch.exp(g_last - m)  # <= 1
-    decay_chunk = torch.exp(g_last)  # (BH, NC, 1, K): total decay of the chunk per key
-
-    # One (2n x 2n) matmul gives the four intra-chunk blocks [[a~b~^T, a~k~^T], [r~b~^T, r~k~^T]];
-    # keep strictly-lower (top) / lower-incl-diagonal (bottom). `where` selects, so the large
-    # masked-away upper entries never meet a multiplication by zero.
-    G = torch.cat([a_t, r_t], dim=-2) @ torch.cat([b_t, k_t], dim=-2).transpose(-1, -2)  # (BH, NC, 2n, 2n)
-    G = torch.where(_gram_mask(n, r.device), G, 0.0)
-    G_top, R = G.split(n, dim=-2)  # R = [lower-incl(r~b~^T) | lower-incl(r~k~^T)]  (BH, NC, n, 2n)
-    L, Mk = G_top.split(n, dim=-1)  # strictly-lower(a~b~^T), strictly-lower(a~k~^T)  (BH, NC, n, n)
-
-    # (I - L)^{-1} by one unit-lower-triangular solve, then  U = W S0^T + U0  (row i = S_{i-1} a_i).
-    eye = torch.eye(n, dtype=dt, device=r.device)
-    L_inv = torch.linalg.solve_triangular(eye - L, eye.expand_as(L), upper=False, unitriangular=True)
-    W = L_inv @ (a_t * e_m)  # (BH, NC, n, K): (I - L)^{-1} (a exp(gx))
-    U0 = (L_inv @ Mk) @ v  # (BH, NC, n, V)
-    b_out = b_t * e_last_m  # (BH, NC, n, K): b exp(g_last - g), <= |b|
-    VK = v.transpose(-1, -2) @ (k_t * e_last_m)  # (BH, NC, V, K): V^T (k exp(g_last - g))
-
-    # The only sequential part, two small matmuls per chunk:
-    #   U^T = S0 W^T + U0^T,   S_next = S0 diag(exp(g_last)) + U^T b_out + V^T k_out.
-    S0s, Us = [], []
-    chunks = zip(W.unbind(1), U0.unbind(1), b_out.unbind(1), VK.unbind(1), decay_chunk.unbind(1), strict=True)
-    for W_c, U0_c, b_out_c, VK_c, decay_c in chunks:
-        S0s.append(S)
-        Ut = torch.baddbmm(U0_c.transpose(-1, -2), S, W_c.transpose(-1, -2))  # (BH, V, n)
-        S = torch.addcmul(torch.baddbmm(VK_c, Ut, b_out_c), S, decay_c)  # (BH, V, K)
-        Us.append(Ut.transpose(-1, -2))
-    S0 = torch.stack(S0s, dim=1)  # (BH, NC, V, K)
-    U = torch.stack(Us, dim=1)  # (BH, NC, n, V)
-
-    # All outputs in parallel: Y = r exp(g) S0^T + lower-incl(r~b~^T) U + lower-incl(r~k~^T) V.
-    Y = (r_t * e_m) @ S0.transpose(-1, -2) + R @ torch.cat([U, v], dim=-2)  # (BH, NC, n, V)
-    y = Y.view(B, H, NC * n, N).transpose(1, 2)[:, :T]  # (B, T, H, V)
+    chunks = (_to_chunks(x.to(dt), n, pad) for x in (r, w, k, v, a, b))  # (NC, BH, n, N)
+    Y, S = _ChunkedWKV7.apply(*chunks, S)
+    y = Y.view(NC, B, H, n, N).permute(1, 0, 3, 2, 4).reshape(B, NC * n, H, N)[:, :T]  # (B, T, H, V)
     return y.to(out_dtype).contiguous(), S.view(B, H, N, N)
