@@ -207,7 +207,14 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     start = time.perf_counter()
     tokens_seen, step, loss_value, val_loss = 0, 0, float("nan"), None
-    bar = tqdm(total=cfg.steps, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    # With a time budget the bar counts seconds (its ETA is then right); otherwise it counts steps.
+    by_time = cfg.time_budget > 0
+    bar = tqdm(
+        total=round(cfg.time_budget) if by_time else cfg.steps,
+        disable=not cfg.progress,
+        unit="s" if by_time else "step",
+        dynamic_ncols=True,
+    )
     try:
         while step < cfg.steps:
             elapsed = time.perf_counter() - start
@@ -256,8 +263,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 val_loss = evaluate(model, *val, batch_size=cfg.batch_size)
                 entry["val_loss"] = round(val_loss, 5)
             record(entry)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_seen / elapsed:,.0f}")
+            bar.update(min(round(elapsed), bar.total) - bar.n if by_time else 1)
+            bar.set_postfix(
+                step=step, loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_seen / elapsed:,.0f}"
+            )
         if val is not None and not (cfg.eval_every and step % cfg.eval_every == 0 and step > 0):
             val_loss = evaluate(model, *val, batch_size=cfg.batch_size)
             record({"step": step, "val_loss": round(val_loss, 5)})
