@@ -314,3 +314,19 @@ def test_chunked_backward_gradcheck() -> None:
     assert torch.autograd.gradcheck(
         lambda *x: wkv7_chunked(*x, chunk_size=3), (*leaves, state), eps=1e-6, atol=1e-8, rtol=1e-6
     )
+
+
+@pytest.mark.parametrize(("B", "T"), [(1, 64), (2, 37)])
+def test_chunked_output_and_gradients_in_input_layout(B: int, T: int) -> None:
+    """y and the input gradients come back contiguous (B, T, H, N), and match the reference."""
+    H, N = 2, 16
+    inputs = make_inputs(B, T, H, N, seed=12)
+    state = make_state(B, H, N)
+    y, s, g = forward_backward(lambda *x: wkv7(*x, impl="chunked", chunk_size=16), inputs, state)
+    y_ref, s_ref, g_ref = forward_backward(wkv7_reference, inputs, state)
+    assert y.shape == (B, T, H, N) and y.is_contiguous()
+    assert_matches(y, y_ref, "y")
+    assert_matches(s, s_ref, "state")
+    for name, x, x_ref in zip(["r", "w", "k", "v", "a", "b", "state"], g, g_ref, strict=True):
+        assert x.is_contiguous(), name
+        assert_matches(x, x_ref, f"d{name}")

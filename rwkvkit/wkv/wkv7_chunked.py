@@ -63,14 +63,15 @@ DEFAULT_CHUNK_SIZE = 32
 W_CHUNK_LIMIT = 80.0
 
 
-def _to_chunks(x: torch.Tensor, n: int, pad: int) -> torch.Tensor:
-    """(B, T, H, N) -> chunk-major (NC, B*H, n, N) (a view when possible), zero-padding the time by `pad`."""
-    B, T, H, N = x.shape
-    if pad:
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-    NC = (T + pad) // n
-    x = x.reshape(B, NC, n, H, N).permute(1, 0, 3, 2, 4)  # (NC, B, H, n, N)
-    return x.reshape(NC, B * H, n, N)
+def _chunk_view(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, NC*n, H, N) -> the view (NC, B, H, n, N)."""
+    return x.unflatten(1, (-1, n)).permute(1, 0, 3, 2, 4)
+
+
+def _to_chunks(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, NC*n, H, N) -> chunk-major (NC, B*H, n, N) (a view when possible)."""
+    x = _chunk_view(x, n)
+    return x.reshape(x.shape[0], -1, n, x.shape[-1])
 
 
 def _gram_mask(n: int, device: torch.device) -> torch.Tensor:
@@ -81,10 +82,16 @@ def _gram_mask(n: int, device: torch.device) -> torch.Tensor:
 
 
 class _ChunkedWKV7(torch.autograd.Function):
-    """The chunked recurrence on chunk-major tensors (NC, BH, n, N) with a hand-written backward."""
+    """The chunked recurrence with a hand-written backward.
+
+    Takes r, w, k, v, a, b as (B, NC*n, H, N) and works on chunk-major views (NC, B*H, n, N); Y and the
+    input gradients are written straight into (B, NC*n, H, N) buffers (no layout copies afterwards).
+    """
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, S_init):  # type: ignore[override]
+    def forward(ctx, r, w, k, v, a, b, S_init, n):  # type: ignore[override]
+        B, _, H, _ = r.shape
+        r, w, k, v, a, b = (_to_chunks(x, n) for x in (r, w, k, v, a, b))
         NC, BH, n, N = r.shape
         dt, dev = r.dtype, r.device
         v = v.contiguous()  # a view of the caller's layout; the matmuls want it contiguous
@@ -129,19 +136,26 @@ class _ChunkedWKV7(torch.autograd.Function):
         uv = torch.empty(NC, BH, 2 * n, N, dtype=dt, device=dev)  # [U; V] per chunk
         uv[:, :, n:] = v
         U0 = (L_inv @ Mk) @ v  # (I - L)^{-1} strictly-lower(a~ k~^T) V              (NC, BH, n, V)
-        # (unbind once: per-step indexing costs more than the small ops; baddbmm_ into the strided uv
-        # view is ~2x slower than computing contiguous and copying)
-        S0_l, uv_l = S0.unbind(0), uv[:, :, :n].unbind(0)
+        # (unbind once: per-step indexing costs more than the small ops. U0 becomes U in place and is
+        # copied into uv once after the loop: baddbmm_ into the strided uv view is ~2x slower, and
+        # per-step copies cost more than one batched copy.)
+        S0_l = S0.unbind(0)
         steps = zip(U0.unbind(0), W.unbind(0), VK.unbind(0), b_out.unbind(0), decay.unbind(0), strict=True)
-        for c, (U0_c, W_c, VK_c, b_out_c, decay_c) in enumerate(steps):
-            U_c = torch.baddbmm(U0_c, W_c, S0_l[c].mT)  # U = W S0^T + U0            (BH, n, V)
-            uv_l[c].copy_(U_c)
-            torch.addcmul(torch.baddbmm(VK_c, U_c.mT, b_out_c), S0_l[c], decay_c, out=S0_l[c + 1])
+        for c, (U_c, W_c, VK_c, b_out_c, decay_c) in enumerate(steps):
+            U_c.baddbmm_(W_c, S0_l[c].mT)  # U = W S0^T + U0                          (BH, n, V)
+            torch.addcmul(VK_c.baddbmm_(U_c.mT, b_out_c), S0_l[c], decay_c, out=S0_l[c + 1])
+        uv[:, :, :n] = U0
 
         # All outputs in parallel: Y = r exp(g) S0^T + [lower-incl(r~b~^T) | lower-incl(r~k~^T)] [U; V].
         re = are[..., n:, :]  # r exp(g)
-        Y = (G[..., n:, :] @ uv).add_(re @ S0[:NC].mT)  # (NC, BH, n, V)
+        Y = torch.empty(B, NC * n, H, N, dtype=dt, device=dev)
+        torch.add(
+            (G[..., n:, :] @ uv).unflatten(1, (B, H)),
+            (re @ S0[:NC].mT).unflatten(1, (B, H)),
+            out=_chunk_view(Y, n),
+        )
         ctx.save_for_backward(v, ar, bk, e_ar, e_m, e_lm, decay, G, L_inv, W, bk_out, uv, S0, re)
+        ctx.B = B
         return Y, S0[NC].clone()
 
     @staticmethod
@@ -150,9 +164,22 @@ class _ChunkedWKV7(torch.autograd.Function):
         v, ar, bk, e_ar, e_m, e_lm, decay, G, L_inv, W, bk_out, uv, S0, re = ctx.saved_tensors
         NC, BH, n, N = v.shape
         dt, dev = v.dtype, v.device
+        B = ctx.B
+        H = BH // B
+
+        def grad_out():  # an input-gradient buffer (B, NC*n, H, N) and its chunk-major view (NC, B, H, n, N)
+            buf = torch.empty(B, NC * n, H, N, dtype=dt, device=dev)
+            return buf, _chunk_view(buf, n)
+
+        def bh(x):  # (NC, BH, ...) -> (NC, B, H, ...)
+            return x.unflatten(1, (B, H))
+
         # One buffer for [dZ; dY; dU] per chunk, so that [dY; dU] and [dZ; dY] are both plain views.
         zyu = torch.empty(NC, BH, 3 * n, N, dtype=dt, device=dev)
-        zyu[:, :, n : 2 * n] = 0.0 if dY is None else dY
+        if dY is None:
+            zyu[:, :, n : 2 * n] = 0.0
+        else:
+            bh(zyu[:, :, n : 2 * n]).copy_(_chunk_view(dY, n))
         dY = zyu[..., n : 2 * n, :]
         R_b = G[..., n:, :n]
         b_out = bk_out[..., :n, :]
@@ -166,15 +193,15 @@ class _ChunkedWKV7(torch.autograd.Function):
         # g_last gets sum_V dS_out * S_out: S_out = S0 exp(g_last) + U^T b_out + V^T k_out, and these
         # three terms are exactly the ones that carry exp(g_last) (via the decay, b_out and k_out).
         dg_last = torch.empty(NC, BH, 1, N, dtype=dt, device=dev)
-        dS_l, S0_l, dU_l, dgl_l = dS.unbind(0), S0.unbind(0), zyu[:, :, 2 * n :].unbind(0), dg_last.unbind(0)
+        dS_l, S0_l, dgl_l = dS.unbind(0), S0.unbind(0), dg_last.unbind(0)
         per_chunk = (dU_y, b_out, dS_y, W, decay)
         steps = list(enumerate(zip(*(x.unbind(0) for x in per_chunk), strict=True)))
-        for c, (dU_y_c, b_out_c, dS_y_c, W_c, decay_c) in reversed(steps):
+        for c, (dU_c, b_out_c, dS_y_c, W_c, decay_c) in reversed(steps):
             dS_c = dS_l[c + 1]
-            dU_c = torch.baddbmm(dU_y_c, b_out_c, dS_c.mT)  # (BH, n, V)
-            dU_l[c].copy_(dU_c)
+            dU_c.baddbmm_(b_out_c, dS_c.mT)  # dU_y becomes dU in place (copied to zyu after the loop)
             torch.sum(dS_c * S0_l[c + 1], dim=-2, keepdim=True, out=dgl_l[c])
-            torch.addcmul(torch.baddbmm(dS_y_c, dU_c.mT, W_c), dS_c, decay_c, out=dS_l[c])
+            torch.addcmul(dS_y_c.baddbmm_(dU_c.mT, W_c), dS_c, decay_c, out=dS_l[c])
+        zyu[:, :, 2 * n :] = dU_y
         dS_out = dS[1:]  # grad of each chunk's outgoing state
         S_in = S0[:NC]
         dU = zyu[..., 2 * n :, :]
@@ -188,7 +215,8 @@ class _ChunkedWKV7(torch.autograd.Function):
         dG = (dzy @ uv.mT).masked_fill_(~_gram_mask(n, dev), 0.0)  # [[dL, dMk], [dR_b, dR_k]]
         dbk_out = uv @ dS_out  # [d b_out; d k_out]                                   (NC, BH, 2n, K)
         # dv = Mk^T dZ + R_k^T dY + k_out dS_out^T, the first two as one matmul with [Mk; R_k].
-        dv = (G[..., n:].mT @ dzy).add_(bk_out[..., n:, :] @ dS_out.mT)
+        dv, dv_c = grad_out()
+        torch.add(bh(G[..., n:].mT @ dzy), bh(bk_out[..., n:, :] @ dS_out.mT), out=dv_c)
 
         # Gradients of the stacked scaled inputs [a~; r~] and [b~; k~].
         d_ar = (dG @ bk).addcmul_(dA_re, e_m)
@@ -202,14 +230,16 @@ class _ChunkedWKV7(torch.autograd.Function):
         dgx = p_ar[..., :n, :]
         p = p_ar.addcmul(d_bk, bk, value=-1.0)
         dg = p[..., :n, :] + p[..., n:, :]  # dgx + dg_r - dg_b - dg_k
-        d_ar.mul_(e_ar)  # [da; dr]
-        d_bk.view(NC, BH, 2, n, N).div_(e_ar[..., n:, :].unsqueeze(2))  # [db; dk]: times exp(m - g)
+        (da, da_c), (dr, dr_c), (db, db_c), (dk, dk_c), (dw, dw_c) = (grad_out() for _ in range(5))
+        torch.mul(bh(d_ar[..., :n, :]), bh(e_ar[..., :n, :]), out=da_c)
+        torch.mul(bh(d_ar[..., n:, :]), bh(e_ar[..., n:, :]), out=dr_c)
+        torch.div(bh(d_bk[..., :n, :]), bh(e_ar[..., n:, :]), out=db_c)  # times exp(m - g)
+        torch.div(bh(d_bk[..., n:, :]), bh(e_ar[..., n:, :]), out=dk_c)
         dg[..., -1:, :] += dg_last
         # g = cumsum(w): dw = reverse cumsum of dg; gx = g - w adds -dgx.
-        dw = torch.sub(dg, dgx).add_(dg.sum(-2, keepdim=True)).sub_(dg.cumsum(-2))  # in place: fewer allocs
-        da, dr = d_ar[..., :n, :], d_ar[..., n:, :]
-        db, dk = d_bk[..., :n, :], d_bk[..., n:, :]
-        return dr, dw, dk, dv, da, db, dS[0].clone()  # (clone: do not pin the whole dS buffer)
+        dw_t = torch.sub(dg, dgx).add_(dg.sum(-2, keepdim=True))
+        torch.sub(bh(dw_t), bh(dg.cumsum(-2)), out=dw_c)
+        return dr, dw, dk, dv, da, db, dS[0].clone(), None  # (clone: do not pin the whole dS buffer)
 
 
 def wkv7_chunked(
@@ -239,7 +269,8 @@ def wkv7_chunked(
     n = min(chunk_size, T)
     NC = -(-T // n)
     pad = NC * n - T
-    chunks = (_to_chunks(x.to(dt), n, pad) for x in (r, w, k, v, a, b))  # (NC, BH, n, N)
-    Y, S = _ChunkedWKV7.apply(*chunks, S)
-    y = Y.view(NC, B, H, n, N).permute(1, 0, 3, 2, 4).reshape(B, NC * n, H, N)[:, :T]  # (B, T, H, V)
-    return y.to(out_dtype).contiguous(), S.view(B, H, N, N)
+    inputs = (x.to(dt) for x in (r, w, k, v, a, b))
+    if pad:
+        inputs = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in inputs)
+    Y, S = _ChunkedWKV7.apply(*inputs, S, n)  # Y: (B, NC*n, H, V)
+    return Y[:, :T].to(out_dtype).contiguous(), S.view(B, H, N, N)
