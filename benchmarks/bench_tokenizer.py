@@ -84,6 +84,23 @@ def best_times(
     return best
 
 
+def table_row(
+    text: str, operation: str, backend: str, size_mb: float, n_tok: int, ours: float, theirs: float
+) -> tuple:
+    """One result row: sizes, both throughputs (from seconds ``ours`` and ``theirs``) and the speedup."""
+    return (
+        text,
+        operation,
+        backend,
+        size_mb,
+        n_tok,
+        size_mb / theirs,
+        size_mb / ours,
+        n_tok / ours,
+        theirs / ours,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--english", type=Path, default=DEFAULT_ENGLISH, help="English text file (UTF-8)")
@@ -143,34 +160,12 @@ def main() -> None:
         t = best_times(fns, args.repeats, before=before)
         for backend in backends:
             for op in ("cold", "warm"):
-                ours, theirs = t[f"{backend} {op}"], t["ref"]
                 rows.append(
-                    (
-                        name,
-                        f"encode, {op} cache",
-                        backend,
-                        size_mb,
-                        n_tok,
-                        size_mb / theirs,
-                        size_mb / ours,
-                        n_tok / ours,
-                        theirs / ours,
+                    table_row(
+                        name, f"encode, {op} cache", backend, size_mb, n_tok, t[f"{backend} {op}"], t["ref"]
                     )
                 )
-        ours, theirs = t["dec"], t["ref_dec"]
-        rows.append(
-            (
-                name,
-                "decode",
-                "(shared)",
-                size_mb,
-                n_tok,
-                size_mb / theirs,
-                size_mb / ours,
-                n_tok / ours,
-                theirs / ours,
-            )
-        )
+        rows.append(table_row(name, "decode", "(shared)", size_mb, n_tok, t["dec"], t["ref_dec"]))
 
     print(f"vocab load: reference TRIE_TOKENIZER {ref_load:.2f} s; rwkvkit WorldTokenizer() {our_load:.2f} s")
     print(f"  another WorldTokenizer() (cached vocab) {our_second * 1e3:.2f} ms")
