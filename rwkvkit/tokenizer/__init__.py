@@ -1,14 +1,18 @@
-"""Tokenizers: the RWKV World tokenizer, a byte tokenizer, and a streaming decoder that works with both.
+"""Tokenizers: RWKV World, byte, Hugging Face tokenizer.json files, and a streaming decoder for all of them.
 
 This package owns the tokenizer API shared by training and inference:
 
 * ``WorldTokenizer`` (world.py): the 65536-id RWKV World vocab, byte-exact with the reference ``rwkv``
-  package; ``ByteTokenizer`` (byte.py): 256 ids, one per UTF-8 byte.
-* ``Tokenizer``: the protocol both follow (encode / decode / decode_bytes, ``vocab_size``, ``eot_id``).
+  package; ``ByteTokenizer`` (byte.py): 256 ids, one per UTF-8 byte; ``HFTokenizer`` (hf.py): a Hugging
+  Face ``tokenizers`` JSON file, such as the GPT-NeoX 20B BPE of RWKV-4 Pile models (needs the optional
+  ``tokenizers`` package: ``pip install 'rwkvkit[neox]'``).
+* ``Tokenizer``: the protocol they follow (encode / decode / decode_bytes, ``vocab_size``, ``eot_id``).
 * ``IncrementalDecoder``: turns a stream of ids into text without ever splitting a UTF-8 character.
-* ``load_tokenizer(name_or_path)``: "world", "byte", or the path of a World-format vocab file.
+* ``load_tokenizer(name_or_path)``: "world", "byte", the path of a ``.json`` tokenizer file, or the path
+  of a World-format vocab file.
 
-Importing this package is cheap: the World vocab is read on the first ``WorldTokenizer()``.
+Importing this package is cheap: the World vocab is read on the first ``WorldTokenizer()``, and
+``tokenizers`` is imported on the first ``HFTokenizer()``.
 """
 
 from __future__ import annotations
@@ -21,9 +25,17 @@ from typing import Protocol, runtime_checkable
 
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.tokenizer.byte import ByteTokenizer
+from rwkvkit.tokenizer.hf import HFTokenizer
 from rwkvkit.tokenizer.world import WorldTokenizer
 
-__all__ = ["ByteTokenizer", "IncrementalDecoder", "Tokenizer", "WorldTokenizer", "load_tokenizer"]
+__all__ = [
+    "ByteTokenizer",
+    "HFTokenizer",
+    "IncrementalDecoder",
+    "Tokenizer",
+    "WorldTokenizer",
+    "load_tokenizer",
+]
 
 TOKENIZER_NAMES = ("world", "byte")
 
@@ -43,17 +55,24 @@ class Tokenizer(Protocol):
     def decode_bytes(self, ids: Iterable[int]) -> bytes: ...
 
 
-def load_tokenizer(name_or_path: str | os.PathLike[str]) -> WorldTokenizer | ByteTokenizer:
-    """A tokenizer by name: ``"world"``, ``"byte"``, or the path of a World-format vocab file."""
+def load_tokenizer(name_or_path: str | os.PathLike[str]) -> WorldTokenizer | ByteTokenizer | HFTokenizer:
+    """A tokenizer by name: ``"world"``, ``"byte"``, or the path of a tokenizer file.
+
+    A path ending in ``.json`` is a Hugging Face tokenizer.json (``HFTokenizer``, which reports a missing
+    or malformed file itself); any other existing file is a World-format vocab (``WorldTokenizer``).
+    """
     name = os.fspath(name_or_path)
     if name == "world":
         return WorldTokenizer()
     if name == "byte":
         return ByteTokenizer()
+    if name.lower().endswith(".json"):
+        return HFTokenizer(name)
     if Path(name).is_file():
         return WorldTokenizer(name)
     raise RwkvkitError(
-        f"unknown tokenizer {name!r}: expected {' or '.join(TOKENIZER_NAMES)}, or the path of a vocab file"
+        f"unknown tokenizer {name!r}: expected {' or '.join(TOKENIZER_NAMES)}, the path of a Hugging Face "
+        "tokenizer.json file, or the path of a World-format vocab file"
     )
 
 
