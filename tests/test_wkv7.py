@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -169,10 +170,11 @@ def test_auto_choice_matches_reference(T: int) -> None:
 
 def test_default_impl_override(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
+    entry = importlib.import_module("rwkvkit.wkv.wkv7")  # the module (the package attribute is the function)
     monkeypatch.setattr(
-        wkv, "wkv7_chunked", lambda *x, **kw: calls.append("chunked") or wkv7_chunked(*x, **kw)
+        entry, "wkv7_chunked", lambda *x, **kw: calls.append("chunked") or wkv7_chunked(*x, **kw)
     )
-    monkeypatch.setattr(wkv, "wkv7_reference", lambda *x: calls.append("reference") or wkv7_reference(*x))
+    monkeypatch.setattr(entry, "wkv7_reference", lambda *x: calls.append("reference") or wkv7_reference(*x))
     inputs = make_inputs(1, 20, 2, 8)
     wkv7(*inputs)
     assert calls == ["chunked"]  # auto: chunked for T > AUTO_STEP_MAX_T

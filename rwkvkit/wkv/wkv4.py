@@ -39,10 +39,10 @@ from collections.abc import Sequence
 
 import torch
 
+from rwkvkit.wkv.dispatch import check_chunk_size, compute_dtype, resolve_impl
+
 __all__ = [
-    "AUTO_STEP_MAX_T",
     "DEFAULT_CHUNK_SIZE",
-    "IMPLEMENTATIONS",
     "PP_INIT",
     "WKV4State",
     "wkv4",
@@ -54,21 +54,10 @@ __all__ = [
 
 WKV4State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (aa, bb, pp), each (B, C)
 
-# Names accepted by `impl=` (None means auto).
-IMPLEMENTATIONS: tuple[str, ...] = ("reference", "chunked")
-
-# Auto uses the step form up to this T (one-token inference), chunked above.
-AUTO_STEP_MAX_T = 3
-
 DEFAULT_CHUNK_SIZE = 8  # fastest fwd+bwd on CPU (B=1, C=768): 8 > 16 > 32; the intermediates grow with it
 
 # pp of a fresh sequence, as in the official inference code.
 PP_INIT = -1e38
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the state is computed in: float64 for float64 inputs, otherwise float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def wkv4_log_decay(time_decay: torch.Tensor) -> torch.Tensor:
@@ -337,14 +326,8 @@ def wkv4(
         y (B, T, C) in k's dtype, final (aa, bb, pp) each (B, C) float32 (float64 for float64 k).
     """
     _validate(w, u, k, v, state)
-    if impl is not None and impl not in IMPLEMENTATIONS:
-        raise ValueError(f"wkv4: unknown impl {impl!r}; expected None (auto) or one of {IMPLEMENTATIONS}")
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK_SIZE
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"wkv4: chunk_size must be a positive int, got {chunk_size!r}")
-    if impl is None:
-        impl = "reference" if k.shape[1] <= AUTO_STEP_MAX_T else "chunked"
+    impl = resolve_impl("wkv4", impl, k.shape[1])
+    chunk_size = check_chunk_size("wkv4", chunk_size, DEFAULT_CHUNK_SIZE)
     if impl == "reference":
         return wkv4_reference(w, u, k, v, state)
     return wkv4_chunked(w, u, k, v, state, chunk_size=chunk_size)

@@ -37,23 +37,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.wkv.wkv7_reference import compute_dtype
+from rwkvkit.wkv.dispatch import check_chunk_size, compute_dtype, resolve_impl
 
 __all__ = [
-    "AUTO_STEP_MAX_T",
     "DEFAULT_CHUNK_SIZE",
-    "IMPLEMENTATIONS",
     "SUB_CHUNK",
     "wkv6",
     "wkv6_chunked",
     "wkv6_reference",
 ]
-
-# Names accepted by `impl=` (None means auto).
-IMPLEMENTATIONS: tuple[str, ...] = ("reference", "chunked")
-
-# Auto uses the step form up to this T (one-token inference), chunked above.
-AUTO_STEP_MAX_T = 3
 
 # Chunk length of the chunked form (state passed sequentially between chunks). See benchmarks/bench_wkv6.py.
 DEFAULT_CHUNK_SIZE = 64
@@ -329,14 +321,8 @@ def wkv6(
         y (B, T, H, N) in r's dtype, final state (B, H, N, N) float32 (float64 for float64 r).
     """
     _validate(r, w, k, v, u, state)
-    if impl is not None and impl not in IMPLEMENTATIONS:
-        raise ValueError(f"wkv6: unknown impl {impl!r}; expected None (auto) or one of {IMPLEMENTATIONS}")
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK_SIZE
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"wkv6: chunk_size must be a positive int, got {chunk_size!r}")
-    if impl is None:
-        impl = "reference" if r.shape[1] <= AUTO_STEP_MAX_T else "chunked"
+    impl = resolve_impl("wkv6", impl, r.shape[1])
+    chunk_size = check_chunk_size("wkv6", chunk_size, DEFAULT_CHUNK_SIZE)
     if impl == "reference":
         return wkv6_reference(r, w, k, v, u, state)
     return wkv6_chunked(r, w, k, v, u, state, chunk_size=chunk_size)

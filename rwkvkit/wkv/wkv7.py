@@ -1,8 +1,9 @@
-"""The WKV-7 operator: the ONE place the rest of rwkvkit calls to run the RWKV-7 time-mix recurrence.
+"""The WKV-7 operator: the entry point the rest of rwkvkit calls to run the RWKV-7 time-mix recurrence.
 
-This module owns the public contract, argument validation and the choice of implementation. It is
-device agnostic (pure PyTorch, no CUDA-only imports); every implementation is differentiable (the
-reference through autograd of its steps, the chunked form through its own hand-written backward).
+This module owns the public contract and argument validation; the choice of implementation is made in
+:mod:`rwkvkit.wkv.dispatch`, shared with the other WKV operators. It is device agnostic (pure
+PyTorch, no CUDA-only imports); every implementation is differentiable (the reference through autograd
+of its steps, the chunked form through its own hand-written backward).
 
     y, final_state = wkv7(r, w, k, v, a, b, state=None, *, impl=None, chunk_size=None)
 
@@ -31,66 +32,19 @@ and the final state (B, H, N, N) in float32 (float64 for float64 r).
 
 ``impl``: None (auto), "reference" (step by step, the ground truth) or "chunked" (chunk-parallel). Auto
 picks the step form for T <= AUTO_STEP_MAX_T (faster for one-token inference on CPU) and chunked
-otherwise. :func:`set_default_impl` / :func:`use_impl` override what None means (e.g. in tests).
+otherwise. ``rwkvkit.wkv.set_default_impl`` / ``use_impl`` override what None means (e.g. in tests).
 ``chunk_size`` (chunked only; ignored by the reference) defaults to DEFAULT_CHUNK_SIZE.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
+from rwkvkit.wkv.dispatch import check_chunk_size, resolve_impl
 from rwkvkit.wkv.wkv7_chunked import DEFAULT_CHUNK_SIZE, W_CHUNK_LIMIT, wkv7_chunked
 from rwkvkit.wkv.wkv7_reference import wkv7_reference
 
-__all__ = [
-    "AUTO_STEP_MAX_T",
-    "DEFAULT_CHUNK_SIZE",
-    "IMPLEMENTATIONS",
-    "W_CHUNK_LIMIT",
-    "get_default_impl",
-    "set_default_impl",
-    "use_impl",
-    "wkv7",
-]
-
-# Names accepted by `impl=` (None means auto).
-IMPLEMENTATIONS: tuple[str, ...] = ("reference", "chunked")
-
-# Auto uses the step form up to this T: on CPU (B=1, H=12, N=64) it is faster than chunked for T <= 3.
-AUTO_STEP_MAX_T = 3
-
-_default_impl: str | None = None  # what impl=None resolves to; None = auto by T
-
-
-def _check_impl(impl: str | None) -> None:
-    if impl is not None and impl not in IMPLEMENTATIONS:
-        raise ValueError(f"wkv7: unknown impl {impl!r}; expected None (auto) or one of {IMPLEMENTATIONS}")
-
-
-def get_default_impl() -> str | None:
-    """What ``impl=None`` currently resolves to (None = automatic choice by T)."""
-    return _default_impl
-
-
-def set_default_impl(impl: str | None) -> str | None:
-    """Make ``impl=None`` mean `impl` (None restores the automatic choice). Returns the previous value."""
-    global _default_impl
-    _check_impl(impl)
-    previous, _default_impl = _default_impl, impl
-    return previous
-
-
-@contextlib.contextmanager
-def use_impl(impl: str | None) -> Iterator[None]:
-    """Context manager: within the block, ``wkv7(..., impl=None)`` uses `impl`."""
-    previous = set_default_impl(impl)
-    try:
-        yield
-    finally:
-        set_default_impl(previous)
+__all__ = ["DEFAULT_CHUNK_SIZE", "W_CHUNK_LIMIT", "wkv7"]
 
 
 def _validate(
@@ -158,24 +112,15 @@ def wkv7(
     Args:
         r, w, k, v, a, b: (B, T, H, N); w is the log of the per-step decay (w <= 0).
         state: initial state (B, H, N, N) as [value, key], or None for zeros.
-        impl: None (auto / the default set by set_default_impl), "reference" or "chunked".
+        impl: None (auto / the default set by rwkvkit.wkv.set_default_impl), "reference" or "chunked".
         chunk_size: chunk length for the chunked form (default DEFAULT_CHUNK_SIZE).
     Returns:
         y (B, T, H, N) in r's dtype, final state (B, H, N, N) float32 (float64 for float64 r).
     """
     _validate(r, w, k, v, a, b, state)
-    _check_impl(impl)
-    if chunk_size is None:
-        chunk_size = DEFAULT_CHUNK_SIZE
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"wkv7: chunk_size must be a positive int, got {chunk_size!r}")
-
     T = r.shape[1]
-    if impl is None:
-        impl = _default_impl
-    if impl is None:
-        impl = "reference" if T <= AUTO_STEP_MAX_T else "chunked"
-
+    impl = resolve_impl("wkv7", impl, T)
+    chunk_size = check_chunk_size("wkv7", chunk_size, DEFAULT_CHUNK_SIZE)
     if impl == "reference":
         return wkv7_reference(r, w, k, v, a, b, state)
     _check_w_range(w, min(chunk_size, max(T, 1)))

@@ -54,7 +54,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.wkv.wkv7_reference import compute_dtype
+from rwkvkit.wkv.dispatch import compute_dtype
 
 # Measured on CPU (2 cores, B=1, H=12, N=64, forward+backward): see benchmarks/RESULTS.md.
 DEFAULT_CHUNK_SIZE = 32

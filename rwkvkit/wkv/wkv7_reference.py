@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the state is computed in: float64 for float64 inputs, otherwise float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from rwkvkit.wkv.dispatch import compute_dtype
 
 
 def wkv7_reference(

@@ -1,0 +1,91 @@
+"""The one dispatch point of the WKV operators: which implementation ``impl=None`` means.
+
+Also the conventions every operator shares: argument checks for ``impl`` / ``chunk_size`` and the
+dtype the state is computed in (:func:`compute_dtype`).
+
+Every operator (``wkv4``, ``wkv6``, ``wkv7``) resolves its ``impl`` argument here, so one switch
+(:func:`use_impl` / :func:`set_default_impl`) changes all of them at once, e.g. to run a whole model on
+the step-by-step references in a test. The model code never calls an implementation directly.
+
+Implementations: "reference" (step by step, the ground truth) and "chunked" (chunk-parallel, pure
+PyTorch, any device). ``impl=None`` resolves to the default set here, or, when none is set, to
+"reference" for T <= AUTO_STEP_MAX_T (one-token inference, where it is faster) and "chunked" above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+__all__ = [
+    "AUTO_STEP_MAX_T",
+    "IMPLEMENTATIONS",
+    "check_chunk_size",
+    "compute_dtype",
+    "get_default_impl",
+    "resolve_impl",
+    "set_default_impl",
+    "use_impl",
+]
+
+# Names accepted by `impl=` (None means auto).
+IMPLEMENTATIONS: tuple[str, ...] = ("reference", "chunked")
+
+# Auto uses the step form up to this T: on CPU (B=1, H=12, N=64) it is faster than chunked for T <= 3.
+AUTO_STEP_MAX_T = 3
+
+_default_impl: str | None = None  # what impl=None resolves to; None = auto by T
+
+
+def _check_impl(impl: str | None, op: str = "wkv") -> None:
+    if impl is not None and impl not in IMPLEMENTATIONS:
+        raise ValueError(f"{op}: unknown impl {impl!r}; expected None (auto) or one of {IMPLEMENTATIONS}")
+
+
+def get_default_impl() -> str | None:
+    """What ``impl=None`` currently resolves to (None = automatic choice by T)."""
+    return _default_impl
+
+
+def set_default_impl(impl: str | None) -> str | None:
+    """Make ``impl=None`` mean `impl` (None restores the automatic choice). Returns the previous value."""
+    global _default_impl
+    _check_impl(impl)
+    previous, _default_impl = _default_impl, impl
+    return previous
+
+
+@contextlib.contextmanager
+def use_impl(impl: str | None) -> Iterator[None]:
+    """Context manager: within the block, every WKV operator called with ``impl=None`` uses `impl`."""
+    previous = set_default_impl(impl)
+    try:
+        yield
+    finally:
+        set_default_impl(previous)
+
+
+def resolve_impl(op: str, impl: str | None, T: int) -> str:
+    """The implementation an operator named `op` runs for a sequence of length T."""
+    _check_impl(impl, op)
+    if impl is None:
+        impl = _default_impl
+    if impl is None:
+        impl = "reference" if T <= AUTO_STEP_MAX_T else "chunked"
+    return impl
+
+
+def check_chunk_size(op: str, chunk_size: int | None, default: int) -> int:
+    """``chunk_size`` validated (a positive int), or ``default`` for None."""
+    if chunk_size is None:
+        return default
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the state is computed in: float64 for float64 inputs (to verify), otherwise float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
