@@ -101,9 +101,11 @@ def _add_generate(subparsers) -> None:
     p.add_argument(
         "--tokenizer",
         default=None,
-        metavar="NAME",
-        help="'world', 'byte', or the path of a World-format vocab file (default: 'world' for a model "
-        "with a 65536-token vocabulary, 'byte' for 256; other vocabulary sizes must name one)",
+        metavar="NAME|PATH",
+        help="'world', 'byte', the path of a Hugging Face tokenizer.json (e.g. GPT-NeoX's 20B_tokenizer.json "
+        "for RWKV-4 Pile models; needs pip install 'rwkvkit[neox]'), or the path of a World-format vocab "
+        "file (default: 'world' for a model with a 65536-token vocabulary, 'byte' for 256; other "
+        "vocabulary sizes must name one)",
     )
     p.add_argument(
         "--stop",
@@ -182,10 +184,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from rwkvkit.checkpoint import load_state_dict
-    from rwkvkit.config import config_from_state_dict
     from rwkvkit.infer import generate
     from rwkvkit.infer.sampling import check_sampling_args
-    from rwkvkit.models import model_from_state_dict
+    from rwkvkit.models import check_state_dict, model_from_state_dict
     from rwkvkit.tokenizer import load_tokenizer
 
     # Cheap checks first, before reading a large checkpoint.
@@ -199,7 +200,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     device = _torch_device(args.device)
 
     state_dict = load_state_dict(args.model)
-    config = config_from_state_dict(state_dict)
+    config = check_state_dict(state_dict, source=args.model)
     tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(config.vocab_size))
     model = model_from_state_dict(
         state_dict, device=device, dtype=getattr(torch, DTYPES[args.dtype]), source=args.model
@@ -261,33 +262,20 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
     """A description of the checkpoint at ``path`` (the dict ``rwkvkit info --json`` prints).
 
     Reads the state dict memory-mapped and checks its keys and shapes against the model (built on the
-    "meta" device, so no weights are copied or converted).
+    "meta" device, so no weights are copied or converted). Holds every ModelConfig field.
     """
     from collections import Counter
 
     from rwkvkit.checkpoint import load_state_dict
-    from rwkvkit.config import config_from_state_dict
-    from rwkvkit.models import model_from_state_dict
+    from rwkvkit.models import check_state_dict
 
     state_dict = load_state_dict(path)
-    config = config_from_state_dict(state_dict)
-    model_from_state_dict(state_dict, device="meta", source=str(path))  # key and shape checks only
+    config = check_state_dict(state_dict, source=str(path))
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state_dict.values())
     return {
         "file": str(path),
         "file_size": os.path.getsize(path),
-        "version": config.version,
-        "n_layer": config.n_layer,
-        "n_embd": config.n_embd,
-        "n_head": config.n_head,
-        "head_size": config.head_size,
-        "dim_ffn": config.dim_ffn,
-        "vocab_size": config.vocab_size,
-        "d_decay": config.d_decay,
-        "d_iclr": config.d_iclr,
-        "d_value": config.d_value,
-        "d_gate": config.d_gate,
-        "layer0_has_value_lora": config.layer0_has_value_lora,
+        **config.to_dict(),
         "parameters": sum(t.numel() for t in state_dict.values()),
         "tensors": len(state_dict),
         "dtypes": dict(dtypes.most_common()),
@@ -316,13 +304,21 @@ def _run_info(args: argparse.Namespace) -> int:
         ("version", f"RWKV-{info['version']}"),
         ("layers", info["n_layer"]),
         ("n_embd", info["n_embd"]),
-        ("heads", f"{info['n_head']} x {info['head_size']}"),
+        ("heads", f"{info['n_head']} x {info['head_size']}" if info["n_head"] else "none (per channel)"),
+        ("att width", info["dim_att"]),
         ("ffn width", info["dim_ffn"]),
         ("vocab", info["vocab_size"]),
-        (
-            "low-rank",
-            f"decay {info['d_decay']}, iclr {info['d_iclr']}, value {info['d_value']}, gate {info['d_gate']}",
-        ),
+    ]
+    if info["version"] == "7":
+        low_rank = (
+            f"decay {info['d_decay']}, iclr {info['d_iclr']}, value {info['d_value']}, gate {info['d_gate']}"
+        )
+        rows.append(("low-rank", low_rank))
+    elif info["version"] == "6":
+        rows.append(("low-rank", f"mix {info['d_mix']}, decay {info['d_decay']}"))
+    if info["has_time_state"]:
+        rows.append(("tuned state", "yes (att.time_state: the initial state of every sequence)"))
+    rows += [
         ("parameters", f"{info['parameters']:,}"),
         ("dtype", dtypes),
     ]
@@ -337,7 +333,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _add_train(subparsers, load: bool) -> None:
     """Register ``train``; its arguments come from rwkvkit.train.trainer, imported only when ``load``."""
-    summary = "train a new RWKV-7 model from scratch on a text file"
+    summary = "train a new RWKV model (version 4, 5.2, 6 or 7) from scratch on a text file"
     if not load:
         subparsers.add_parser("train", help=summary, add_help=False)
         return

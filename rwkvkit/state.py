@@ -1,10 +1,14 @@
 """The fixed-size recurrent state of an RWKV model for B sequences: create, select rows, combine, move.
 
 Per layer the state holds the time-mix token shift (the previous token's normalised input), the WKV
-matrix state and the channel-mix token shift. Layers are stacked on the first axis. The WKV part is
-always fp32 (decays close to 1 accumulate over thousands of steps); the shifts use the model dtype.
+state and the channel-mix token shift. Layers are stacked on the first axis, sequences on the second.
+The WKV part is always fp32 (decays close to 1 accumulate over thousands of steps); the shifts use the
+model dtype.
 
-Layout of ``wkv``: (L, B, H, N, N) indexed [layer, batch, head, value i, key j] ("[value, key]").
+Layout of ``wkv`` (see :func:`wkv_shape`):
+- RWKV-5.2, 6 and 7: (L, B, H, N, N) indexed [layer, batch, head, value i, key j] ("[value, key]");
+- RWKV-4: (L, B, 3, C_att) holding (aa, bb, pp) of the WKV-4 operator; a fresh sequence has
+  aa = bb = 0 and pp = -1e38 (see ``rwkvkit.wkv.wkv4``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,16 @@ import torch
 
 from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
+
+# pp of a fresh RWKV-4 sequence (the WKV-4 operator's PP_INIT; repeated so that this module stays light)
+WKV4_PP_INIT = -1e38
+
+
+def wkv_shape(config: ModelConfig, batch_size: int) -> tuple[int, ...]:
+    """Shape of ``RWKVState.wkv`` for ``config`` and ``batch_size`` sequences."""
+    if config.version == "4":
+        return (config.n_layer, batch_size, 3, config.dim_att)
+    return (config.n_layer, batch_size, config.n_head, config.head_size, config.head_size)
 
 
 @dataclass
@@ -34,10 +48,14 @@ class RWKVState:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> RWKVState:
-        L, C, H, N = config.n_layer, config.n_embd, config.n_head, config.head_size
+        """The state of ``batch_size`` fresh sequences (zeros; pp = -1e38 for RWKV-4)."""
+        L, C = config.n_layer, config.n_embd
+        wkv = torch.zeros(wkv_shape(config, batch_size), device=device, dtype=torch.float32)
+        if config.version == "4":
+            wkv[:, :, 2] = WKV4_PP_INIT
         return cls(
             att_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
-            wkv=torch.zeros(L, batch_size, H, N, N, device=device, dtype=torch.float32),
+            wkv=wkv,
             ffn_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
         )
 
@@ -47,7 +65,7 @@ class RWKVState:
 
     def check_compatible(self, config: ModelConfig, batch_size: int) -> None:
         """Raise RwkvkitError unless this state fits ``config`` and a batch of ``batch_size`` sequences."""
-        want = (config.n_layer, batch_size, config.n_head, config.head_size, config.head_size)
+        want = wkv_shape(config, batch_size)
         if tuple(self.wkv.shape) != want or tuple(self.att_shift.shape) != (
             config.n_layer,
             batch_size,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import random_v7_state_dict
+from checkpoints import random_state_dict, random_v7_state_dict
 from reference import reference_logits, reference_model
 
 from rwkvkit import RwkvkitError, load_model, save_model
@@ -21,14 +21,26 @@ from rwkvkit.config import config_from_state_dict
 TOKENS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
 
 
+VARIANTS = {
+    "v4": ("4", {}),
+    "v5": ("5.2", {}),
+    "v5-time-state": ("5.2", {"time_state": True}),
+    "v6": ("6", {}),
+    "v6-time-state": ("6", {"time_state": True}),
+    "v7": ("7", {}),
+    "v7-no-layer0-vlora": ("7", {"layer0_value_lora": False}),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layer0_value_lora", [True, False])
-def test_load_save_round_trip_keeps_keys_shapes_dtypes(tmp_path, dtype, layer0_value_lora):
-    sd = random_v7_state_dict(dtype=dtype, layer0_value_lora=layer0_value_lora, seed=3)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_load_save_round_trip_keeps_keys_shapes_dtypes(tmp_path, dtype, variant):
+    version, kwargs = VARIANTS[variant]
+    sd = random_state_dict(version, dtype=dtype, seed=3, **kwargs)
     src = tmp_path / "src.pth"
     torch.save(sd, src)
     model = load_model(src)  # computes in fp32 whatever the file holds
-    assert model.emb.weight.dtype == torch.float32
+    assert model.emb.weight.dtype == torch.float32 and model.config.version == version
     out = tmp_path / "out.pth"
     save_model(model, out)
     back = torch.load(out, weights_only=True)
@@ -39,21 +51,27 @@ def test_load_save_round_trip_keeps_keys_shapes_dtypes(tmp_path, dtype, layer0_v
         assert torch.equal(back[key], sd[key]), key  # fp32 compute of a bf16/fp16 file is lossless back
 
 
-def test_reference_package_loads_what_rwkvkit_writes(tmp_path):
-    sd = random_v7_state_dict(n_layer=2, n_embd=64, head_size=16, vocab_size=150, seed=4)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_reference_package_loads_what_rwkvkit_writes(tmp_path, variant):
+    version, kwargs = VARIANTS[variant]
+    sd = random_state_dict(version, n_layer=2, n_embd=64, vocab_size=150, seed=4, **kwargs)
     src = tmp_path / "src.pth"
     torch.save(sd, src)
     model = load_model(src)
     with torch.no_grad():  # change the weights so the test sees that the written values are ours
-        model.blocks[1].att.w0.add_(0.25)
+        model.blocks[1].att.output.weight.mul_(1.5)
         model.head.weight.mul_(1.5)
+        if kwargs.get("time_state"):
+            model.blocks[0].att.time_state.add_(0.5)
     out = tmp_path / "written.pth"
     save_model(model, out)
-    ref = reference_model(out)
+    ref = reference_model(out, version)
     with torch.inference_mode():
         ours, _ = model(torch.tensor([TOKENS]))
     theirs, _ = reference_logits(ref, TOKENS)
     assert (ours[0] - theirs).abs().max() < 1e-4 * max(1.0, theirs.abs().max().item())
+    unedited = reference_logits(reference_model(src, version), TOKENS)[0]
+    assert (unedited - theirs).abs().max() > 1e-2  # the edits reached the written file
 
 
 def test_safetensors_round_trip_same_keys_and_logits(tmp_path):
@@ -129,6 +147,16 @@ def test_config_reads_every_width_from_shapes():
     assert (cfg.version, cfg.n_layer, cfg.n_embd, cfg.vocab_size) == ("7", 3, 96, 77)
     assert (cfg.n_head, cfg.head_size, cfg.dim_ffn) == (3, 32, 320)
     assert (cfg.d_decay, cfg.d_iclr, cfg.d_value, cfg.d_gate) == (12, 20, 4, 28)
+    cfg = config_from_state_dict(random_state_dict("6", n_layer=2, n_embd=96, head_size=32, dim_ffn=224,
+                                                   d_mix=12, d_decay=20, time_state=True))  # fmt: skip
+    assert (cfg.version, cfg.n_head, cfg.head_size, cfg.dim_ffn) == ("6", 3, 32, 224)
+    assert (cfg.d_mix, cfg.d_decay, cfg.has_time_state) == (12, 20, True)
+    cfg = config_from_state_dict(random_state_dict("5.2", n_layer=4, n_embd=64, head_size=16, dim_ffn=96))
+    assert (cfg.version, cfg.n_layer, cfg.n_head, cfg.head_size, cfg.dim_ffn) == ("5.2", 4, 4, 16, 96)
+    assert not cfg.has_time_state
+    cfg = config_from_state_dict(random_state_dict("4", n_layer=3, n_embd=48, vocab_size=50, dim_ffn=100))
+    assert (cfg.version, cfg.n_layer, cfg.n_embd, cfg.vocab_size) == ("4", 3, 48, 50)
+    assert (cfg.n_head, cfg.dim_att, cfg.dim_ffn) == (0, 48, 100)
 
 
 MEMORY_PROBE = textwrap.dedent(

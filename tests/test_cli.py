@@ -40,8 +40,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out["truncated"].write_bytes(data[: len(data) // 2])
     out["unrelated"] = d / "unrelated.pth"
     torch.save({"encoder.weight": torch.randn(4, 4), "decoder.bias": torch.randn(4)}, out["unrelated"])
-    out["rwkv4"] = d / "rwkv4.pth"
     C = 32
+    out["rwkv4_incomplete"] = d / "rwkv4_incomplete.pth"  # detected as RWKV-4, most keys missing
     torch.save(
         {
             "emb.weight": torch.randn(50, C),
@@ -53,7 +53,18 @@ def files(tmp_path_factory) -> dict[str, Path]:
             "blocks.0.ffn.key.weight": torch.randn(4 * C, C),
             "head.weight": torch.randn(50, C),
         },
-        out["rwkv4"],
+        out["rwkv4_incomplete"],
+    )
+    out["rwkv51"] = d / "rwkv51.pth"  # RWKV-5.1: ln_x and a gate, but a per-head (H,) decay
+    torch.save(
+        {
+            "emb.weight": torch.randn(50, C),
+            "blocks.0.att.time_decay": torch.randn(2),
+            "blocks.0.att.gate.weight": torch.randn(C, C),
+            "blocks.0.att.ln_x.weight": torch.ones(C),
+            "blocks.0.ffn.key.weight": torch.randn(4 * C, C),
+        },
+        out["rwkv51"],
     )
     out["prompt"] = d / "prompt.txt"
     out["prompt"].write_text("Once upon a time", encoding="utf-8")
@@ -210,7 +221,8 @@ def test_cli_defaults_match_the_library():
         ("text", ["not a checkpoint"]),
         ("truncated", ["truncated"]),
         ("unrelated", ["not an RWKV checkpoint"]),
-        ("rwkv4", ["RWKV-4", "supported"]),
+        ("rwkv4_incomplete", ["missing", "RWKV-4", "key"]),
+        ("rwkv51", ["RWKV-5.1", "not support"]),
     ],
 )
 @pytest.mark.parametrize("command", ["info", "generate"])

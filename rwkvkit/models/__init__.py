@@ -1,13 +1,16 @@
 """Model registry: build a model from a config, load one from a checkpoint file, save it back.
 
-One module per RWKV version (``rwkv7.py``); this file maps ``config.version`` to the class and owns
-the checkpoint <-> module plumbing (key and shape checks, dtype and device placement).
+One module per RWKV version (``rwkv4.py``, ``rwkv5.py`` (5.2), ``rwkv6.py``, ``rwkv7.py``), each
+exporting the same names: the model class, ``new_config(n_layer, n_embd, vocab_size, head_size)`` for a
+model trained from scratch and ``init_official_(model)``. This file maps ``config.version`` to the module
+and owns the checkpoint <-> module plumbing (key and shape checks, dtype and device placement).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -15,37 +18,60 @@ from torch import nn
 from rwkvkit.checkpoint import load_state_dict, save_state_dict
 from rwkvkit.config import ModelConfig, config_from_state_dict
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.models.rwkv7 import RWKV7
+from rwkvkit.models import rwkv4, rwkv5, rwkv6, rwkv7
+from rwkvkit.models.common import RWKVModel
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"7": RWKV7}
+VERSION_MODULES: dict[str, ModuleType] = {"4": rwkv4, "5.2": rwkv5, "6": rwkv6, "7": rwkv7}
+MODEL_CLASSES: dict[str, type[RWKVModel]] = {
+    "4": rwkv4.RWKV4,
+    "5.2": rwkv5.RWKV5,
+    "6": rwkv6.RWKV6,
+    "7": rwkv7.RWKV7,
+}
 
 
-def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def _check_version(version: str) -> str:
+    if version not in VERSION_MODULES:
+        supported = ", ".join("RWKV-" + v for v in VERSION_MODULES)
+        raise RwkvkitError(f"RWKV-{version} is not supported (supported: {supported})")
+    return version
+
+
+def version_module(version: str) -> ModuleType:
+    """The module of one RWKV version (``new_config``, ``init_official_``, the model class)."""
+    return VERSION_MODULES[_check_version(version)]
+
+
+def new_model(
+    version: str,
+    n_layer: int,
+    n_embd: int,
+    vocab_size: int,
+    head_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> RWKVModel:
+    """A new model of ``version`` initialised with the official from-scratch recipe (fp32)."""
+    module = version_module(version)
+    config = module.new_config(n_layer, n_embd, vocab_size, head_size)
+    return module.init_official_(build_model(config, device=device))
+
+
+def build_model(
+    config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> RWKVModel:
     """A model with the given config and uninitialised (zero) parameters."""
-    cls = MODEL_CLASSES.get(config.version)
-    if cls is None:
-        raise RwkvkitError(f"RWKV-{config.version} is not supported (supported: {', '.join(MODEL_CLASSES)})")
+    cls = MODEL_CLASSES[_check_version(config.version)]
     with torch.device(device):
         model = cls(config)
     return model.to(dtype=dtype)
 
 
-def model_from_state_dict(
-    state_dict: dict[str, torch.Tensor],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    source: str = "checkpoint",
-):
-    """Build the model that ``state_dict`` describes and place its tensors on ``device`` as ``dtype``.
-
-    Tensors already on the CPU in the right dtype are used as they are (no copy: a memory-mapped file
-    stays mapped). Remembers each key's original dtype and the key order so ``save_model`` writes the
-    same layout back.
-    """
+def check_state_dict(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> ModelConfig:
+    """The config ``state_dict`` describes, after checking that its keys and shapes are exactly those of
+    that model (cheap: the model is built on the "meta" device). Raises RwkvkitError naming the problem."""
     config = config_from_state_dict(state_dict)
-    cls = MODEL_CLASSES[config.version]
     with torch.device("meta"):
-        model = cls(config)
+        model = MODEL_CLASSES[config.version](config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -62,6 +88,24 @@ def model_from_state_dict(
                 f"{source}: '{key}' has shape {tuple(state_dict[key].shape)}, expected {shape} "
                 f"for {config.describe()}"
             )
+    return config
+
+
+def model_from_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    source: str = "checkpoint",
+) -> RWKVModel:
+    """Build the model that ``state_dict`` describes and place its tensors on ``device`` as ``dtype``.
+
+    Tensors already on the CPU in the right dtype are used as they are (no copy: a memory-mapped file
+    stays mapped). Remembers each key's original dtype and the key order so ``save_model`` writes the
+    same layout back.
+    """
+    config = check_state_dict(state_dict, source)
+    with torch.device("meta"):
+        model = MODEL_CLASSES[config.version](config)
     placed = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
     model.load_state_dict(placed, assign=True)
     model.source_dtypes = {k: v.dtype for k, v in state_dict.items()}

@@ -1,8 +1,14 @@
-"""RWKV-7 ("Goose", x070): the model, in one readable file.
+"""RWKV-7 ("Goose", x070): time mix, channel mix, model class, config for new models and official init.
 
-One set of parameters, named exactly like the official checkpoint keys, serves both modes:
-``model(tokens)`` runs a whole sequence in parallel (chunked WKV operator) and ``model(token, state)``
-with T = 1 runs one step of the recurrence. The returned state continues the sequences either way.
+Parameters are named exactly like the official checkpoint keys; the shared model loop
+(:class:`rwkvkit.models.common.RWKVModel`) runs them in parallel or RNN mode with the same weights.
+
+    TimeMix: xx = x_prev - x; x{r,w,k,v,a,g} = x + xx * x_{r,w,k,v,a,g}
+             decay d = exp(-exp(-0.5) * sigmoid(w0 + tanh(xw w1) w2)); iclr a = sigmoid(a0 + xa a1 a2)
+             v mixed towards layer 0's v (v_first); kk = normalize(k * k_k); k = k * (1 + (a - 1) k_a)
+             S_t = S_{t-1} (diag(d) - kk (a kk)^T) + v k^T, y = S_t r     (WKV-7, state [value, key])
+             out = Wo((GroupNorm(y) + (sum_head r k r_k) v) * g),  g = sigmoid(xg g1) g2
+    ChannelMix: Wv(relu(Wk (x + xx * x_k))^2)
 
 Legend: B batch, T time, C = n_embd, H heads, N head size, F ffn width, V vocab, L layers.
 """
@@ -17,18 +23,21 @@ from torch import nn
 
 from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.state import RWKVState
+from rwkvkit.models.common import (
+    GROUPNORM_EPS,
+    Block,
+    RWKVModel,
+    group_norm,
+    init_shared_,
+    lora_width,
+    orthogonal_,
+    ramps,
+    token_shift,
+)
 from rwkvkit.wkv import wkv7
 
 # log of the largest per-step decay factor; the decay is exp(-exp(-0.5) * sigmoid(z)), in (0.545, 1)
 LOG_DECAY_SCALE = math.exp(-0.5)
-GROUPNORM_EPS = 64e-5
-
-
-def _shifted(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """x_prev - x, with ``prev`` (B, C) as the token before x[:, 0]."""
-    x_prev = torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)  # (B, T, C)
-    return x_prev - x
 
 
 class TimeMix(nn.Module):
@@ -75,7 +84,7 @@ class TimeMix(nn.Module):
         """
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = _shifted(x, shift)  # (B, T, C)
+        xx = token_shift(x, shift) - x  # (B, T, C)
         xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
         xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
 
@@ -98,9 +107,9 @@ class TimeMix(nn.Module):
             return t.view(B, T, H, N)
 
         y, wkv_state = wkv7(
-            heads(r), heads(log_decay), heads(k), heads(v), heads(-kk), heads(kk * iclr), wkv_state
-        )  # y (B, T, H, N)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+            heads(r.float()), heads(log_decay), heads(k), heads(v), heads(-kk), heads(kk * iclr), wkv_state
+        )  # y (B, T, H, N) fp32
+        y = group_norm(self.ln_x, y.reshape(B, T, C), x.dtype)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)  # (B, T, H, N)
         y = y + bonus.view(B, T, C)
         return self.output(y * g), wkv_state, v_first
@@ -117,100 +126,18 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(config.dim_ffn, C, bias=False)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        xx = _shifted(x, shift)  # (B, T, C)
+        xx = token_shift(x, shift) - x  # (B, T, C)
         k = torch.relu(self.key(x + xx * self.x_k)) ** 2  # (B, T, F)
         return self.value(k)
 
 
-class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int):
-        super().__init__()
-        C = config.n_embd
-        if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C)
-        self.ln1 = nn.LayerNorm(C)
-        self.ln2 = nn.LayerNorm(C)
-        self.att = TimeMix(config, layer_id)
-        self.ffn = ChannelMix(config)
+class RWKV7(RWKVModel):
+    """RWKV-7 language model. ``logits, state = model(tokens, state=None)``."""
 
+    version = "7"
 
-class RWKV7(nn.Module):
-    """RWKV-7 language model. ``logits, state = model(tokens, state=None)``.
-
-    tokens: LongTensor (B, T); logits: float32 (B, T, V); state: RWKVState continuing the sequences.
-    """
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        if config.version != "7":
-            raise ValueError(f"RWKV7 needs a version 7 config, got {config.version}")
-        self.config = config
-        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_out = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.emb.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.emb.weight.device
-
-    def zero_state(self, batch_size: int) -> RWKVState:
-        return RWKVState.zeros(self.config, batch_size, device=self.device, dtype=self.dtype)
-
-    def check_tokens(self, tokens: torch.Tensor) -> None:
-        """Raise RwkvkitError for an empty batch or ids outside [0, vocab_size)."""
-        if tokens.dim() != 2:
-            raise RwkvkitError(f"tokens must be a 2-D LongTensor (B, T), got shape {tuple(tokens.shape)}")
-        if tokens.numel() == 0:
-            raise RwkvkitError("empty input: at least one token is needed")
-        if tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
-            raise RwkvkitError(f"tokens must be integers, got {tokens.dtype}")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise RwkvkitError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-
-    def forward(
-        self, tokens: torch.Tensor, state: RWKVState | None = None, *, last_only: bool = False
-    ) -> tuple[torch.Tensor, RWKVState]:
-        """Run tokens (B, T) from ``state`` (zeros if None). Returns (logits, new state).
-
-        logits is float32 (B, T, V), or (B, 1, V) for the last position only when ``last_only``.
-        """
-        self.check_tokens(tokens)
-        B, T = tokens.shape
-        if state is None:
-            state = self.zero_state(B)
-        else:
-            state.check_compatible(self.config, B)
-        x = self.emb(tokens.to(self.device, torch.long))  # (B, T, C)
-        att_shift, wkv_states, ffn_shift = [], [], []
-        v_first = None
-        for i, block in enumerate(self.blocks):
-            if i == 0:
-                x = block.ln0(x)
-            xa = block.ln1(x)
-            out, wkv_i, v_first = block.att(xa, state.att_shift[i], state.wkv[i], v_first)
-            x = x + out
-            xf = block.ln2(x)
-            x = x + block.ffn(xf, state.ffn_shift[i])
-            att_shift.append(xa[:, -1])
-            wkv_states.append(wkv_i)
-            ffn_shift.append(xf[:, -1])
-        if last_only:
-            x = x[:, -1:]
-        logits = self.head(self.ln_out(x)).float()  # (B, T, V)
-        new_state = RWKVState(torch.stack(att_shift), torch.stack(wkv_states), torch.stack(ffn_shift))
-        return logits, new_state
-
-
-def _lora_width(multiplier: float, base: float) -> int:
-    """Low-rank width as the official trainer picks it: a multiple of 32, at least 32."""
-    return max(32, int(round(multiplier * base / 32) * 32))
+    def make_block(self, config: ModelConfig, layer_id: int) -> Block:
+        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config))
 
 
 def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:
@@ -228,45 +155,25 @@ def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) 
         n_head=n_embd // head_size,
         head_size=head_size,
         dim_ffn=4 * n_embd,
-        d_decay=_lora_width(1.8, n_embd**0.5),
-        d_iclr=_lora_width(1.8, n_embd**0.5),
-        d_value=_lora_width(1.3, n_embd**0.5),
-        d_gate=_lora_width(0.6, n_embd**0.8),
+        d_decay=lora_width(1.8, n_embd**0.5),
+        d_iclr=lora_width(1.8, n_embd**0.5),
+        d_value=lora_width(1.3, n_embd**0.5),
+        d_gate=lora_width(0.6, n_embd**0.8),
         layer0_has_value_lora=True,
     )
-
-
-def _orthogonal_(weight: torch.Tensor, gain: float) -> None:
-    """Orthogonal init; like the official trainer, a tall matrix gets gain * sqrt(rows / cols)."""
-    rows, cols = weight.shape
-    if rows > cols:
-        gain *= math.sqrt(rows / cols)
-    nn.init.orthogonal_(weight, gain=gain)
 
 
 @torch.no_grad()
 def init_official_(model: RWKV7) -> RWKV7:
     """Initialise every parameter with the official RWKV-7 from-scratch recipe (in place)."""
+    init_shared_(model)
     cfg = model.config
     C, N, L = cfg.n_embd, cfg.head_size, cfg.n_layer
-    dev = model.device
-    n = torch.arange(C, device=dev, dtype=torch.float32)
-    ddd = (n / C).view(1, 1, C)
-    linear = (n / (C - 1) - 0.5).view(1, 1, C)
-    z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
-    zigzag = (z * z.abs()).view(1, 1, C)
-
-    nn.init.uniform_(model.emb.weight, -1e-4, 1e-4)
-    _orthogonal_(model.head.weight, 0.5)  # gain 0.5 * sqrt(V / C) when V > C
-    model.ln_out.weight.fill_(1.0)
-    model.ln_out.bias.zero_()
     for layer_id, block in enumerate(model.blocks):
-        r01 = layer_id / max(L - 1, 1)
-        r10 = 1.0 - layer_id / L
-        for ln in (getattr(block, "ln0", None), block.ln1, block.ln2):
-            if ln is not None:
-                ln.weight.fill_(1.0)
-                ln.bias.zero_()
+        n, ddd, r01, r10 = ramps(C, layer_id, L, model.device)
+        linear = (n / (C - 1) - 0.5).view(1, 1, C)
+        z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = (z * z.abs()).view(1, 1, C)
         att, ffn = block.att, block.ffn
         att.x_r.copy_(1 - ddd ** (0.2 * r10))
         att.x_w.copy_(1 - ddd ** (0.9 * r10))
@@ -283,17 +190,9 @@ def init_official_(model: RWKV7) -> RWKV7:
             lora_pairs.append((att.v1, att.v2))
         for down, up in lora_pairs:
             down.zero_()
-            _orthogonal_(up, 0.1)
+            orthogonal_(up, 0.1)
         att.k_k.copy_(0.71 - 0.1 * linear)
         att.k_a.fill_(1.02)
         att.r_k.fill_(-0.04)
-        _orthogonal_(att.receptance.weight, 1.0)
-        _orthogonal_(att.key.weight, 0.1)
-        _orthogonal_(att.value.weight, 1.0)
-        att.output.weight.zero_()
-        att.ln_x.weight.fill_(((layer_id + 1) / L) ** 0.7)
-        att.ln_x.bias.zero_()
         ffn.x_k.copy_(1 - ddd ** (r10**4))
-        _orthogonal_(ffn.key.weight, 1.0)
-        ffn.value.weight.zero_()
     return model

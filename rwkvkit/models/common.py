@@ -1,0 +1,233 @@
+"""What every RWKV version shares: the block skeleton, the model loop, state handling and init helpers.
+
+All versions are ``emb -> ln0 -> [x += TimeMix(ln1(x)); x += ChannelMix(ln2(x))] * L -> ln_out -> head``
+and differ only inside TimeMix and ChannelMix, which each version module (``rwkv4.py`` .. ``rwkv7.py``)
+defines. :class:`RWKVModel` runs the loop for all of them, in both modes: a whole sequence at once
+(parallel, chunked WKV) or one token at a time with a carried state (RNN), with the same parameters.
+
+Precision: weights and matmuls use the model dtype (fp32, bf16 or fp16); the residual stream ``x`` and
+the norms are computed in fp32 and the WKV state is fp32 always. The fp32 residual is what keeps fp16
+finite: the reference package instead halves the residual every 6 layers, because deep models
+accumulate activations beyond fp16's 65504 there.
+
+Interfaces of a version's modules (x is (B, T, C) in the model dtype, shift (B, C)):
+    TimeMix.forward(x, shift, wkv_state, carry) -> (out (B, T, C), new wkv_state, carry)
+    ChannelMix.forward(x, shift) -> out (B, T, C)
+``carry`` is a value handed from layer to layer (RWKV-7's v_first; None and unused by the others).
+
+Legend: B batch, T time, C = n_embd, H heads, N head size, F ffn width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rwkvkit.config import ModelConfig
+from rwkvkit.errors import RwkvkitError
+from rwkvkit.state import RWKVState
+
+GROUPNORM_EPS = 64e-5  # ln_x of v5.2 / v6 / v7 (the trainers' x / 8 with eps 1e-5 is the same thing)
+
+
+def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """x_prev: x shifted one step back in time, with ``prev`` (B, C) as the token before x[:, 0]."""
+    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)  # (B, T, C)
+
+
+def layer_norm(ln: nn.LayerNorm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``ln`` applied in fp32 (whatever the weights' dtype), the result cast to ``dtype``."""
+    weight, bias = ln.weight.float(), ln.bias.float()
+    return F.layer_norm(x.float(), ln.normalized_shape, weight, bias, ln.eps).to(dtype)
+
+
+def group_norm(gn: nn.GroupNorm, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-head normalisation ``gn`` of y (B, T, C), in fp32, the result cast to ``dtype``."""
+    B, T, C = y.shape
+    out = F.group_norm(y.reshape(B * T, C).float(), gn.num_groups, gn.weight.float(), gn.bias.float(), gn.eps)
+    return out.view(B, T, C).to(dtype)
+
+
+class Block(nn.Module):
+    """One layer: ln0 (layer 0 only), ln1 + TimeMix (``att``), ln2 + ChannelMix (``ffn``)."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, att: nn.Module, ffn: nn.Module):
+        super().__init__()
+        C = config.n_embd
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C)
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        self.att = att
+        self.ffn = ffn
+
+
+class RWKVModel(nn.Module):
+    """An RWKV language model. ``logits, state = model(tokens, state=None)``.
+
+    tokens: LongTensor (B, T); logits: float32 (B, T, V); state: RWKVState continuing the sequences.
+    Subclasses set ``version`` and implement :meth:`make_block`.
+    """
+
+    version: str = ""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.version != self.version:
+            raise ValueError(
+                f"{type(self).__name__} needs a version {self.version} config, got {config.version}"
+            )
+        self.config = config
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(self.make_block(config, i) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def make_block(self, config: ModelConfig, layer_id: int) -> Block:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.emb.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb.weight.device
+
+    def zero_state(self, batch_size: int) -> RWKVState:
+        """The untuned state of ``batch_size`` fresh sequences (zeros; pp = -1e38 for RWKV-4)."""
+        return RWKVState.zeros(self.config, batch_size, device=self.device, dtype=self.dtype)
+
+    def initial_state(self, batch_size: int) -> RWKVState:
+        """The state a fresh sequence starts from: :meth:`zero_state`, except that layers with a tuned
+        initial state (``att.time_state``, [value, key]) start from it. Used when ``state`` is None."""
+        state = self.zero_state(batch_size)
+        tuned = [getattr(block.att, "time_state", None) for block in self.blocks]
+        if all(t is None for t in tuned):
+            return state
+        wkv = [
+            s if t is None else t.float().unsqueeze(0).expand_as(s)
+            for s, t in zip(state.wkv.unbind(0), tuned, strict=True)
+        ]
+        return RWKVState(state.att_shift, torch.stack(wkv), state.ffn_shift)
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """Raise RwkvkitError for an empty batch or ids outside [0, vocab_size)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise RwkvkitError(f"tokens must be a 2-D LongTensor (B, T), got {shape}")
+        if tokens.numel() == 0:
+            raise RwkvkitError("empty input: at least one token is needed")
+        if tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
+            raise RwkvkitError(f"tokens must be integers, got {tokens.dtype}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise RwkvkitError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def forward(
+        self, tokens: torch.Tensor, state: RWKVState | None = None, *, last_only: bool = False
+    ) -> tuple[torch.Tensor, RWKVState]:
+        """Run tokens (B, T) from ``state`` (the initial state if None). Returns (logits, new state).
+
+        logits is float32 (B, T, V), or (B, 1, V) for the last position only when ``last_only``.
+        """
+        self.check_tokens(tokens)
+        B, T = tokens.shape
+        if state is None:
+            state = self.initial_state(B)
+        else:
+            state.check_compatible(self.config, B)
+        dtype = self.dtype
+        x = self.emb(tokens.to(self.device, torch.long))  # (B, T, C)
+        x = layer_norm(self.blocks[0].ln0, x, torch.float32)  # the residual stream, fp32
+        att_shift, wkv_states, ffn_shift = [], [], []
+        carry = None
+        for i, block in enumerate(self.blocks):
+            xa = layer_norm(block.ln1, x, dtype)
+            out, wkv_i, carry = block.att(xa, state.att_shift[i], state.wkv[i], carry)
+            x = x + out.float()
+            xf = layer_norm(block.ln2, x, dtype)
+            x = x + block.ffn(xf, state.ffn_shift[i]).float()
+            att_shift.append(xa[:, -1])
+            wkv_states.append(wkv_i)
+            ffn_shift.append(xf[:, -1])
+        if last_only:
+            x = x[:, -1:]
+        logits = self.head(layer_norm(self.ln_out, x, dtype)).float()  # (B, T, V)
+        new_state = RWKVState(torch.stack(att_shift), torch.stack(wkv_states), torch.stack(ffn_shift))
+        return logits, new_state
+
+
+# ---------------------------------------------------------------------------------------------- init
+
+
+def lora_width(multiplier: float, base: float) -> int:
+    """Low-rank width as the official trainer picks it: a multiple of 32, at least 32."""
+    return max(32, int(round(multiplier * base / 32) * 32))
+
+
+def orthogonal_(weight: torch.Tensor, gain: float) -> None:
+    """Orthogonal init; like the official trainer, a tall matrix gets gain * sqrt(rows / cols)."""
+    rows, cols = weight.shape
+    if rows > cols:
+        gain *= math.sqrt(rows / cols)
+    nn.init.orthogonal_(weight, gain=gain)
+
+
+# Official gains of the projection matrices (all others: 1).
+PROJECTION_GAINS = {
+    "att.key": 0.1,
+    "att.gate": 0.1,
+    "att.output": 0.0,
+    "ffn.value": 0.0,
+    "ffn.receptance": 0.0,
+}
+
+
+@torch.no_grad()
+def init_shared_(model: RWKVModel) -> None:
+    """The part of the official from-scratch init that is the same for every version (in place).
+
+    emb ~ U(-1e-4, 1e-4); head orthogonal with gain 0.5 * sqrt(V / C) when V > C; norms weight 1,
+    bias 0, except ln_x.weight = ((layer + 1) / L) ** 0.7; every projection (``nn.Linear``) orthogonal
+    with the gains of PROJECTION_GAINS (zero for the output-side matrices). The version's own time
+    parameters are set by its module's ``init_official_``.
+    """
+    L = model.config.n_layer
+    nn.init.uniform_(model.emb.weight, -1e-4, 1e-4)
+    orthogonal_(model.head.weight, 0.5)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            module.bias.zero_()
+            if name.endswith("ln_x"):
+                module.weight.fill_(((int(name.split(".")[1]) + 1) / L) ** 0.7)
+            else:
+                module.weight.fill_(1.0)
+        elif isinstance(module, nn.Linear) and name != "head":
+            gain = next((g for key, g in PROJECTION_GAINS.items() if name.endswith(key)), 1.0)
+            if gain == 0.0:
+                module.weight.zero_()
+            else:
+                orthogonal_(module.weight, gain)
+
+
+class Ramps(NamedTuple):
+    """The per-channel ramps and per-layer ratios of the official init recipes (layer l of L, C channels).
+
+    n[c] = c (C,); ddd = n / C as (1, 1, C); r01 = l / (L - 1) (0 -> 1 over the layers); r10 = 1 - l / L.
+    """
+
+    n: torch.Tensor
+    ddd: torch.Tensor
+    r01: float
+    r10: float
+
+
+def ramps(C: int, layer_id: int, n_layer: int, device: torch.device) -> Ramps:
+    n = torch.arange(C, device=device, dtype=torch.float32)
+    return Ramps(n, (n / C).view(1, 1, C), layer_id / max(n_layer - 1, 1), 1.0 - layer_id / n_layer)

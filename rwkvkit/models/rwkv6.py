@@ -1,0 +1,167 @@
+"""RWKV-6 ("Finch", x060): time mix, channel mix, model class, config for new models and official init.
+
+Parameters are named exactly like the official checkpoint keys; the shared model loop
+(:class:`rwkvkit.models.common.RWKVModel`) runs them in parallel or RNN mode with the same weights.
+
+    TimeMix: xx = x_prev - x; xxx = x + xx * time_maa_x
+             (mw, mk, mv, mr, mg) = tanh(xxx W1) W2 per branch   (data-dependent token shift, LoRA D_MIX)
+             x{w,k,v,r,g} = x + xx * (time_maa_{w,k,v,r,g} + m{w,k,v,r,g})
+             r, k, v = Wr xr, Wk xk, Wv xv; g = silu(Wg xg)
+             w_t = exp(-exp(time_decay + tanh(xw Wd1) Wd2))    (data-dependent decay, LoRA D_DECAY)
+             per head: y_t = S_{t-1} r_t + (r_t . (u * k_t)) v_t, S_t = S_{t-1} diag(w_t) + v_t k_t^T
+             with u = time_faaaa (H, N)                         (WKV-5/6, state [value, key])
+             out = Wo(GroupNorm_H(y) * g)
+    ChannelMix: xk = x + xx * time_maa_k, xr likewise; out = sigmoid(Wr xr) * Wv(relu(Wk xk)^2)
+Note that time_maa_* weight the PREVIOUS token (they are RWKV-4/5's 1 - time_mix). An optional
+``att.time_state`` (H, N, N) per layer (state tuning, stored [value, key]) is the initial wkv state of
+every new sequence.
+
+Legend: B batch, T time, C = n_embd, H heads, N head size, D = d_mix, Dd = d_decay.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rwkvkit.config import ModelConfig
+from rwkvkit.errors import RwkvkitError
+from rwkvkit.models.common import (
+    GROUPNORM_EPS,
+    Block,
+    RWKVModel,
+    group_norm,
+    init_shared_,
+    ramps,
+    token_shift,
+)
+from rwkvkit.models.rwkv5 import head_params, time_decay_init, time_faaaa_init, time_state_param
+from rwkvkit.wkv import wkv6
+
+
+class TimeMix(nn.Module):
+    """The RWKV-6 attention replacement: matrix state with data-dependent decay and token shift."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        C, H, N = config.n_embd, config.n_head, config.head_size
+        D, Dd = config.d_mix, config.d_decay
+        self.n_head, self.head_size = H, N
+
+        def vec() -> nn.Parameter:
+            return nn.Parameter(torch.zeros(1, 1, C))
+
+        self.time_maa_x, self.time_maa_w, self.time_maa_k = vec(), vec(), vec()
+        self.time_maa_v, self.time_maa_r, self.time_maa_g = vec(), vec(), vec()
+        self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * D))
+        self.time_maa_w2 = nn.Parameter(torch.zeros(5, D, C))
+        self.time_decay = vec()
+        self.time_decay_w1 = nn.Parameter(torch.zeros(C, Dd))
+        self.time_decay_w2 = nn.Parameter(torch.zeros(Dd, C))
+        self.time_faaaa = head_params(config)
+        self.time_state = time_state_param(config)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.gate = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
+
+    def forward(
+        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """x (B, T, C); shift (B, C); wkv_state (B, H, N, N) fp32 [value, key] -> (out, state, carry)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = token_shift(x, shift) - x  # (B, T, C)
+        xxx = x + xx * self.time_maa_x
+        m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)  # (5, B*T, D)
+        mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).view(5, B, T, C).unbind(0)
+        xw = x + xx * (self.time_maa_w + mw)
+        r = self.receptance(x + xx * (self.time_maa_r + mr)).float().view(B, T, H, N)
+        k = self.key(x + xx * (self.time_maa_k + mk)).float().view(B, T, H, N)
+        v = self.value(x + xx * (self.time_maa_v + mv)).float().view(B, T, H, N)
+        g = F.silu(self.gate(x + xx * (self.time_maa_g + mg)))  # (B, T, C)
+        decay_logit = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
+        log_decay = -torch.exp(decay_logit.float()).view(B, T, H, N)  # (B, T, H, N), <= 0
+        y, wkv_state = wkv6(r, log_decay, k, v, self.time_faaaa.float(), wkv_state)  # y (B, T, H, N)
+        y = group_norm(self.ln_x, y.reshape(B, T, C), x.dtype)
+        return self.output(y * g), wkv_state, carry
+
+
+class ChannelMix(nn.Module):
+    """The RWKV-6 feed-forward: RWKV-4's, with the token shift weighted by time_maa (previous token)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C = config.n_embd
+        self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, config.dim_ffn, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(config.dim_ffn, C, bias=False)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        xx = token_shift(x, shift) - x  # (B, T, C)
+        r = torch.sigmoid(self.receptance(x + xx * self.time_maa_r))
+        k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2  # (B, T, F)
+        return r * self.value(k)
+
+
+class RWKV6(RWKVModel):
+    """RWKV-6 language model. ``logits, state = model(tokens, state=None)``."""
+
+    version = "6"
+
+    def make_block(self, config: ModelConfig, layer_id: int) -> Block:
+        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config))
+
+
+def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:
+    """Config for a new RWKV-6 trained from scratch, with the official trainer's widths.
+
+    F = int(3.5 C) // 32 * 32; D_MIX = 32 and D_DECAY = 64 (both doubled at C = 4096).
+    """
+    if n_embd % head_size:
+        raise RwkvkitError(f"n_embd {n_embd} is not a multiple of head_size {head_size}")
+    wide = 2 if n_embd == 4096 else 1
+    return ModelConfig(
+        version="6",
+        n_layer=n_layer,
+        n_embd=n_embd,
+        vocab_size=vocab_size,
+        n_head=n_embd // head_size,
+        head_size=head_size,
+        dim_ffn=int(n_embd * 3.5) // 32 * 32,
+        d_mix=32 * wide,
+        d_decay=64 * wide,
+    )
+
+
+@torch.no_grad()
+def init_official_(model: RWKV6) -> RWKV6:
+    """Initialise every parameter with the official RWKV-6 from-scratch recipe (in place)."""
+    init_shared_(model)
+    cfg = model.config
+    C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+    for layer_id, block in enumerate(model.blocks):
+        n, ddd, r01, r10 = ramps(C, layer_id, cfg.n_layer, model.device)
+        att, ffn = block.att, block.ffn
+        att.time_maa_x.copy_(1 - ddd**r10)
+        att.time_maa_w.copy_(1 - ddd**r10)
+        att.time_maa_k.copy_(1 - ddd**r10)
+        att.time_maa_v.copy_(1 - (ddd**r10 + 0.3 * r01))
+        att.time_maa_r.copy_(1 - ddd ** (0.5 * r10))
+        att.time_maa_g.copy_(1 - ddd ** (0.5 * r10))
+        att.time_maa_w1.zero_()
+        att.time_maa_w2.uniform_(-0.01, 0.01)
+        att.time_decay.copy_(time_decay_init(C, r01, n).view(1, 1, C))
+        att.time_decay_w1.zero_()
+        att.time_decay_w2.uniform_(-0.01, 0.01)
+        att.time_faaaa.copy_(time_faaaa_init(C, r01, n).view(H, N))
+        if att.time_state is not None:
+            att.time_state.zero_()
+        ffn.time_maa_k.copy_(1 - ddd**r10)
+        ffn.time_maa_r.copy_(1 - ddd**r10)
+    return model
