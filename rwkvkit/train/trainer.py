@@ -1,4 +1,4 @@
-"""The training loop behind ``rwkvkit train``: from-scratch RWKV-7 on a text file.
+"""The training loop behind ``rwkvkit train``: a from-scratch RWKV (version 4, 5.2, 6 or 7) on a text file.
 
 Trains in parallel ("GPT") mode with the chunked WKV operator, writes an official-layout `.pth`
 (loadable by the reference ``rwkv`` package), a JSONL metrics file and a loss-curve PNG, and shows a
@@ -31,6 +31,7 @@ class TrainConfig:
     val_data: str = ""  # optional UTF-8 text file for validation loss
     out: str = "runs/train"  # output folder: model.pth, metrics.jsonl, loss.png
     tokenizer: str = "byte"  # "byte" (256 symbols) or "world" (65536)
+    version: str = "7"  # RWKV version: "4", "5.2" (also "5"), "6" or "7"
     n_layer: int = 4
     n_embd: int = 128
     head_size: int = 32
@@ -57,9 +58,10 @@ FLAG_HELP = {
     "val_data": "UTF-8 text file for validation loss (optional)",
     "out": "output folder for model.pth, metrics.jsonl, loss.png and train_config.json",
     "tokenizer": "tokenizer: 'byte' (256 symbols, for small models) or 'world' (RWKV World, 65536)",
+    "version": "RWKV version to train: 4, 5.2 (or 5), 6 or 7",
     "n_layer": "number of blocks",
     "n_embd": "model width C",
-    "head_size": "head size N (C must be a multiple of it)",
+    "head_size": "head size N (C must be a multiple of it; RWKV-4 has no heads and ignores it)",
     "ctx_len": "training window length in tokens",
     "batch_size": "sequences per optimizer step",
     "steps": "number of optimizer steps; also the horizon of the cosine schedule",
@@ -98,13 +100,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 
+VERSION_ALIASES = {"4": "4", "5": "5.2", "5.2": "5.2", "6": "6", "7": "7"}
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Reject nonsensical settings with a one-line error before any work starts."""
     positive = ["n_layer", "n_embd", "head_size", "ctx_len", "batch_size", "steps"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise RwkvkitError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.n_embd % cfg.head_size:
+    if cfg.version not in VERSION_ALIASES:
+        raise RwkvkitError(f"--version must be one of 4, 5.2, 6, 7, got {cfg.version}")
+    cfg.version = VERSION_ALIASES[cfg.version]
+    if cfg.n_embd % cfg.head_size and cfg.version != "4":
         raise RwkvkitError(f"--n-embd {cfg.n_embd} must be a multiple of --head-size {cfg.head_size}")
     if not cfg.lr > 0 or cfg.lr_final < 0:
         raise RwkvkitError("--lr must be > 0 and --lr-final >= 0")
@@ -165,11 +173,10 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train a new RWKV-7 from scratch as ``cfg`` says; returns where the model went and the final losses."""
+    """Train a new RWKV from scratch as ``cfg`` says; returns where the model went and the final losses."""
     from tqdm import tqdm
 
-    from rwkvkit.models import build_model, save_model
-    from rwkvkit.models.rwkv7 import init_official_, new_config
+    from rwkvkit.models import new_model, save_model
     from rwkvkit.tokenizer import load_tokenizer
     from rwkvkit.train.data import eval_windows, load_text_tokens, sample_batch
     from rwkvkit.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
@@ -188,8 +195,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         val = eval_windows(val_tokens, cfg.ctx_len)
 
     torch.manual_seed(cfg.seed)
-    model_config = new_config(cfg.n_layer, cfg.n_embd, tokenizer.vocab_size, cfg.head_size)
-    model = init_official_(build_model(model_config, device=cfg.device))
+    model = new_model(cfg.version, cfg.n_layer, cfg.n_embd, tokenizer.vocab_size, cfg.head_size, cfg.device)
+    model_config = model.config
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
