@@ -6,13 +6,16 @@ defines. :class:`RWKVModel` runs the loop for all of them, in both modes: a whol
 (parallel, chunked WKV) or one token at a time with a carried state (RNN), with the same parameters.
 
 Precision: weights and matmuls use the model dtype (fp32, bf16 or fp16); the residual stream ``x`` and
-the norms are computed in fp32 and the WKV state is fp32 always. The fp32 residual is what keeps fp16
-finite: the reference package instead halves the residual every 6 layers, because deep models
-accumulate activations beyond fp16's 65504 there.
+the norms are computed in fp32 and the WKV state is fp32 always. Deep models accumulate activations
+beyond fp16's 65504 (the reference package halves its fp16 residual every 6 layers for that); here the
+residual is fp32, and each sub-block of layer l computes its output 2^-(l // 6) times smaller (its
+``output_scale``: the input of its last matmul is scaled) and the loop scales it back in fp32. Powers of
+two make that exact in every dtype, so fp32 results are bit-identical and fp16 matmuls stay finite.
 
 Interfaces of a version's modules (x is (B, T, C) in the model dtype, shift (B, C)):
     TimeMix.forward(x, shift, wkv_state, carry) -> (out (B, T, C), new wkv_state, carry)
     ChannelMix.forward(x, shift) -> out (B, T, C)
+each with a float attribute ``output_scale`` (see Precision: ``out`` is the true output times it).
 ``carry`` is a value handed from layer to layer (RWKV-7's v_first; None and unused by the others).
 
 Legend: B batch, T time, C = n_embd, H heads, N head size, F ffn width, V vocab, L layers.
@@ -32,6 +35,18 @@ from rwkvkit.errors import RwkvkitError
 from rwkvkit.state import RWKVState
 
 GROUPNORM_EPS = 64e-5  # ln_x of v5.2 / v6 / v7 (the trainers' x / 8 with eps 1e-5 is the same thing)
+RESCALE_EVERY = 6  # sub-block outputs are computed 2x smaller every this many layers (see Precision)
+
+
+def time_mix_output_scale(layer_id: int) -> float:
+    """2^-(layer // 6): the factor a time mix applies to the input of its output projection."""
+    return 2.0 ** -(layer_id // RESCALE_EVERY)
+
+
+def channel_mix_key_scale(layer_id: int) -> float:
+    """The factor a channel mix applies to relu(key(x)) before squaring: a power of two whose square
+    (the channel mix's ``output_scale``) is at most 2^-(layer // 6), so relu(k)^2 cannot overflow first."""
+    return 2.0 ** -math.ceil((layer_id // RESCALE_EVERY) / 2)
 
 
 def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -150,9 +165,9 @@ class RWKVModel(nn.Module):
         for i, block in enumerate(self.blocks):
             xa = layer_norm(block.ln1, x, dtype)
             out, wkv_i, carry = block.att(xa, state.att_shift[i], state.wkv[i], carry)
-            x = x + out.float()
+            x = x + out.float() / block.att.output_scale
             xf = layer_norm(block.ln2, x, dtype)
-            x = x + block.ffn(xf, state.ffn_shift[i]).float()
+            x = x + block.ffn(xf, state.ffn_shift[i]).float() / block.ffn.output_scale
             att_shift.append(xa[:, -1])
             wkv_states.append(wkv_i)
             ffn_shift.append(xf[:, -1])

@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from rwkvkit.config import ModelConfig
-from rwkvkit.models.common import Block, RWKVModel, init_shared_, ramps, token_shift
+from rwkvkit.models.common import (
+    Block,
+    RWKVModel,
+    channel_mix_key_scale,
+    init_shared_,
+    ramps,
+    time_mix_output_scale,
+    token_shift,
+)
 from rwkvkit.wkv import wkv4
 
 
@@ -45,6 +53,7 @@ class TimeMix(nn.Module):
         self.value = nn.Linear(C, A, bias=False)
         self.receptance = nn.Linear(C, A, bias=False)
         self.output = nn.Linear(A, C, bias=False)
+        self.output_scale = time_mix_output_scale(layer_id)
 
     def forward(
         self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
@@ -56,13 +65,14 @@ class TimeMix(nn.Module):
         r = torch.sigmoid(self.receptance(mix(x, x_prev, self.time_mix_r)))
         log_decay = -torch.exp(self.time_decay.float())  # (A,)
         y, (aa, bb, pp) = wkv4(log_decay, self.time_first.float(), k, v, wkv_state.unbind(1))
-        return self.output(r * y.to(r.dtype)), torch.stack((aa, bb, pp), dim=1), carry
+        out = self.output(r * y.to(r.dtype) * self.output_scale)
+        return out, torch.stack((aa, bb, pp), dim=1), carry
 
 
 class ChannelMix(nn.Module):
     """The RWKV-4 (and 5.2) feed-forward: token shift, squared ReLU, sigmoid receptance gate."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         C = config.n_embd
         self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
@@ -70,12 +80,14 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(C, config.dim_ffn, bias=False)
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(config.dim_ffn, C, bias=False)
+        self.key_scale = channel_mix_key_scale(layer_id)
+        self.output_scale = self.key_scale**2
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         x_prev = token_shift(x, shift)  # (B, T, C)
         r = torch.sigmoid(self.receptance(mix(x, x_prev, self.time_mix_r)))
-        k = torch.relu(self.key(mix(x, x_prev, self.time_mix_k))) ** 2  # (B, T, F)
-        return r * self.value(k)
+        k = torch.relu(self.key(mix(x, x_prev, self.time_mix_k))) * self.key_scale  # (B, T, F)
+        return r * self.value(k * k)
 
 
 class RWKV4(RWKVModel):
@@ -84,7 +96,7 @@ class RWKV4(RWKVModel):
     version = "4"
 
     def make_block(self, config: ModelConfig, layer_id: int) -> Block:
-        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config))
+        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config, layer_id))
 
 
 def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 0) -> ModelConfig:

@@ -31,6 +31,7 @@ from rwkvkit.models.common import (
     group_norm,
     init_shared_,
     ramps,
+    time_mix_output_scale,
     token_shift,
 )
 from rwkvkit.models.rwkv4 import ChannelMix, mix
@@ -70,6 +71,7 @@ class TimeMix(nn.Module):
         self.gate = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
+        self.output_scale = time_mix_output_scale(layer_id)
 
     def forward(
         self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
@@ -85,7 +87,7 @@ class TimeMix(nn.Module):
         log_decay = (-torch.exp(self.time_decay.float())).expand(B, T, H, N)  # constant in time
         y, wkv_state = wkv6(r, log_decay, k, v, self.time_faaaa.float(), wkv_state)  # y (B, T, H, N)
         y = group_norm(self.ln_x, y.reshape(B, T, C), x.dtype)
-        return self.output(y * g), wkv_state, carry
+        return self.output(y * g * self.output_scale), wkv_state, carry
 
 
 class RWKV5(RWKVModel):
@@ -94,7 +96,7 @@ class RWKV5(RWKVModel):
     version = "5.2"
 
     def make_block(self, config: ModelConfig, layer_id: int) -> Block:
-        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config))
+        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config, layer_id))
 
 
 def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:

@@ -31,9 +31,11 @@ from rwkvkit.models.common import (
     GROUPNORM_EPS,
     Block,
     RWKVModel,
+    channel_mix_key_scale,
     group_norm,
     init_shared_,
     ramps,
+    time_mix_output_scale,
     token_shift,
 )
 from rwkvkit.models.rwkv5 import head_params, time_decay_init, time_faaaa_init, time_state_param
@@ -67,6 +69,7 @@ class TimeMix(nn.Module):
         self.gate = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
+        self.output_scale = time_mix_output_scale(layer_id)
 
     def forward(
         self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
@@ -87,13 +90,13 @@ class TimeMix(nn.Module):
         log_decay = -torch.exp(decay_logit.float()).view(B, T, H, N)  # (B, T, H, N), <= 0
         y, wkv_state = wkv6(r, log_decay, k, v, self.time_faaaa.float(), wkv_state)  # y (B, T, H, N)
         y = group_norm(self.ln_x, y.reshape(B, T, C), x.dtype)
-        return self.output(y * g), wkv_state, carry
+        return self.output(y * g * self.output_scale), wkv_state, carry
 
 
 class ChannelMix(nn.Module):
     """The RWKV-6 feed-forward: RWKV-4's, with the token shift weighted by time_maa (previous token)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         C = config.n_embd
         self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
@@ -101,12 +104,14 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(C, config.dim_ffn, bias=False)
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(config.dim_ffn, C, bias=False)
+        self.key_scale = channel_mix_key_scale(layer_id)
+        self.output_scale = self.key_scale**2
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         xx = token_shift(x, shift) - x  # (B, T, C)
         r = torch.sigmoid(self.receptance(x + xx * self.time_maa_r))
-        k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2  # (B, T, F)
-        return r * self.value(k)
+        k = torch.relu(self.key(x + xx * self.time_maa_k)) * self.key_scale  # (B, T, F)
+        return r * self.value(k * k)
 
 
 class RWKV6(RWKVModel):
@@ -115,7 +120,7 @@ class RWKV6(RWKVModel):
     version = "6"
 
     def make_block(self, config: ModelConfig, layer_id: int) -> Block:
-        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config))
+        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config, layer_id))
 
 
 def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:

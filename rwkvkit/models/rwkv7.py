@@ -27,11 +27,13 @@ from rwkvkit.models.common import (
     GROUPNORM_EPS,
     Block,
     RWKVModel,
+    channel_mix_key_scale,
     group_norm,
     init_shared_,
     lora_width,
     orthogonal_,
     ramps,
+    time_mix_output_scale,
     token_shift,
 )
 from rwkvkit.wkv import wkv7
@@ -74,6 +76,7 @@ class TimeMix(nn.Module):
         self.value = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
+        self.output_scale = time_mix_output_scale(layer_id)
 
     def forward(
         self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, v_first: torch.Tensor | None
@@ -112,23 +115,25 @@ class TimeMix(nn.Module):
         y = group_norm(self.ln_x, y.reshape(B, T, C), x.dtype)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)  # (B, T, H, N)
         y = y + bonus.view(B, T, C)
-        return self.output(y * g), wkv_state, v_first
+        return self.output(y * g * self.output_scale), wkv_state, v_first
 
 
 class ChannelMix(nn.Module):
     """The RWKV-7 feed-forward: token shift, squared ReLU, no receptance."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         C = config.n_embd
         self.x_k = nn.Parameter(torch.zeros(1, 1, C))
         self.key = nn.Linear(C, config.dim_ffn, bias=False)
         self.value = nn.Linear(config.dim_ffn, C, bias=False)
+        self.key_scale = channel_mix_key_scale(layer_id)
+        self.output_scale = self.key_scale**2
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         xx = token_shift(x, shift) - x  # (B, T, C)
-        k = torch.relu(self.key(x + xx * self.x_k)) ** 2  # (B, T, F)
-        return self.value(k)
+        k = torch.relu(self.key(x + xx * self.x_k)) * self.key_scale  # (B, T, F)
+        return self.value(k * k)
 
 
 class RWKV7(RWKVModel):
@@ -137,7 +142,7 @@ class RWKV7(RWKVModel):
     version = "7"
 
     def make_block(self, config: ModelConfig, layer_id: int) -> Block:
-        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config))
+        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config, layer_id))
 
 
 def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:
