@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import random_v7_state_dict
+from checkpoints import random_state_dict, random_v7_state_dict
+from reference import reference_logits, reference_model
 
 from rwkvkit import cli, infer
 from rwkvkit.cli import main
@@ -195,6 +196,58 @@ def test_generate_with_named_tokenizer(capsys, files):
         capsys, "generate", "-m", files["v97"], "-p", "A!", "--tokenizer", "byte", "--max-tokens", 5
     )
     assert code == 0
+
+
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_info_and_greedy_generate_on_every_version(capsys, tmp_path, version):
+    """`info` describes each version; greedy `generate` emits what the reference package decodes."""
+    path = tmp_path / f"v{version}.pth"
+    torch.save(random_state_dict(version, n_layer=2, n_embd=64, vocab_size=256, seed=11), path)
+    code, out, _ = run_cli(capsys, "info", "--json", path)
+    info = json.loads(out)
+    assert code == 0 and (info["version"], info["n_layer"], info["n_embd"]) == (version, 2, 64)
+    code, out, _ = run_cli(capsys, "info", path)
+    assert code == 0 and f"RWKV-{version}" in out
+
+    prompt, n_new = "To be, or", 24
+    ref = reference_model(path, version)
+    logits, state = reference_logits(ref, list(prompt.encode()))
+    generated = []
+    for _ in range(n_new):
+        token = int(logits[-1].argmax())
+        generated.append(token)
+        logits, state = reference_logits(ref, [token], state)
+    expected = bytes(generated).decode("utf-8", errors="replace")
+    argv = ["generate", "-m", path, "-p", prompt, "--max-tokens", n_new, "--temperature", 0, "--no-eot-stop"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and err == ""
+    assert out == expected
+
+
+def test_generate_with_a_tokenizer_json(capsys, tmp_path):
+    """--tokenizer PATH.json (a Hugging Face BPE file, as RWKV-4 Pile models use) drives generation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(["To be, or not to be, that is the question."] * 50, trainer)
+    tok_path = tmp_path / "tokenizer.json"
+    bpe.save(str(tok_path))
+    tokenizer = load_tokenizer(tok_path)
+    model_path = tmp_path / "pile.pth"
+    torch.save(random_state_dict("4", n_layer=2, n_embd=32, vocab_size=tokenizer.vocab_size), model_path)
+    prompt = "To be, or not"
+    expected = generate_text(load_model(model_path), tokenizer, prompt, max_tokens=10, temperature=0)
+    code, out, err = run_cli(
+        capsys, "generate", "-m", model_path, "-p", prompt, "--tokenizer", tok_path, "--max-tokens", 10,
+        "--temperature", 0,
+    )  # fmt: skip
+    assert code == 0 and err == "" and out == expected.text
+    assert tokenizer.encode(prompt) != list(prompt.encode())  # really the BPE, not bytes
 
 
 def test_stop_escapes():
