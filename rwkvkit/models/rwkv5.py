@@ -51,18 +51,14 @@ def time_state_param(config: ModelConfig) -> nn.Parameter | None:
     return nn.Parameter(torch.zeros(H, N, N))
 
 
-class TimeMix(nn.Module):
-    """The RWKV-5.2 attention replacement: multi-head matrix state with a constant per-channel decay."""
+class MatrixStateTimeMix(nn.Module):
+    """What the RWKV-5.2 and RWKV-6 time mixes share: the bonus ``time_faaaa`` (H, N), an optional tuned
+    initial state, the five (C, C) projections, ``ln_x``, and :meth:`attend`, which ends both forwards."""
 
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         C, H, N = config.n_embd, config.n_head, config.head_size
         self.n_head, self.head_size = H, N
-        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
-        self.time_mix_v = nn.Parameter(torch.zeros(1, 1, C))
-        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
-        self.time_mix_g = nn.Parameter(torch.zeros(1, 1, C))
-        self.time_decay = head_params(config)
         self.time_faaaa = head_params(config)
         self.time_state = time_state_param(config)
         self.receptance = nn.Linear(C, C, bias=False)
@@ -73,21 +69,55 @@ class TimeMix(nn.Module):
         self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
         self.output_scale = time_mix_output_scale(layer_id)
 
+    def attend(
+        self,
+        xr: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        xg: torch.Tensor,
+        log_decay: torch.Tensor,
+        wkv_state: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token-shifted inputs x{r,k,v,g} (B, T, C) and the log-decay (B, T, H, N) -> (out, state)."""
+        B, T, C = xr.shape
+        H, N = self.n_head, self.head_size
+        r = self.receptance(xr).float().view(B, T, H, N)
+        k = self.key(xk).float().view(B, T, H, N)
+        v = self.value(xv).float().view(B, T, H, N)
+        g = F.silu(self.gate(xg))  # (B, T, C)
+        y, wkv_state = wkv6(r, log_decay, k, v, self.time_faaaa.float(), wkv_state)  # y (B, T, H, N)
+        y = group_norm(self.ln_x, y.reshape(B, T, C), xr.dtype)
+        return self.output(y * g * self.output_scale), wkv_state
+
+
+class TimeMix(MatrixStateTimeMix):
+    """The RWKV-5.2 attention replacement: multi-head matrix state with a constant per-channel decay."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__(config, layer_id)
+        C = config.n_embd
+        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_v = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_g = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_decay = head_params(config)
+
     def forward(
         self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
         """x (B, T, C); shift (B, C); wkv_state (B, H, N, N) fp32 [value, key] -> (out, state, carry)."""
-        B, T, C = x.shape
-        H, N = self.n_head, self.head_size
+        B, T, _ = x.shape
         x_prev = token_shift(x, shift)  # (B, T, C)
-        r = self.receptance(mix(x, x_prev, self.time_mix_r)).float().view(B, T, H, N)
-        k = self.key(mix(x, x_prev, self.time_mix_k)).float().view(B, T, H, N)
-        v = self.value(mix(x, x_prev, self.time_mix_v)).float().view(B, T, H, N)
-        g = F.silu(self.gate(mix(x, x_prev, self.time_mix_g)))  # (B, T, C)
-        log_decay = (-torch.exp(self.time_decay.float())).expand(B, T, H, N)  # constant in time
-        y, wkv_state = wkv6(r, log_decay, k, v, self.time_faaaa.float(), wkv_state)  # y (B, T, H, N)
-        y = group_norm(self.ln_x, y.reshape(B, T, C), x.dtype)
-        return self.output(y * g * self.output_scale), wkv_state, carry
+        log_decay = (-torch.exp(self.time_decay.float())).expand(B, T, self.n_head, self.head_size)
+        out, wkv_state = self.attend(
+            mix(x, x_prev, self.time_mix_r),
+            mix(x, x_prev, self.time_mix_k),
+            mix(x, x_prev, self.time_mix_v),
+            mix(x, x_prev, self.time_mix_g),
+            log_decay,  # constant in time
+            wkv_state,
+        )
+        return out, wkv_state, carry
 
 
 class RWKV5(RWKVModel):

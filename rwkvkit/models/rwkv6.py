@@ -22,34 +22,27 @@ Legend: B batch, T time, C = n_embd, H heads, N head size, D = d_mix, Dd = d_dec
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.models.common import (
-    GROUPNORM_EPS,
     Block,
     RWKVModel,
     channel_mix_key_scale,
-    group_norm,
     init_shared_,
     ramps,
-    time_mix_output_scale,
     token_shift,
 )
-from rwkvkit.models.rwkv5 import head_params, time_decay_init, time_faaaa_init, time_state_param
-from rwkvkit.wkv import wkv6
+from rwkvkit.models.rwkv5 import MatrixStateTimeMix, time_decay_init, time_faaaa_init
 
 
-class TimeMix(nn.Module):
+class TimeMix(MatrixStateTimeMix):
     """The RWKV-6 attention replacement: matrix state with data-dependent decay and token shift."""
 
     def __init__(self, config: ModelConfig, layer_id: int):
-        super().__init__()
-        C, H, N = config.n_embd, config.n_head, config.head_size
-        D, Dd = config.d_mix, config.d_decay
-        self.n_head, self.head_size = H, N
+        super().__init__(config, layer_id)
+        C, D, Dd = config.n_embd, config.d_mix, config.d_decay
 
         def vec() -> nn.Parameter:
             return nn.Parameter(torch.zeros(1, 1, C))
@@ -61,36 +54,28 @@ class TimeMix(nn.Module):
         self.time_decay = vec()
         self.time_decay_w1 = nn.Parameter(torch.zeros(C, Dd))
         self.time_decay_w2 = nn.Parameter(torch.zeros(Dd, C))
-        self.time_faaaa = head_params(config)
-        self.time_state = time_state_param(config)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
-        self.output_scale = time_mix_output_scale(layer_id)
 
     def forward(
         self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
         """x (B, T, C); shift (B, C); wkv_state (B, H, N, N) fp32 [value, key] -> (out, state, carry)."""
         B, T, C = x.shape
-        H, N = self.n_head, self.head_size
         xx = token_shift(x, shift) - x  # (B, T, C)
         xxx = x + xx * self.time_maa_x
         m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)  # (5, B*T, D)
         mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).view(5, B, T, C).unbind(0)
         xw = x + xx * (self.time_maa_w + mw)
-        r = self.receptance(x + xx * (self.time_maa_r + mr)).float().view(B, T, H, N)
-        k = self.key(x + xx * (self.time_maa_k + mk)).float().view(B, T, H, N)
-        v = self.value(x + xx * (self.time_maa_v + mv)).float().view(B, T, H, N)
-        g = F.silu(self.gate(x + xx * (self.time_maa_g + mg)))  # (B, T, C)
         decay_logit = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
-        log_decay = -torch.exp(decay_logit.float()).view(B, T, H, N)  # (B, T, H, N), <= 0
-        y, wkv_state = wkv6(r, log_decay, k, v, self.time_faaaa.float(), wkv_state)  # y (B, T, H, N)
-        y = group_norm(self.ln_x, y.reshape(B, T, C), x.dtype)
-        return self.output(y * g * self.output_scale), wkv_state, carry
+        log_decay = -torch.exp(decay_logit.float()).view(B, T, self.n_head, self.head_size)  # <= 0
+        out, wkv_state = self.attend(
+            x + xx * (self.time_maa_r + mr),
+            x + xx * (self.time_maa_k + mk),
+            x + xx * (self.time_maa_v + mv),
+            x + xx * (self.time_maa_g + mg),
+            log_decay,
+            wkv_state,
+        )
+        return out, wkv_state, carry
 
 
 class ChannelMix(nn.Module):

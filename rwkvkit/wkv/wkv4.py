@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rwkvkit.wkv.dispatch import check_chunk_size, compute_dtype, resolve_impl
+from rwkvkit.wkv.dispatch import check_chunk_size, check_tensors, compute_dtype, resolve_impl
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -268,14 +268,7 @@ def _validate(
     v: torch.Tensor,
     state: Sequence[torch.Tensor] | torch.Tensor | None,
 ) -> None:
-    named = {"w": w, "u": u, "k": k, "v": v}
-    for name, x in named.items():
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"wkv4: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"wkv4: {name} must have a floating dtype, got {x.dtype}")
-        if x.device != k.device:
-            raise ValueError(f"wkv4: {name} is on {x.device}, but k is on {k.device}")
+    check_tensors("wkv4", {"k": k, "v": v, "w": w, "u": u})
     if k.dim() != 3:
         raise ValueError(f"wkv4: k must have shape (B, T, C), got {tuple(k.shape)}")
     if v.shape != k.shape:
@@ -294,13 +287,12 @@ def _validate(
         parts = state
     else:
         raise ValueError("wkv4: state must be (aa, bb, pp), a tensor (3, B, C), or None")
+    check_tensors(
+        "wkv4", {"k": k, **{f"state {n}": x for n, x in zip(("aa", "bb", "pp"), parts, strict=True)}}
+    )
     for name, x in zip(("aa", "bb", "pp"), parts, strict=True):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(f"wkv4: state {name} must be a floating-point torch.Tensor")
         if x.shape != (B, C):
             raise ValueError(f"wkv4: state {name} has shape {tuple(x.shape)}, expected (B, C) = {(B, C)}")
-        if x.device != k.device:
-            raise ValueError(f"wkv4: state {name} is on {x.device}, but k is on {k.device}")
 
 
 def wkv4(

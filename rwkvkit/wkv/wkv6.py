@@ -37,7 +37,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.wkv.dispatch import check_chunk_size, compute_dtype, resolve_impl
+from rwkvkit.wkv.dispatch import (
+    check_chunk_size,
+    check_matrix_state,
+    check_tensors,
+    compute_dtype,
+    resolve_impl,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -269,13 +275,7 @@ def _validate(
     state: torch.Tensor | None,
 ) -> None:
     named = {"r": r, "w": w, "k": k, "v": v, "u": u}
-    for name, x in named.items():
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"wkv6: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"wkv6: {name} must have a floating dtype, got {x.dtype}")
-        if x.device != r.device:
-            raise ValueError(f"wkv6: {name} is on {x.device}, but r is on {r.device}")
+    check_tensors("wkv6", named)
     if r.dim() != 4:
         raise ValueError(f"wkv6: r must have shape (B, T, H, N), got {tuple(r.shape)}")
     for name in ("w", "k", "v"):
@@ -283,19 +283,10 @@ def _validate(
             raise ValueError(
                 f"wkv6: {name} has shape {tuple(named[name].shape)}, expected r's shape {tuple(r.shape)}"
             )
-    B, _, H, N = r.shape
+    _, _, H, N = r.shape
     if u.shape != (H, N):
         raise ValueError(f"wkv6: u has shape {tuple(u.shape)}, expected (H, N) = {(H, N)}")
-    if state is not None:
-        if not isinstance(state, torch.Tensor) or not state.is_floating_point():
-            raise ValueError("wkv6: state must be a floating-point torch.Tensor (B, H, N, N) or None")
-        if state.shape != (B, H, N, N):
-            raise ValueError(
-                f"wkv6: state has shape {tuple(state.shape)}, expected (B, H, N, N) = {(B, H, N, N)} "
-                "laid out as [value, key]"
-            )
-        if state.device != r.device:
-            raise ValueError(f"wkv6: state is on {state.device}, but r is on {r.device}")
+    check_matrix_state("wkv6", state, r)
 
 
 def wkv6(

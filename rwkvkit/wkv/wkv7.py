@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from rwkvkit.wkv.dispatch import check_chunk_size, resolve_impl
+from rwkvkit.wkv.dispatch import check_chunk_size, check_matrix_state, check_tensors, resolve_impl
 from rwkvkit.wkv.wkv7_chunked import DEFAULT_CHUNK_SIZE, W_CHUNK_LIMIT, wkv7_chunked
 from rwkvkit.wkv.wkv7_reference import wkv7_reference
 
@@ -57,29 +57,13 @@ def _validate(
     state: torch.Tensor | None,
 ) -> None:
     named = {"r": r, "w": w, "k": k, "v": v, "a": a, "b": b}
-    for name, x in named.items():
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"wkv7: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"wkv7: {name} must have a floating dtype, got {x.dtype}")
+    check_tensors("wkv7", named)
     if r.dim() != 4:
         raise ValueError(f"wkv7: r must have shape (B, T, H, N), got {tuple(r.shape)}")
     for name, x in named.items():
         if x.shape != r.shape:
             raise ValueError(f"wkv7: {name} has shape {tuple(x.shape)}, expected r's shape {tuple(r.shape)}")
-        if x.device != r.device:
-            raise ValueError(f"wkv7: {name} is on {x.device}, but r is on {r.device}")
-    if state is not None:
-        B, _, H, N = r.shape
-        if not isinstance(state, torch.Tensor) or not state.is_floating_point():
-            raise ValueError("wkv7: state must be a floating-point torch.Tensor (B, H, N, N) or None")
-        if state.shape != (B, H, N, N):
-            raise ValueError(
-                f"wkv7: state has shape {tuple(state.shape)}, expected (B, H, N, N) = {(B, H, N, N)} "
-                "laid out as [value, key]"
-            )
-        if state.device != r.device:
-            raise ValueError(f"wkv7: state is on {state.device}, but r is on {r.device}")
+    check_matrix_state("wkv7", state, r)
 
 
 def _check_w_range(w: torch.Tensor, chunk_size: int) -> None:
