@@ -201,3 +201,18 @@ def test_loading_does_not_copy_the_weights_twice(tmp_path, file_dtype, model_dty
         assert anon_growth_mb < 0.25 * model_mb, (anon_growth_mb, model_mb)
     else:
         assert anon_growth_mb < 1.25 * model_mb, (anon_growth_mb, model_mb)
+
+
+def test_versions_are_detected_as_the_reference_does():
+    """Version detection from the keys; RWKV-5.0 / 5.1 previews are named and refused."""
+    from rwkvkit.config import detect_version
+
+    for version in ("4", "5.2", "6", "7"):
+        assert detect_version(random_state_dict(version)) == version
+    v52 = random_state_dict("5.2", n_layer=1, n_embd=32, head_size=16)
+    v51 = {**v52, "blocks.0.att.time_decay": torch.zeros(2, 1)}  # a per-head decay: RWKV-5.1
+    v50 = {k: v for k, v in v51.items() if "gate" not in k}  # no gate either: RWKV-5.0
+    assert (detect_version(v51), detect_version(v50)) == ("5.1", "5.0")
+    for sd, name in ((v51, "RWKV-5.1"), (v50, "RWKV-5.0")):
+        with pytest.raises(RwkvkitError, match=f"{name} checkpoint, which rwkvkit does not support"):
+            config_from_state_dict(sd)
