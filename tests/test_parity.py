@@ -14,6 +14,7 @@ from reference import reference_logits, reference_model
 
 from rwkvkit import load_model
 from rwkvkit.state import RWKVState
+from rwkvkit.wkv import IMPLEMENTATIONS, use_impl
 
 CASES = {
     # name: (version, kwargs of that version's random checkpoint builder)
@@ -145,6 +146,12 @@ def test_whole_equals_split_equals_stepwise(case):
         steps.append(out)
     assert_close(torch.cat(steps, dim=1), whole)
     assert_same_state(version, state, whole_state)
+    # the one dispatch switch moves the whole model between the operators' two forms
+    for impl in IMPLEMENTATIONS:
+        with use_impl(impl):
+            forced, forced_state = model(tokens)
+        assert_close(forced, whole)
+        assert_same_state(version, forced_state, whole_state)
 
 
 @torch.inference_mode()

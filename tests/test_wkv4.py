@@ -223,10 +223,15 @@ def test_zero_state_and_dispatch() -> None:
     y_none, s_none = wkv4(w, u, k, v)
     y_zero, s_zero = wkv4(w, u, k, v, wkv4_zero_state(1, 5))
     assert torch.equal(y_none, y_zero) and all(torch.equal(a, b) for a, b in zip(s_none, s_zero, strict=True))
-    # auto: the reference for T <= 3 (bit-identical), chunked above
+    # auto: the reference for T <= 3 (bit-identical)
     assert torch.equal(y_none, wkv4(w, u, k, v, impl="reference")[0])
     w, u, k, v = make_inputs(1, 40, 5)
+    # without gradients the step form is the faster one at any T; with them, chunked for T > 3
+    assert torch.equal(wkv4(w, u, k, v)[0], wkv4(w, u, k, v, impl="reference")[0])
+    k.requires_grad_()
     assert torch.equal(wkv4(w, u, k, v)[0], wkv4(w, u, k, v, impl="chunked")[0])
+    with torch.no_grad():
+        assert torch.equal(wkv4(w, u, k, v)[0], wkv4(w, u, k, v, impl="reference")[0])
     # bf16 inputs: y in k's dtype, the state in float32
     y, s = wkv4(w, u, k.bfloat16(), v.bfloat16())
     assert y.dtype == torch.bfloat16 and all(x.dtype == torch.float32 for x in s)

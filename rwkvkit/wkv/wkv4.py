@@ -26,7 +26,8 @@ common pp, not necessarily element by element.
 The state is computed in float32 (float64 when k is float64, to verify implementations). Returns y
 (B, T, C) in k's dtype and the final state as a tuple of three (B, C) tensors in the compute dtype.
 
-``impl``: None (auto: "reference" for T <= AUTO_STEP_MAX_T, "chunked" otherwise), "reference" (the
+``impl``: None (auto: "chunked" when gradients are needed and T > AUTO_STEP_MAX_T, else "reference",
+the faster form without gradients), "reference" (the
 numerically stable step recurrence of the official inference code) or "chunked" (chunk-parallel; every
 exponent is formed as a difference against a per-row maximum, so it is safe for any decay in (0, 1],
 any k, and any initial state including pp = -1e38). ``chunk_size`` (chunked only) defaults to
@@ -35,11 +36,18 @@ DEFAULT_CHUNK_SIZE; the chunked form holds B * T * chunk_size * C intermediates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from rwkvkit.wkv.dispatch import check_chunk_size, check_tensors, compute_dtype, resolve_impl
+from rwkvkit.wkv.dispatch import (
+    AUTO_STEP_MAX_T,
+    check_chunk_size,
+    check_tensors,
+    compute_dtype,
+    resolve_impl,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -318,7 +326,11 @@ def wkv4(
         y (B, T, C) in k's dtype, final (aa, bb, pp) each (B, C) float32 (float64 for float64 k).
     """
     _validate(w, u, k, v, state)
-    impl = resolve_impl("wkv4", impl, k.shape[1])
+    # Without gradients the step form is the faster one at every T (benchmarks/RESULTS.md); with them the
+    # chunked form is (its backward does not replay T small steps).
+    inputs = [w, u, k, v, *(() if state is None else state)]
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    impl = resolve_impl("wkv4", impl, k.shape[1], AUTO_STEP_MAX_T if needs_grad else math.inf)
     chunk_size = check_chunk_size("wkv4", chunk_size, DEFAULT_CHUNK_SIZE)
     if impl == "reference":
         return wkv4_reference(w, u, k, v, state)

@@ -53,7 +53,7 @@ __all__ = [
     "wkv6_reference",
 ]
 
-# Chunk length of the chunked form (state passed sequentially between chunks). See benchmarks/bench_wkv6.py.
+# Chunk length of the chunked form (state passed sequentially between chunks); benchmarks/bench_wkv.py.
 DEFAULT_CHUNK_SIZE = 64
 
 # The fast intra-chunk form (one masked matmul) runs when max(-w) * chunk_len <= FAST_LIMIT; every float32
