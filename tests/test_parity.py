@@ -203,3 +203,22 @@ def test_state_zeros_layout():
     s4 = RWKVState.zeros(cfg4, batch_size=2)
     assert s4.wkv.shape == (3, 2, 3, 64) and s4.wkv.dtype == torch.float32
     assert (s4.wkv[:, :, :2] == 0).all() and (s4.wkv[:, :, 2] <= -1e30).all()  # aa = bb = 0, pp = -1e38
+
+
+def test_v4_with_a_wider_time_mix_runs_the_same_in_every_mode(tmp_path):
+    """RWKV-4 with dim_att != n_embd (the trainer's option; the reference's sequence mode cannot run
+    it): the chunked form, the step form and token-by-token agree."""
+    path = tmp_path / "wide.pth"
+    torch.save(random_state_dict("4", n_layer=2, n_embd=32, dim_att=48, vocab_size=50, seed=5), path)
+    model = load_model(path)
+    assert model.config.dim_att == 48
+    tokens = torch.tensor([random_tokens(50, 21, seed=1)])
+    with torch.inference_mode():
+        with use_impl("chunked"):
+            chunked, chunked_state = model(tokens)
+        stepwise, state = [], None
+        for t in range(tokens.shape[1]):
+            out, state = model(tokens[:, t : t + 1], state)
+            stepwise.append(out)
+    assert_close(torch.cat(stepwise, dim=1), chunked)
+    assert_same_state("4", state, chunked_state)
