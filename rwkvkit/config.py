@@ -41,7 +41,7 @@ class ModelConfig:
     d_gate: int = 0
     # RWKV-7: whether layer 0 carries att.v0/v1/v2 (unused there; present in files from the official trainer)
     layer0_has_value_lora: bool = True
-    # RWKV-5.2/6: whether every layer carries a tuned initial wkv state ``att.time_state`` (H, N, N)
+    # RWKV-5.2/6/7: whether every layer carries a tuned initial wkv state ``att.time_state`` (H, N, N)
     has_time_state: bool = False
 
     def __post_init__(self) -> None:
@@ -146,6 +146,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
             d_value=_shape(state_dict, value_lora, ndim=2)[1] if value_lora in state_dict else 0,
             d_gate=_shape(state_dict, att + "g1", ndim=2)[1],
             layer0_has_value_lora="blocks.0.att.v1" in state_dict,
+            has_time_state=att + "time_state" in state_dict,
         )
     # 5.2 and 6: heads from time_faaaa (H, N); an optional tuned initial state in every layer
     n_head, head_size = _heads(state_dict, att + "time_faaaa", n_embd)

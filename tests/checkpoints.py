@@ -172,6 +172,7 @@ def random_v7_state_dict(
     d_value: int = 4,
     d_gate: int = 16,
     layer0_value_lora: bool = True,
+    time_state: bool = False,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
@@ -200,6 +201,8 @@ def random_v7_state_dict(
         sd[a + "k_k"] = rnd.unif(1, 1, C, lo=0.5, hi=1.0)
         sd[a + "k_a"] = rnd.unif(1, 1, C, lo=0.8, hi=1.2)
         sd[a + "r_k"] = rnd.randn(H, N, scale=0.3)
+        if time_state:
+            sd[a + "time_state"] = rnd.randn(H, N, N, scale=0.5)  # [value, key]
         for name in ("receptance", "key", "value", "output"):
             sd[a + name + ".weight"] = rnd.linear(C, C)
         sd[a + "ln_x.weight"] = rnd.unif(C, lo=0.5, hi=1.5)

@@ -29,6 +29,7 @@ VARIANTS = {
     "v6-time-state": ("6", {"time_state": True}),
     "v7": ("7", {}),
     "v7-no-layer0-vlora": ("7", {"layer0_value_lora": False}),
+    "v7-time-state": ("7", {"time_state": True}),
 }
 
 

@@ -222,3 +222,23 @@ def test_v4_with_a_wider_time_mix_runs_the_same_in_every_mode(tmp_path):
             stepwise.append(out)
     assert_close(torch.cat(stepwise, dim=1), chunked)
     assert_same_state("4", state, chunked_state)
+
+
+@torch.inference_mode()
+def test_v7_tuned_state_matches_the_reference_given_that_state(tmp_path):
+    """A v7 file with att.time_state keys: rwkvkit starts from them; the reference (which ignores the
+    keys) gives the same logits when handed them as its initial state, as the model docstring says."""
+    sd = random_state_dict("7", n_layer=3, n_embd=64, head_size=16, vocab_size=97, time_state=True, seed=2)
+    path = tmp_path / "tuned.pth"
+    torch.save(sd, path)
+    model, ref = load_model(path), reference_model(path, "7")
+    assert model.config.has_time_state
+    prompt = random_tokens(97, 13, seed=4)
+    state = ref.generate_zero_state()
+    for i in range(3):
+        state[3 * i + 1] = sd[f"blocks.{i}.att.time_state"].float().clone()
+    ref_logits, _ = reference_logits(ref, prompt, state)
+    logits, _ = model(torch.tensor([prompt]))
+    assert_close(logits[0], ref_logits)
+    untuned, _ = reference_logits(ref, prompt)
+    assert (untuned - ref_logits).abs().max() > 1e-2  # the tuned state does change the output

@@ -67,6 +67,15 @@ def group_norm(gn: nn.GroupNorm, y: torch.Tensor, dtype: torch.dtype) -> torch.T
     return out.view(B, T, C).to(dtype)
 
 
+def time_state_param(config: ModelConfig) -> nn.Parameter | None:
+    """``att.time_state`` (H, N, N) [value, key], the tuned initial wkv state of a layer (state tuning),
+    when the config has one (v5.2 / v6 / v7), else None."""
+    if not config.has_time_state:
+        return None
+    H, N = config.n_head, config.head_size
+    return nn.Parameter(torch.zeros(H, N, N))
+
+
 class Block(nn.Module):
     """One layer: ln0 (layer 0 only), ln1 + TimeMix (``att``), ln2 + ChannelMix (``ffn``)."""
 

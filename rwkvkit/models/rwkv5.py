@@ -32,6 +32,7 @@ from rwkvkit.models.common import (
     init_shared_,
     ramps,
     time_mix_output_scale,
+    time_state_param,
     token_shift,
 )
 from rwkvkit.models.rwkv4 import ChannelMix, mix
@@ -41,14 +42,6 @@ from rwkvkit.wkv import wkv6
 def head_params(config: ModelConfig) -> nn.Parameter:
     """A zero (H, N) parameter (time_decay of v5.2, time_faaaa of v5.2 and v6)."""
     return nn.Parameter(torch.zeros(config.n_head, config.head_size))
-
-
-def time_state_param(config: ModelConfig) -> nn.Parameter | None:
-    """``att.time_state`` (H, N, N) [value, key] when the checkpoint has tuned initial states, else None."""
-    if not config.has_time_state:
-        return None
-    H, N = config.n_head, config.head_size
-    return nn.Parameter(torch.zeros(H, N, N))
 
 
 class MatrixStateTimeMix(nn.Module):

@@ -9,6 +9,9 @@ Parameters are named exactly like the official checkpoint keys; the shared model
              S_t = S_{t-1} (diag(d) - kk (a kk)^T) + v k^T, y = S_t r     (WKV-7, state [value, key])
              out = Wo((GroupNorm(y) + (sum_head r k r_k) v) * g),  g = sigmoid(xg g1) g2
     ChannelMix: Wv(relu(Wk (x + xx * x_k))^2)
+An optional ``att.time_state`` (H, N, N) per layer (state tuning, [value, key]) is the initial wkv state of
+every new sequence. The reference package's v7 class loads such a file and ignores the keys; to use the
+tuned state there, pass ``state[3 * i + 1] = sd[f"blocks.{i}.att.time_state"]`` (the same layout).
 
 Legend: B batch, T time, C = n_embd, H heads, N head size, F ffn width, V vocab, L layers.
 """
@@ -34,6 +37,7 @@ from rwkvkit.models.common import (
     orthogonal_,
     ramps,
     time_mix_output_scale,
+    time_state_param,
     token_shift,
 )
 from rwkvkit.wkv import wkv7
@@ -71,6 +75,7 @@ class TimeMix(nn.Module):
         self.k_k = vec()
         self.k_a = vec()
         self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.time_state = time_state_param(config)
         self.receptance = nn.Linear(C, C, bias=False)
         self.key = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(C, C, bias=False)
@@ -199,5 +204,7 @@ def init_official_(model: RWKV7) -> RWKV7:
         att.k_k.copy_(0.71 - 0.1 * linear)
         att.k_a.fill_(1.02)
         att.r_k.fill_(-0.04)
+        if att.time_state is not None:
+            att.time_state.zero_()
         ffn.x_k.copy_(1 - ddd ** (r10**4))
     return model
