@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from rwkvkit.config import ModelConfig
@@ -89,6 +90,23 @@ class Block(nn.Module):
         self.att = att
         self.ffn = ffn
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        att_shift: torch.Tensor,
+        wkv_state: torch.Tensor,
+        ffn_shift: torch.Tensor,
+        carry: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x (B, T, C) fp32 residual -> (x, new att shift (B, C), new wkv state, new ffn shift, carry)."""
+        xa = layer_norm(self.ln1, x, dtype)
+        out, wkv_state, carry = self.att(xa, att_shift, wkv_state, carry)
+        x = x + out.float() / self.att.output_scale
+        xf = layer_norm(self.ln2, x, dtype)
+        x = x + self.ffn(xf, ffn_shift).float() / self.ffn.output_scale
+        return x, xa[:, -1], wkv_state, xf[:, -1], carry
+
 
 class RWKVModel(nn.Module):
     """An RWKV language model. ``logits, state = model(tokens, state=None)``.
@@ -110,6 +128,8 @@ class RWKVModel(nn.Module):
         self.blocks = nn.ModuleList(self.make_block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Training option: recompute each block in the backward instead of keeping its activations.
+        self.grad_checkpoint = False
 
     def make_block(self, config: ModelConfig, layer_id: int) -> Block:
         raise NotImplementedError
@@ -171,15 +191,17 @@ class RWKVModel(nn.Module):
         x = layer_norm(self.blocks[0].ln0, x, torch.float32)  # the residual stream, fp32
         att_shift, wkv_states, ffn_shift = [], [], []
         carry = None
+        recompute = self.grad_checkpoint and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            xa = layer_norm(block.ln1, x, dtype)
-            out, wkv_i, carry = block.att(xa, state.att_shift[i], state.wkv[i], carry)
-            x = x + out.float() / block.att.output_scale
-            xf = layer_norm(block.ln2, x, dtype)
-            x = x + block.ffn(xf, state.ffn_shift[i]).float() / block.ffn.output_scale
-            att_shift.append(xa[:, -1])
+            layer_inputs = (x, state.att_shift[i], state.wkv[i], state.ffn_shift[i], carry, dtype)
+            if recompute:  # keep only the block inputs; recompute the rest in the backward
+                outputs = torch.utils.checkpoint.checkpoint(block, *layer_inputs, use_reentrant=False)
+            else:
+                outputs = block(*layer_inputs)
+            x, att_i, wkv_i, ffn_i, carry = outputs
+            att_shift.append(att_i)
             wkv_states.append(wkv_i)
-            ffn_shift.append(xf[:, -1])
+            ffn_shift.append(ffn_i)
         if last_only:
             x = x[:, -1:]
         logits = self.head(layer_norm(self.ln_out, x, dtype)).float()  # (B, T, V)

@@ -27,6 +27,7 @@ __all__ = [
     "check_matrix_state",
     "check_tensors",
     "compute_dtype",
+    "full_precision",
     "get_default_impl",
     "resolve_impl",
     "set_default_impl",
@@ -124,3 +125,9 @@ def check_matrix_state(op: str, state: torch.Tensor | None, r: torch.Tensor) -> 
         )
     if state.device != r.device:
         raise ValueError(f"{op}: state is on {state.device}, but r is on {r.device}")
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off: the operators run in fp32 inside even under ``torch.autocast`` (bf16
+    training), which would otherwise lower their matmuls to bf16."""
+    return torch.autocast(device_type=device.type, enabled=False)

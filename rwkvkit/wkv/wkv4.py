@@ -46,6 +46,7 @@ from rwkvkit.wkv.dispatch import (
     check_chunk_size,
     check_tensors,
     compute_dtype,
+    full_precision,
     resolve_impl,
 )
 
@@ -332,6 +333,7 @@ def wkv4(
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     impl = resolve_impl("wkv4", impl, k.shape[1], AUTO_STEP_MAX_T if needs_grad else math.inf)
     chunk_size = check_chunk_size("wkv4", chunk_size, DEFAULT_CHUNK_SIZE)
-    if impl == "reference":
-        return wkv4_reference(w, u, k, v, state)
-    return wkv4_chunked(w, u, k, v, state, chunk_size=chunk_size)
+    with full_precision(k.device):
+        if impl == "reference":
+            return wkv4_reference(w, u, k, v, state)
+        return wkv4_chunked(w, u, k, v, state, chunk_size=chunk_size)

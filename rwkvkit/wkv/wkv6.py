@@ -42,6 +42,7 @@ from rwkvkit.wkv.dispatch import (
     check_matrix_state,
     check_tensors,
     compute_dtype,
+    full_precision,
     resolve_impl,
 )
 
@@ -314,6 +315,7 @@ def wkv6(
     _validate(r, w, k, v, u, state)
     impl = resolve_impl("wkv6", impl, r.shape[1])
     chunk_size = check_chunk_size("wkv6", chunk_size, DEFAULT_CHUNK_SIZE)
-    if impl == "reference":
-        return wkv6_reference(r, w, k, v, u, state)
-    return wkv6_chunked(r, w, k, v, u, state, chunk_size=chunk_size)
+    with full_precision(r.device):
+        if impl == "reference":
+            return wkv6_reference(r, w, k, v, u, state)
+        return wkv6_chunked(r, w, k, v, u, state, chunk_size=chunk_size)

@@ -40,7 +40,13 @@ from __future__ import annotations
 
 import torch
 
-from rwkvkit.wkv.dispatch import check_chunk_size, check_matrix_state, check_tensors, resolve_impl
+from rwkvkit.wkv.dispatch import (
+    check_chunk_size,
+    check_matrix_state,
+    check_tensors,
+    full_precision,
+    resolve_impl,
+)
 from rwkvkit.wkv.wkv7_chunked import DEFAULT_CHUNK_SIZE, W_CHUNK_LIMIT, wkv7_chunked
 from rwkvkit.wkv.wkv7_reference import wkv7_reference
 
@@ -105,7 +111,9 @@ def wkv7(
     T = r.shape[1]
     impl = resolve_impl("wkv7", impl, T)
     chunk_size = check_chunk_size("wkv7", chunk_size, DEFAULT_CHUNK_SIZE)
-    if impl == "reference":
-        return wkv7_reference(r, w, k, v, a, b, state)
-    _check_w_range(w, min(chunk_size, max(T, 1)))
-    return wkv7_chunked(r, w, k, v, a, b, state, chunk_size=chunk_size)
+    if impl == "chunked":
+        _check_w_range(w, min(chunk_size, max(T, 1)))
+    with full_precision(r.device):
+        if impl == "reference":
+            return wkv7_reference(r, w, k, v, a, b, state)
+        return wkv7_chunked(r, w, k, v, a, b, state, chunk_size=chunk_size)

@@ -51,10 +51,12 @@ sequence shorter than the chunk size uses one chunk of length T.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.wkv.dispatch import compute_dtype
+from rwkvkit.wkv.dispatch import compute_dtype, full_precision
 
 # Measured on CPU (2 cores, B=1, H=12, N=64, forward+backward): see benchmarks/RESULTS.md.
 DEFAULT_CHUNK_SIZE = 32
@@ -79,6 +81,17 @@ def _gram_mask(n: int, device: torch.device) -> torch.Tensor:
     strict = torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)
     incl = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     return torch.cat([torch.cat([strict, strict], dim=1), torch.cat([incl, incl], dim=1)], dim=0)
+
+
+def _in_full_precision(backward):
+    """Run a backward with autocast off (it may be called inside a torch.autocast region)."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        with full_precision(grads[0].device):
+            return backward(ctx, *grads)
+
+    return wrapped
 
 
 class _ChunkedWKV7(torch.autograd.Function):
@@ -160,6 +173,7 @@ class _ChunkedWKV7(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_in_full_precision
     def backward(ctx, dY, dS_final):  # type: ignore[override]
         v, ar, bk, e_ar, e_m, e_lm, decay, G, L_inv, W, bk_out, uv, S0, re = ctx.saved_tensors
         NC, BH, n, N = v.shape
