@@ -107,7 +107,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _strip_prefix(state_dict)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -124,6 +124,9 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+_atomic_write = atomic_write  # the earlier private name
+
+
 def save_state_dict(
     state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
@@ -136,6 +139,6 @@ def save_state_dict(
     if path.suffix == SAFETENSORS_SUFFIX:
         from safetensors.torch import save_file
 
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     else:
-        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))

@@ -1,9 +1,10 @@
 """The ``rwkvkit`` command line: argument parsing, subcommand dispatch and error reporting.
 
-Subcommands: ``generate`` (stream text from a checkpoint), ``info`` (describe a checkpoint), ``train``
-(filled in by ``rwkvkit.train.trainer``). Each subcommand imports what it needs when it runs, so
-``rwkvkit --help`` does not import torch. Any RwkvkitError becomes one line ``error: <message>`` on stderr
-with exit status 2 (the same status as an argparse usage error); Ctrl-C exits with 130.
+Subcommands: ``generate`` (stream text from a checkpoint) and ``info`` (describe a checkpoint) here;
+``train``, ``data``, ``eval`` and ``merge`` have their flags in their own modules (LAZY_COMMANDS). Each
+subcommand imports what it needs when it runs, so ``rwkvkit --help`` does not import torch. Any
+RwkvkitError becomes one line ``error: <message>`` on stderr with exit status 2 (the same status as an
+argparse usage error); Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -328,20 +329,50 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- train
+# ---------------------------------------------------------------------------------------------- lazy
+
+# Subcommands whose flags live in (and are parsed by) another module, imported only when selected:
+# name -> (one-line summary, module, function adding the flags, function running the command).
+LAZY_COMMANDS = {
+    "train": (
+        "train or fine-tune an RWKV model (any version; LoRA, state tuning; one process or torchrun)",
+        "rwkvkit.train.trainer",
+        "add_arguments",
+        "run",
+    ),
+    "data": (
+        "tokenize .txt / .jsonl / .parquet files into a binidx training dataset (.bin + .idx)",
+        "rwkvkit.train.prepare",
+        "add_arguments",
+        "run",
+    ),
+    "eval": (
+        "loss, perplexity and bits per byte of a model on a text file",
+        "rwkvkit.evaluate",
+        "add_arguments",
+        "run",
+    ),
+    "merge": (
+        "merge a LoRA adapter (.safetensors from rwkvkit train --tune lora) into an official .pth",
+        "rwkvkit.train.finetune",
+        "add_merge_arguments",
+        "run_merge",
+    ),
+}
 
 
-def _add_train(subparsers, load: bool) -> None:
-    """Register ``train``; its arguments come from rwkvkit.train.trainer, imported only when ``load``."""
-    summary = "train a new RWKV model (version 4, 5.2, 6 or 7) from scratch on a text file"
+def _add_lazy(subparsers, name: str, load: bool) -> None:
+    """Register a LAZY_COMMANDS subcommand; its module is imported only when ``load`` (it was selected)."""
+    summary, module_name, add_flags, run = LAZY_COMMANDS[name]
     if not load:
-        subparsers.add_parser("train", help=summary, add_help=False)
+        subparsers.add_parser(name, help=summary, add_help=False)
         return
-    from rwkvkit.train import trainer
+    import importlib
 
-    p = subparsers.add_parser("train", help=summary, description=summary)
-    trainer.add_arguments(p)
-    p.set_defaults(run=trainer.run)
+    module = importlib.import_module(module_name)
+    p = subparsers.add_parser(name, help=summary, description=summary)
+    getattr(module, add_flags)(p)
+    p.set_defaults(run=getattr(module, run))
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -353,7 +384,7 @@ def _command_name(argv: Sequence[str]) -> str | None:
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """The argument parser; the ``train`` subcommand is filled in only when ``argv`` selects it."""
+    """The argument parser; a LAZY_COMMANDS subcommand is filled in only when ``argv`` selects it."""
     parser = argparse.ArgumentParser(
         prog="rwkvkit",
         description="Train, fine-tune and run RWKV language models. "
@@ -363,7 +394,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_generate(subparsers)
     _add_info(subparsers)
-    _add_train(subparsers, load=_command_name(argv) == "train")
+    for name in LAZY_COMMANDS:
+        _add_lazy(subparsers, name, load=_command_name(argv) == name)
     return parser
 
 

@@ -120,13 +120,17 @@ def load_model(
     return model_from_state_dict(load_state_dict(path), device=device, dtype=dtype, source=str(path))
 
 
-def export_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def export_state_dict(
+    model: nn.Module, dtype: torch.dtype | None = None, tensors: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The model's tensors under the official keys, in the checkpoint's original key order and dtypes.
 
     ``dtype`` forces one dtype for every tensor; otherwise each key keeps the dtype it was loaded with
-    (or the model's dtype for a model that was not loaded from a file).
+    (or the model's dtype for a model that was not loaded from a file). ``tensors`` replaces
+    ``model.state_dict()`` (e.g. weights with a LoRA update merged, or gathered from FSDP shards).
     """
-    tensors = model.state_dict()
+    if tensors is None:
+        tensors = model.state_dict()
     order = getattr(model, "source_key_order", None) or list(tensors)
     source_dtypes = getattr(model, "source_dtypes", {})
     out = {}

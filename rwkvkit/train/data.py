@@ -1,16 +1,584 @@
-"""Training data: a text file tokenized once into a flat token array, and reproducible batches from it.
+"""Training data: documents from text files, the binidx token format, and reproducible batches.
 
-Batches are a pure function of (seed, step): a resumed or repeated run sees exactly the same data.
+This module owns:
+
+* ``iter_documents``: the document strings of a ``.txt`` (the whole file is one document), ``.jsonl`` (one
+  JSON object per line, its ``text_key`` field) or ``.parquet`` file (its ``text_key`` column);
+* the Megatron "binidx" format that BlinkDL/RWKV-LM trains from (``<prefix>.bin`` holding the tokens of
+  every document back to back, ``<prefix>.idx`` the index below): ``BinIdxWriter`` and ``read_binidx``;
+* ``prepare_dataset``: documents -> tokens (a process pool), end of text (id 0) after each -> binidx uint16;
+* ``load_token_array``: the flat token stream a training run reads, from any of the kinds above or a
+  ``.npy``, memory-mapped where the data is already tokens;
+* ``sample_batch`` and ``eval_windows``: windows of that stream as int64 tensors. Batches are a pure
+  function of (seed, step): a resumed or repeated run sees exactly the same data.
+
+The binidx index (all little endian)::
+
+    magic       9 bytes   b"MMIDIDX\\x00\\x00"
+    version     u64       1
+    dtype code  u8        1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 float64, 8 uint16
+    n           u64       number of sequences
+    m           u64       number of doc_idx entries
+    sizes       int32[n]  tokens in each sequence
+    pointers    int64[n]  byte offset of each sequence in the .bin
+    doc_idx     int64[m]  0, then after each document the number of sequences so far
+
+rwkvkit writes one sequence per document (doc_idx = 0, 1, ..., n), with the sequences back to back in
+the .bin, which is what RWKV-LM's own writer does. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
+import array
+import json
+import multiprocessing
+import os
+import struct
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from rwkvkit.errors import RwkvkitError
+
+if TYPE_CHECKING:
+    import torch
+
+    from rwkvkit.tokenizer import Tokenizer
+
+EOT_ID = 0  # end of text, appended after every document (RWKV-LM's convention; id 0 of World and byte)
+DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+BINIDX_SUFFIXES = (".bin", ".idx")
+DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, n sequences, m doc_idx entries
+# dtype code -> numpy dtype (little endian). Codes 6 and 7 are both float64 (numpy ``float`` and ``double``).
+DTYPE_OF_CODE = {
+    1: np.dtype("u1"),
+    2: np.dtype("i1"),
+    3: np.dtype("<i2"),
+    4: np.dtype("<i4"),
+    5: np.dtype("<i8"),
+    6: np.dtype("<f8"),
+    7: np.dtype("<f8"),
+    8: np.dtype("<u2"),
+}
+CODE_OF_DTYPE = {np.dtype("u1"): 1, np.dtype("i1"): 2, np.dtype("<i2"): 3, np.dtype("<i4"): 4}
+CODE_OF_DTYPE.update({np.dtype("<i8"): 5, np.dtype("<f8"): 6, np.dtype("<u2"): 8})
+
+# prepare_dataset sends documents to the workers in chunks of at most this many documents / characters.
+_CHUNK_DOCS = 512
+_CHUNK_CHARS = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------- documents
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise RwkvkitError(f"no such data file: {path}")
+
+
+def _check_suffix(path: Path, allowed: Sequence[str]) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in allowed:
+        kind = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
+        raise RwkvkitError(f"{path}: unknown kind of data file ({kind}); expected {', '.join(allowed)}")
+    return suffix
+
+
+def iter_documents(path: str | os.PathLike[str], text_key: str = "text") -> Iterator[str]:
+    """The documents of a ``.txt``, ``.jsonl`` or ``.parquet`` file, in file order.
+
+    ``.txt``: the whole file (UTF-8) is one document. ``.jsonl``: one JSON object per line, its
+    ``text_key`` field (a string); blank lines are skipped. ``.parquet``: the ``text_key`` column (a
+    string column without nulls), read one record batch at a time (needs pyarrow). Any problem is a
+    RwkvkitError that names the file and the line (``.txt``, ``.jsonl``) or row (``.parquet``), both
+    counted from 1.
+    """
+    path = Path(path)
+    _require_file(path)
+    suffix = _check_suffix(path, DOCUMENT_SUFFIXES)
+    if suffix == ".txt":
+        yield _read_text_file(path)
+    elif suffix == ".jsonl":
+        yield from _iter_jsonl(path, text_key)
+    else:
+        yield from _iter_parquet(path, text_key)
+
+
+def _read_text_file(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RwkvkitError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _iter_jsonl(path: Path, text_key: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}: line {line_no}"
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise RwkvkitError(f"{where}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RwkvkitError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise RwkvkitError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if text_key not in record:
+                fields = ", ".join(repr(k) for k in list(record)[:10]) or "none"
+                raise RwkvkitError(
+                    f"{where}: no {text_key!r} field (fields: {fields}); choose the field with text_key "
+                    "(--text-key)"
+                )
+            text = record[text_key]
+            if not isinstance(text, str):
+                raise RwkvkitError(f"{where}: field {text_key!r} is {type(text).__name__}, not a string")
+            yield text
+
+
+def _import_pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise RwkvkitError("reading .parquet files needs pyarrow: pip install pyarrow") from None
+    return pyarrow, pyarrow.parquet
+
+
+def _iter_parquet(path: Path, text_key: str) -> Iterator[str]:
+    pa, pq = _import_pyarrow()
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError) as e:
+        raise RwkvkitError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
+    if text_key not in schema.names:
+        columns = ", ".join(repr(c) for c in schema.names[:10]) or "none"
+        raise RwkvkitError(
+            f"{path}: no column {text_key!r} (columns: {columns}); choose the column with text_key "
+            "(--text-key)"
+        )
+    kind = schema.field(text_key).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise RwkvkitError(f"{path}: column {text_key!r} holds {kind}, not strings")
+    row = 0  # rows read so far
+    try:
+        for batch in pf.iter_batches(columns=[text_key], batch_size=4096):
+            column = batch.column(0)
+            if column.null_count:
+                first_null = column.is_null().to_pylist().index(True)
+                raise RwkvkitError(f"{path}: row {row + first_null + 1}: column {text_key!r} is null")
+            yield from column.to_pylist()
+            row += len(column)
+    except pa.ArrowException as e:
+        raise RwkvkitError(f"{path}: cannot read row {row + 1} onwards ({_first_line(e)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------- binidx
+
+
+def binidx_paths(prefix: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The ``.bin`` and ``.idx`` paths of a binidx prefix, given with or without either suffix."""
+    name = os.fspath(prefix)
+    if name.endswith(BINIDX_SUFFIXES):
+        name = name[: -len(".bin")]
+    return Path(name + ".bin"), Path(name + ".idx")
+
+
+def _temp_file(path: Path) -> tuple[Any, str]:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return os.fdopen(fd, "wb"), tmp
+
+
+class BinIdxWriter:
+    """Writes a binidx pair, one sequence per document, atomically.
+
+    Use as a context manager: ``add_document(tokens)`` for each document; on a clean exit both files are
+    completed and renamed into place, on an exception both temporary files are removed and nothing is
+    left behind (an existing pair of that name is not touched). Without ``with``, call ``close()`` to
+    finish or ``abort()`` to discard. Token ids must fit ``dtype`` (uint16 by default).
+    """
+
+    def __init__(self, prefix: str | os.PathLike[str], dtype: Any = np.uint16) -> None:
+        self.bin_path, self.idx_path = binidx_paths(prefix)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        if self.dtype not in CODE_OF_DTYPE:
+            known = ", ".join(str(d) for d in CODE_OF_DTYPE)
+            raise RwkvkitError(f"binidx cannot store {np.dtype(dtype)} tokens; use one of {known}")
+        self._sizes = array.array("q")  # tokens per document
+        self._closed = False
+        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        self._bin, self._bin_tmp = _temp_file(self.bin_path)
+
+    def __enter__(self) -> BinIdxWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def documents(self) -> int:
+        return len(self._sizes)
+
+    def add_document(self, tokens: Iterable[int] | np.ndarray) -> None:
+        """Append one document (a 1-D sequence of token ids) as one sequence."""
+        if self._closed:
+            raise RwkvkitError(f"{self.bin_path}: the writer is already closed")
+        ids = np.asarray(tokens if isinstance(tokens, np.ndarray) else list(tokens))
+        if ids.ndim != 1:
+            raise RwkvkitError(f"a document must be a 1-D sequence of token ids, got shape {ids.shape}")
+        if ids.size >= 2**31:
+            raise RwkvkitError(f"a document of {ids.size} tokens is too long for binidx (int32 sizes)")
+        if ids.size and self.dtype.kind in "iu":
+            if ids.dtype.kind not in "iub":
+                raise RwkvkitError(f"token ids must be integers, got {ids.dtype}")
+            info = np.iinfo(self.dtype)
+            low, high = int(ids.min()), int(ids.max())
+            if low < info.min or high > info.max:
+                bad = low if low < info.min else high
+                raise RwkvkitError(
+                    f"token id {bad} does not fit in {self.dtype.name} ({info.min}..{info.max}) "
+                    f"in document {len(self._sizes) + 1}"
+                )
+        self._bin.write(ids.astype(self.dtype, copy=False).tobytes())
+        self._sizes.append(ids.size)
+
+    def close(self) -> None:
+        """Write the index and move both files into place."""
+        if self._closed:
+            return
+        try:
+            sizes = np.frombuffer(self._sizes, dtype=np.int64) if self._sizes else np.zeros(0, np.int64)
+            n = sizes.size
+            pointers = np.zeros(n, dtype="<i8")  # byte offset of each sequence
+            np.cumsum(sizes[:-1] * self.dtype.itemsize, out=pointers[1:])
+            doc_idx = np.arange(n + 1, dtype="<i8")  # one sequence per document
+            idx, idx_tmp = _temp_file(self.idx_path)
+            self._idx_tmp = idx_tmp
+            with idx:
+                idx.write(_HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], n, n + 1))
+                idx.write(sizes.astype("<i4").tobytes())
+                idx.write(pointers.tobytes())
+                idx.write(doc_idx.tobytes())
+                idx.flush()
+                os.fsync(idx.fileno())
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+            os.replace(self._bin_tmp, self.bin_path)
+            os.replace(idx_tmp, self.idx_path)
+        except OSError as e:
+            self.abort()
+            raise RwkvkitError(f"could not write {self.bin_path}: {e.strerror or e}") from None
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def abort(self) -> None:
+        """Discard everything written: close and remove the temporary files."""
+        self._closed = True
+        self._bin.close()
+        for tmp in (self._bin_tmp, getattr(self, "_idx_tmp", None)):
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+
+
+@dataclass(frozen=True)
+class BinIdx:
+    """A binidx dataset, opened by ``read_binidx``.
+
+    ``tokens`` is the whole ``.bin`` as one flat read-only ``np.memmap`` (an empty array when the file
+    is empty); ``sizes`` (int32), ``pointers`` and ``doc_idx`` (int64) are the index arrays.
+    """
+
+    bin_path: Path
+    idx_path: Path
+    dtype: np.dtype
+    tokens: np.ndarray  # (total tokens,) dtype
+    sizes: np.ndarray  # (n,) int32: tokens per sequence
+    pointers: np.ndarray  # (n,) int64: byte offset of each sequence in the .bin
+    doc_idx: np.ndarray  # (m,) int64: the first sequence of each document, then n
+
+    def __len__(self) -> int:
+        """The number of documents."""
+        return self.doc_idx.size - 1
+
+    def sequence(self, i: int) -> np.ndarray:
+        """The tokens of sequence ``i`` (a view of ``tokens``)."""
+        start = int(self.pointers[i]) // self.dtype.itemsize
+        return self.tokens[start : start + int(self.sizes[i])]
+
+    def document(self, i: int) -> np.ndarray:
+        """The tokens of document ``i``: its sequences, which lie back to back (a view of ``tokens``)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"document {i} out of range: {self.bin_path} holds {len(self)} documents")
+        first, end = int(self.doc_idx[i]), int(self.doc_idx[i + 1])
+        if first == end:
+            return self.tokens[:0]
+        start = int(self.pointers[first]) // self.dtype.itemsize
+        return self.tokens[start : start + int(self.sizes[first:end].sum())]
+
+
+def read_binidx(prefix: str | os.PathLike[str]) -> BinIdx:
+    """Open a binidx pair (``prefix`` with or without ``.bin`` / ``.idx``), checking the index fully.
+
+    The tokens are memory-mapped, not read. RwkvkitError for a missing file, a wrong magic, version or
+    dtype code, an index of the wrong length, sizes / pointers / doc_idx that do not describe the .bin
+    back to back, or a .bin whose length differs from what the index describes.
+    """
+    bin_path, idx_path = binidx_paths(prefix)
+    for path in (idx_path, bin_path):
+        if not path.is_file():
+            raise RwkvkitError(f"no such binidx file: {path}")
+    idx_bytes = idx_path.stat().st_size
+    with open(idx_path, "rb") as f:
+        head = f.read(_HEADER.size)
+        if len(head) >= len(MAGIC) and head[: len(MAGIC)] != MAGIC:
+            raise RwkvkitError(
+                f"{idx_path}: not a binidx index (starts with {head[: len(MAGIC)]!r}, expected {MAGIC!r})"
+            )
+        if len(head) < _HEADER.size:
+            raise RwkvkitError(
+                f"{idx_path}: truncated index ({idx_bytes} bytes, the header alone needs {_HEADER.size})"
+            )
+        _, version, code, n, m = _HEADER.unpack(head)
+        if version != VERSION:
+            raise RwkvkitError(f"{idx_path}: binidx version {version}, only version {VERSION} is known")
+        if code not in DTYPE_OF_CODE:
+            raise RwkvkitError(f"{idx_path}: unknown dtype code {code} (known: 1 to 8)")
+        dtype = DTYPE_OF_CODE[code]
+        expected = _HEADER.size + 4 * n + 8 * n + 8 * m
+        if idx_bytes != expected:
+            problem = "truncated index" if idx_bytes < expected else "index with trailing bytes"
+            raise RwkvkitError(
+                f"{idx_path}: {problem}: {idx_bytes} bytes, but {n} sequences and {m} doc_idx entries "
+                f"need {expected}"
+            )
+        sizes = np.fromfile(f, dtype="<i4", count=n)
+        pointers = np.fromfile(f, dtype="<i8", count=n)
+        doc_idx = np.fromfile(f, dtype="<i8", count=m)
+
+    if n and sizes.min() < 0:
+        i = int(np.argmax(sizes < 0))
+        raise RwkvkitError(f"{idx_path}: sequence {i} has a negative size {sizes[i]}")
+    offsets = np.zeros(n, dtype=np.int64)  # where each sequence must start, back to back
+    np.cumsum(sizes[:-1].astype(np.int64) * dtype.itemsize, out=offsets[1:])
+    if not np.array_equal(pointers, offsets):
+        i = int(np.argmax(pointers != offsets))
+        raise RwkvkitError(
+            f"{idx_path}: pointer of sequence {i} is {pointers[i]}, but the sizes before it put it at "
+            f"byte {offsets[i]}"
+        )
+    if m == 0 or doc_idx[0] != 0 or np.any(np.diff(doc_idx) < 0) or doc_idx[-1] > n:
+        raise RwkvkitError(
+            f"{idx_path}: doc_idx must start at 0 and rise to at most {n} (the number of sequences)"
+        )
+    total = int(sizes.sum(dtype=np.int64))
+    bin_bytes = bin_path.stat().st_size
+    if bin_bytes != total * dtype.itemsize:
+        raise RwkvkitError(
+            f"{bin_path} has {bin_bytes} bytes, but its index describes {total} {dtype.name} tokens "
+            f"({total * dtype.itemsize} bytes): the two files do not belong together or one is truncated"
+        )
+    if total:
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(total,))
+    else:
+        tokens = np.zeros(0, dtype=dtype)  # a memmap cannot map an empty file
+    for a in (sizes, pointers, doc_idx):
+        a.flags.writeable = False
+    return BinIdx(bin_path, idx_path, dtype, tokens, sizes, pointers, doc_idx)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    """What ``prepare_dataset`` wrote."""
+
+    documents: int
+    tokens: int
+    seconds: float
+    bin_path: Path
+    idx_path: Path
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def _resolve_tokenizer(tokenizer: str | os.PathLike[str] | Tokenizer) -> Tokenizer:
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from rwkvkit.tokenizer import load_tokenizer
+
+        return load_tokenizer(tokenizer)
+    return tokenizer
+
+
+def _encode_documents(tokenizer: Tokenizer, docs: list[str], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of each document followed by EOT_ID, concatenated (int64), and each document's length."""
+    pieces: list[list[int]] = []
+    lengths = np.empty(len(docs), dtype=np.int64)  # (D,) tokens of each document, EOT_ID included
+    for i, text in enumerate(docs):
+        try:
+            ids = tokenizer.encode(text)
+        except RwkvkitError as e:
+            raise RwkvkitError(f"{where}: {e}") from None
+        pieces.append(ids)
+        pieces.append([EOT_ID])
+        lengths[i] = len(ids) + 1
+    flat = np.fromiter(chain.from_iterable(pieces), dtype=np.int64, count=int(lengths.sum()))  # (sum,)
+    return flat, lengths
+
+
+def _chunks(inputs: Sequence[Path], text_key: str) -> Iterator[tuple[str, list[str]]]:
+    """(where, documents) in input order, at most _CHUNK_DOCS documents or ~_CHUNK_CHARS characters each."""
+    for path in inputs:
+        docs: list[str] = []
+        chars = 0
+        first = 1  # number of the first document of the chunk in this file
+        for text in iter_documents(path, text_key):
+            docs.append(text)
+            chars += len(text)
+            if len(docs) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
+                yield f"{path}: documents {first}-{first + len(docs) - 1}", docs
+                first += len(docs)
+                docs, chars = [], 0
+        if docs:
+            yield f"{path}: documents {first}-{first + len(docs) - 1}", docs
+
+
+# The tokenizer of a pool worker (set by _init_worker), or the error that loading it raised.
+_worker_tokenizer: Any = None
+_worker_error: BaseException | None = None
+
+
+def _init_worker(spec: Any) -> None:
+    # Never raise here: a pool whose initializer fails restarts its workers forever.
+    global _worker_tokenizer, _worker_error
+    try:
+        _worker_tokenizer = _resolve_tokenizer(spec)
+    except BaseException as e:  # reported by the first task
+        _worker_error = e
+
+
+def _worker_encode(where: str, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    if _worker_error is not None:
+        raise _worker_error
+    return _encode_documents(_worker_tokenizer, docs, where)
+
+
+def _encoded_chunks(
+    chunks: Iterator[tuple[str, list[str]]], tokenizer: Tokenizer, pool: Any, workers: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, lengths) for each chunk, in input order: in this process, or in ``pool`` when given."""
+    if pool is None:
+        for where, docs in chunks:
+            yield _encode_documents(tokenizer, docs, where)
+        return
+    pending: deque = deque()  # AsyncResults in input order, at most 2 per worker so that memory stays small
+    for where, docs in chunks:
+        pending.append(pool.apply_async(_worker_encode, (where, docs)))
+        if len(pending) >= 2 * workers:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def prepare_dataset(
+    inputs: Sequence[str | os.PathLike[str]],
+    output_prefix: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str] | Tokenizer = "world",
+    workers: int = DEFAULT_WORKERS,
+    text_key: str = "text",
+    progress: bool = True,
+) -> PrepareSummary:
+    """Tokenize the documents of ``inputs`` into the binidx pair ``output_prefix``.bin / .idx (uint16).
+
+    ``tokenizer``: "world", "byte", a tokenizer.json or World vocab path (see ``load_tokenizer``), or a
+    tokenizer object (picklable if ``workers`` > 1 under a spawn start method). Every document becomes
+    its token ids followed by EOT_ID (0), one binidx sequence per document, in input order.
+    ``workers`` processes encode in parallel (1: in this process); the output does not depend on it.
+    The files appear only when everything succeeded.
+    """
+    if not inputs:
+        raise RwkvkitError("no input files given")
+    if workers < 1:
+        raise RwkvkitError(f"workers must be >= 1, got {workers}")
+    paths = [Path(p) for p in inputs]
+    for path in paths:
+        _require_file(path)
+        _check_suffix(path, DOCUMENT_SUFFIXES)
+    tok = _resolve_tokenizer(tokenizer)
+    if tok.vocab_size > 65536:
+        raise RwkvkitError(
+            f"the tokenizer has {tok.vocab_size} ids, but binidx uint16 tokens hold at most 65536 "
+            "(ids 0..65535)"
+        )
+    spec = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok
+
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    n_tokens = 0
+    # The pool starts before the progress bar (and its thread), so that forking sees one thread only.
+    pool = None
+    if workers > 1:
+        pool = multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(spec,))
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, dynamic_ncols=True)
+    try:
+        with BinIdxWriter(output_prefix, np.uint16) as writer:
+            chunks = _chunks(paths, text_key)
+            for flat, lengths in _encoded_chunks(chunks, tok, pool, workers):
+                offset = 0
+                for length in lengths.tolist():
+                    writer.add_document(flat[offset : offset + length])
+                    offset += length
+                n_tokens += offset
+                bar.update(lengths.size)
+                bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
+            if writer.documents == 0:
+                raise RwkvkitError(f"no documents found in {', '.join(str(p) for p in paths)}")
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return PrepareSummary(
+        documents=writer.documents,
+        tokens=n_tokens,
+        seconds=time.perf_counter() - start,
+        bin_path=writer.bin_path,
+        idx_path=writer.idx_path,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- token stream
 
 
 def load_text_tokens(path: str | Path, tokenizer) -> np.ndarray:
@@ -28,26 +596,109 @@ def load_text_tokens(path: str | Path, tokenizer) -> np.ndarray:
     return tokens
 
 
+def _is_binidx_prefix(path: Path) -> bool:
+    bin_path, idx_path = binidx_paths(path)
+    return bin_path.is_file() and idx_path.is_file()
+
+
+def load_token_array(
+    path: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
+    text_key: str = "text",
+) -> np.ndarray:
+    """The flat training token stream (1-D) of a data file.
+
+    * ``.txt``: the text tokenized in memory, with no end-of-text token (int64; ``load_text_tokens``);
+    * ``.jsonl`` / ``.parquet``: each document tokenized and followed by EOT_ID (0), concatenated
+      (uint16 when the vocab has at most 65536 ids, else int64) -- the same stream ``prepare_dataset``
+      writes;
+    * a binidx prefix or its ``.bin`` / ``.idx`` path: the memory-mapped tokens (``read_binidx``);
+    * ``.npy``: a 1-D integer array, memory-mapped.
+
+    ``tokenizer`` (an object or a name for ``load_tokenizer``) is needed only for the text kinds, and
+    ``text_key`` (the JSON field or parquet column of the text) only for ``.jsonl`` / ``.parquet``.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in DOCUMENT_SUFFIXES:
+        _require_file(path)
+        if tokenizer is None:
+            raise RwkvkitError(f"{path} is text: a tokenizer is needed to turn it into tokens")
+        tok = _resolve_tokenizer(tokenizer)
+        if suffix == ".txt":
+            return load_text_tokens(path, tok)
+        parts = [_encode_documents(tok, docs, where)[0] for where, docs in _chunks([path], text_key)]
+        dtype = np.uint16 if tok.vocab_size <= 65536 else np.int64
+        tokens = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+    elif suffix == ".npy":
+        _require_file(path)
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise RwkvkitError(f"{path}: not a readable .npy array ({_first_line(e)})") from None
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise RwkvkitError(
+                f"{path}: expected a 1-D integer token array, got shape {tokens.shape} {tokens.dtype}"
+            )
+    elif suffix in BINIDX_SUFFIXES or _is_binidx_prefix(path):
+        tokens = read_binidx(path).tokens
+    elif not path.exists():
+        raise RwkvkitError(f"no such data file or binidx prefix: {path}")
+    else:
+        known = ", ".join(DOCUMENT_SUFFIXES + (".npy",) + BINIDX_SUFFIXES)
+        kind = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
+        raise RwkvkitError(f"{path}: unknown kind of data file ({kind}); expected {known} or a binidx prefix")
+    if tokens.size < 2:
+        raise RwkvkitError(f"{path} holds too little data to train on ({tokens.size} tokens)")
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def _int64_tensor(a: np.ndarray) -> torch.Tensor:
+    """``a`` as an int64 tensor: shared memory for a writable int64 array, else a converted copy."""
+    import torch
+
+    if a.dtype != np.int64 or not a.flags.writeable:
+        a = np.array(a, dtype=np.int64)
+    return torch.from_numpy(a)
+
+
 def sample_batch(
-    tokens: np.ndarray, step: int, batch_size: int, ctx_len: int, seed: int
+    tokens: np.ndarray,
+    step: int,
+    batch_size: int,
+    ctx_len: int,
+    seed: int,
+    rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of ``ctx_len + 1`` tokens, chosen by (seed, step). Returns inputs and targets (B, T)."""
+    """Random windows of ``ctx_len + 1`` tokens, chosen by (seed, step). Returns inputs and targets (B, T).
+
+    ``tokens`` may be any 1-D integer array, a read-only uint16 memmap included; the result is int64.
+    ``rows`` picks rows of the same global batch (for one rank of a distributed run): the result equals
+    ``sample_batch(...)[rows]`` without reading the other rows.
+    """
     if tokens.size <= ctx_len + 1:
         raise RwkvkitError(f"data has {tokens.size} tokens, fewer than ctx_len + 2 = {ctx_len + 2}")
     rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, tokens.size - ctx_len - 1, size=batch_size)
-    windows = np.stack([tokens[s : s + ctx_len + 1] for s in starts])  # (B, T + 1)
-    batch = torch.from_numpy(windows)
+    starts = rng.integers(0, tokens.size - ctx_len - 1, size=batch_size)  # (B,) the global batch
+    if rows is not None:
+        starts = starts[rows]
+    windows = np.empty((starts.size, ctx_len + 1), dtype=np.int64)  # (B, T + 1)
+    for i, s in enumerate(starts.tolist()):
+        windows[i] = tokens[s : s + ctx_len + 1]
+    batch = _int64_tensor(windows)
     return batch[:, :-1], batch[:, 1:]
 
 
 def eval_windows(tokens: np.ndarray, ctx_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All non-overlapping windows of ``ctx_len`` (inputs, targets), covering the array once. (W, T)"""
+    """All non-overlapping windows of ``ctx_len`` (inputs, targets), covering the array once. (W, T) int64"""
     n = (tokens.size - 1) // ctx_len
     if n == 0:
         raise RwkvkitError(
             f"validation data has {tokens.size} tokens, fewer than ctx_len + 1 = {ctx_len + 1}"
         )
-    x = torch.from_numpy(tokens[: n * ctx_len].reshape(n, ctx_len))
-    y = torch.from_numpy(tokens[1 : n * ctx_len + 1].reshape(n, ctx_len))
+    x = _int64_tensor(np.asarray(tokens[: n * ctx_len]).reshape(n, ctx_len))
+    y = _int64_tensor(np.asarray(tokens[1 : n * ctx_len + 1]).reshape(n, ctx_len))
     return x, y

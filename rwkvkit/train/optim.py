@@ -56,7 +56,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class L2Wrap(torch.autograd.Function):
     """Identity on the loss; in backward, adds 1e-4 / (B*T) * max_logit to each position's largest logit.
 
-    Pulls the top logit towards zero, which keeps logits (and bf16 training) well behaved.
+    Pulls the top logit towards zero, which keeps logits (and bf16 training) well behaved. The extra
+    gradient is scaled like the loss's (by the incoming gradient), so a loss weighted for gradient
+    accumulation carries its L2Wrap term with the same weight and k micro-batches of B/k rows add up to
+    one batch of B rows.
     """
 
     @staticmethod
@@ -69,5 +72,5 @@ class L2Wrap(torch.autograd.Function):
         (logits,) = ctx.saved_tensors  # (B, T, V)
         factor = 1e-4 / (logits.shape[0] * logits.shape[1])
         max_val, max_idx = logits.max(dim=-1, keepdim=True)
-        grad_logits = torch.zeros_like(logits).scatter_(-1, max_idx, max_val * factor)
+        grad_logits = torch.zeros_like(logits).scatter_(-1, max_idx, max_val * factor * grad_output)
         return grad_output, grad_logits
