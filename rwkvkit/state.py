@@ -32,6 +32,14 @@ def wkv_shape(config: ModelConfig, batch_size: int) -> tuple[int, ...]:
     return (config.n_layer, batch_size, config.n_head, config.head_size, config.head_size)
 
 
+def layer_zero_wkv(config: ModelConfig, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One layer's wkv state of ``batch_size`` fresh sequences: zeros, pp = -1e38 for RWKV-4. fp32."""
+    wkv = torch.zeros(wkv_shape(config, batch_size)[1:], device=device, dtype=torch.float32)
+    if config.version == "4":
+        wkv[:, 2] = WKV4_PP_INIT
+    return wkv
+
+
 @dataclass
 class RWKVState:
     """Recurrent state of B sequences. Treat as immutable: the model returns a new one each call."""
@@ -50,9 +58,7 @@ class RWKVState:
     ) -> RWKVState:
         """The state of ``batch_size`` fresh sequences (zeros; pp = -1e38 for RWKV-4)."""
         L, C = config.n_layer, config.n_embd
-        wkv = torch.zeros(wkv_shape(config, batch_size), device=device, dtype=torch.float32)
-        if config.version == "4":
-            wkv[:, :, 2] = WKV4_PP_INIT
+        wkv = torch.stack([layer_zero_wkv(config, batch_size, device) for _ in range(L)])
         return cls(
             att_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
             wkv=wkv,

@@ -33,7 +33,7 @@ from torch import nn
 
 from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.state import RWKVState
+from rwkvkit.state import RWKVState, layer_zero_wkv
 
 GROUPNORM_EPS = 64e-5  # ln_x of v5.2 / v6 / v7 (the trainers' x / 8 with eps 1e-5 is the same thing)
 RESCALE_EVERY = 6  # sub-block outputs are computed 2x smaller every this many layers (see Precision)
@@ -83,6 +83,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, att: nn.Module, ffn: nn.Module):
         super().__init__()
         C = config.n_embd
+        self.config = config
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(C)
         self.ln1 = nn.LayerNorm(C)
@@ -90,16 +91,32 @@ class Block(nn.Module):
         self.att = att
         self.ffn = ffn
 
+    def initial_wkv(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """The wkv state this layer starts a fresh sequence from: its tuned ``att.time_state`` (H, N, N)
+        for every row if it has one, else zeros (pp = -1e38 for RWKV-4). fp32."""
+        tuned = getattr(self.att, "time_state", None)
+        if tuned is not None:
+            return tuned.float().unsqueeze(0).expand(batch_size, *tuned.shape)
+        return layer_zero_wkv(self.config, batch_size, device)
+
     def forward(
         self,
         x: torch.Tensor,
         att_shift: torch.Tensor,
-        wkv_state: torch.Tensor,
+        wkv_state: torch.Tensor | None,
         ffn_shift: torch.Tensor,
         carry: torch.Tensor | None,
         dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x (B, T, C) fp32 residual -> (x, new att shift (B, C), new wkv state, new ffn shift, carry)."""
+        """x (B, T, C) residual -> (x, new att shift (B, C), new wkv state, new ffn shift, carry).
+
+        Layer 0 applies ln0 first. ``wkv_state`` None means a fresh sequence (:meth:`initial_wkv`).
+        Parameters are only read in here, so the block can be a shard unit of FSDP.
+        """
+        if hasattr(self, "ln0"):
+            x = layer_norm(self.ln0, x, torch.float32)  # the residual stream, fp32
+        if wkv_state is None:
+            wkv_state = self.initial_wkv(x.shape[0], x.device)
         xa = layer_norm(self.ln1, x, dtype)
         out, wkv_state, carry = self.att(xa, att_shift, wkv_state, carry)
         x = x + out.float() / self.att.output_scale
@@ -147,16 +164,10 @@ class RWKVModel(nn.Module):
         return RWKVState.zeros(self.config, batch_size, device=self.device, dtype=self.dtype)
 
     def initial_state(self, batch_size: int) -> RWKVState:
-        """The state a fresh sequence starts from: :meth:`zero_state`, except that layers with a tuned
-        initial state (``att.time_state``, [value, key]) start from it. Used when ``state`` is None."""
+        """The state a fresh sequence starts from (what ``state=None`` means): :meth:`zero_state`, except
+        that layers with a tuned initial state (``att.time_state``, [value, key]) start from it."""
         state = self.zero_state(batch_size)
-        tuned = [getattr(block.att, "time_state", None) for block in self.blocks]
-        if all(t is None for t in tuned):
-            return state
-        wkv = [
-            s if t is None else t.float().unsqueeze(0).expand_as(s)
-            for s, t in zip(state.wkv.unbind(0), tuned, strict=True)
-        ]
+        wkv = [block.initial_wkv(batch_size, self.device) for block in self.blocks]
         return RWKVState(state.att_shift, torch.stack(wkv), state.ffn_shift)
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
@@ -182,18 +193,19 @@ class RWKVModel(nn.Module):
         """
         self.check_tokens(tokens)
         B, T = tokens.shape
-        if state is None:
-            state = self.initial_state(B)
+        dtype, L = self.dtype, self.config.n_layer
+        if state is None:  # fresh sequences: zero shifts; each block makes its initial wkv state
+            zeros = torch.zeros(L, B, self.config.n_embd, device=self.device, dtype=dtype)
+            layer_states = zip(zeros, [None] * L, zeros, strict=True)
         else:
             state.check_compatible(self.config, B)
-        dtype = self.dtype
+            layer_states = zip(state.att_shift, state.wkv, state.ffn_shift, strict=True)
         x = self.emb(tokens.to(self.device, torch.long))  # (B, T, C)
-        x = layer_norm(self.blocks[0].ln0, x, torch.float32)  # the residual stream, fp32
         att_shift, wkv_states, ffn_shift = [], [], []
         carry = None
         recompute = self.grad_checkpoint and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
-            layer_inputs = (x, state.att_shift[i], state.wkv[i], state.ffn_shift[i], carry, dtype)
+        for block, (att_i, wkv_i, ffn_i) in zip(self.blocks, layer_states, strict=True):
+            layer_inputs = (x, att_i, wkv_i, ffn_i, carry, dtype)
             if recompute:  # keep only the block inputs; recompute the rest in the backward
                 outputs = torch.utils.checkpoint.checkpoint(block, *layer_inputs, use_reentrant=False)
             else:

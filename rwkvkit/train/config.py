@@ -107,7 +107,8 @@ FLAG_HELP = {
     "memory, ~30%% more compute)",
     "fsdp": "shard parameters, gradients and optimizer state over the processes (FSDP2, fully_shard) "
     "instead of replicating them (DDP); for models that do not fit one device",
-    "out": "output folder: model.pth, train_state.pt, metrics.jsonl, loss.png, train_config.json",
+    "out": "output folder: model.pth, train_state.pt, metrics.jsonl, loss.png, train_config.json (and "
+    "adapter.safetensors for --tune lora)",
     "save_every": "write model.pth and the resumable train_state.pt every N steps (0 = only at the end)",
     "save_dtype": "dtype of the written model.pth: fp32, bf16 or fp16",
     "eval_every": "evaluate the validation loss every N steps (0 = only at the end)",
@@ -199,6 +200,11 @@ def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, (int, float)) and isinstance(value, str):  # YAML reads 1e-3 as a string
+        try:
+            return type(default)(value)
+        except ValueError:
+            pass
     if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. version: 7
     if not isinstance(value, type(default)) or isinstance(value, bool):
@@ -247,6 +253,8 @@ def check_config(cfg: TrainConfig) -> None:
             )
     if cfg.tune == "lora" and (cfg.lora_r <= 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1):
         raise RwkvkitError("--lora-r and --lora-alpha must be positive and --lora-dropout in [0, 1)")
+    if cfg.tune == "lora" and cfg.fsdp:
+        raise RwkvkitError("--fsdp with --tune lora is not supported; LoRA runs replicate the model (DDP)")
     if cfg.tune != "full" and (cfg.freeze or cfg.train_only):
         raise RwkvkitError(f"--freeze / --train-only apply to --tune full, not to --tune {cfg.tune}")
 

@@ -143,9 +143,11 @@ def load_full_state_dicts(
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     options = _options(broadcast_from_rank0=d.enabled)
+    # A parameter that never had a gradient (RWKV-7 layer 0's unused v0/v1/v2) has no optimizer state.
+    optim_options = _options(broadcast_from_rank0=d.enabled, strict=False)
     try:
         set_model_state_dict(model, model_sd, options=options)
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=optim_options)
     except (KeyError, RuntimeError, ValueError) as e:
         detail = " ".join(str(e).split())[:300]
         raise RwkvkitError(f"the training state does not fit this model and optimizer ({detail})") from None

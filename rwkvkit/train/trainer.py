@@ -10,7 +10,8 @@ Per step: AdamW with the official parameter groups, warmup + cosine schedule, gr
 L2Wrap, optional bf16 autocast and gradient checkpointing, gradient clipping. A step whose loss or
 gradient norm is not finite is skipped (logged, weights and optimizer untouched). Rank 0 writes, every
 ``save_every`` steps and at the end: ``model.pth`` (official layout, LoRA merged, tuned states as
-``att.time_state``), ``train_state.pt`` (for ``--resume``), ``metrics.jsonl``, ``loss.png``.
+``att.time_state``), ``train_state.pt`` (for ``--resume``), ``metrics.jsonl``, ``loss.png``, and for
+LoRA runs ``adapter.safetensors``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from rwkvkit.train.config import (
 log = logging.getLogger("rwkvkit.train")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ADAPTER_FILE = "adapter.safetensors"  # LoRA runs: the adapter alone (rwkvkit merge puts it into a base)
 
 
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -249,6 +251,10 @@ def train(cfg: TrainConfig, loss_fn: Callable = compute_loss) -> TrainResult:
             model_sd, optim_sd = distributed.full_state_dicts(module, optimizer)
             official = official_state_dict(trained, cfg) if not (cfg.fsdp and d.enabled) else None
             if d.is_main:
+                if cfg.tune == "lora":
+                    from rwkvkit.train.finetune import save_adapter
+
+                    save_adapter(trained, out / ADAPTER_FILE)
                 if official is None:  # FSDP: the gathered tensors, in the official key order
                     official = export_state_dict(model, DTYPES[cfg.save_dtype], tensors=model_sd)
                 save_state_dict(official, model_path, metadata={"format": "pt"})
