@@ -35,6 +35,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_wkv.py
 	$(PY) benchmarks/bench_tokenizer.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
