@@ -381,3 +381,17 @@ def test_eval_command_against_the_reference(tmp_path, capsys):
     assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
     code = cli_main(["eval", str(path), "--text", str(tmp_path / "missing.txt"), "--tokenizer", "byte"])
     assert code == 2 and "no such text file" in capsys.readouterr().err
+
+
+def test_training_on_a_binidx_dataset_from_rwkvkit_data(corpus, tmp_path):
+    """rwkvkit data -> .bin/.idx -> rwkvkit train on the prefix; .jsonl trains directly too."""
+    jsonl = tmp_path / "docs.jsonl"
+    text = corpus["train"].read_text(encoding="utf-8")
+    jsonl.write_text("".join(json.dumps({"text": text[i : i + 5000]}) + "\n" for i in range(0, 60_000, 5000)))
+    prefix = tmp_path / "docs"
+    assert cli_main(["data", str(jsonl), "-o", str(prefix), "--tokenizer", "byte", "--workers", "1"]) == 0
+    for data in (prefix, jsonl):
+        out = tmp_path / f"run-{data.suffix or 'binidx'}"
+        result = train(tiny(corpus, out, data=str(data), val_data="", steps=4))
+        curve = losses(out)
+        assert len(curve) == 4 and curve[-1] < curve[0] and result.model_path.exists()
