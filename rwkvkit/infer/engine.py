@@ -1,0 +1,449 @@
+"""The inference engine: many sequences decoded together, each with its own state and sampling settings.
+
+Continuous batching. Requests wait in a bounded queue (``submit`` raises :class:`EngineFull` when it is
+full) and join the running set between steps, up to ``max_batch``; a finished or cancelled request
+leaves at once and frees its slot. One :meth:`Engine.step`:
+
+1. drops cancelled requests;
+2. admits waiting requests; with a prefix cache, a prompt that extends a cached prefix starts from the
+   cached state and only its new tokens are prefilled;
+3. prefills ONE chunk (at most ``prefill_chunk`` tokens) of the oldest request still reading its prompt,
+   so a long prompt never stalls the running sequences for more than one chunk per step;
+4. samples one token for every decoding sequence (its own temperature, top-p/k, min-p, penalties, bias,
+   bans, seed), handles stop tokens, stop strings (held back across token boundaries, never emitted)
+   and max_tokens, then runs all continuing sequences through the model in ONE batched call (B, 1).
+
+The decoding sequences' states live in one batched :class:`RWKVState` (row i = ``self._decoding[i]``),
+regrouped only when a sequence joins or leaves. Per sequence the order of operations is exactly that of
+:func:`rwkvkit.infer.generate.generate` (sample, stop-token check, emit, feed the token, stop-string
+check), so a greedy sequence produces the same text alone, in a batch, or through ``generate``.
+
+Threading: :meth:`start` runs the step loop in a background thread that sleeps while there is no work;
+``submit`` / ``cancel`` may be called from any thread. Each request reports through its
+``on_event`` callback, called on the engine thread with :class:`TextEvent` and, last, :class:`FinishEvent`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rwkvkit.errors import RwkvkitError
+from rwkvkit.infer.generate import StopStringFilter
+from rwkvkit.infer.sampling import SamplingParams, TokenPenalty, adjust_logits, sample_logits
+from rwkvkit.state import RWKVState
+
+
+class EngineFull(RwkvkitError):
+    """The waiting queue is full: try again later (HTTP 429)."""
+
+
+@dataclass
+class TextEvent:
+    text: str
+
+
+@dataclass
+class FinishEvent:
+    """The end of a request: why, token counts, and the state after the prompt and generated tokens."""
+
+    reason: str  # "stop", "length", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    text: str
+    tokens: list[int]
+    state: RWKVState | None = None
+    stop: int | str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """One sequence in the engine. Create through :meth:`Engine.submit`."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop_tokens: frozenset[int]
+    stop_strings: list[str]
+    on_event: Callable[[TextEvent | FinishEvent], None]
+    initial_state: RWKVState | None = None
+    # progress
+    state: RWKVState | None = None  # while reading the prompt: the state after prompt[:prefilled]
+    prefilled: int = 0
+    cached_tokens: int = 0
+    logits: torch.Tensor | None = None  # (V,) after the last token fed
+    generated: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.generator = (
+            torch.Generator().manual_seed(self.params.seed) if self.params.seed is not None else None
+        )
+        self.stops = StopStringFilter(self.stop_strings)
+        self.penalty: TokenPenalty | None = None
+        self.decoder = None
+
+    def cancel(self) -> None:
+        """Stop this request at the next engine step (its slot is freed then)."""
+        self.cancelled = True
+
+
+class Engine:
+    """Continuous-batching decoder over one model (see the module docstring)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 16,
+        max_waiting: int = 64,
+        prefill_chunk: int = 256,
+        cache=None,
+    ):
+        if max_batch < 1 or max_waiting < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1, max_waiting >= 0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.prefill_chunk = prefill_chunk
+        self.cache = cache  # a rwkvkit.infer.cache.PrefixCache or None
+        self.vocab_size = model.config.vocab_size
+        # ids the tokenizer cannot decode (a vocabulary padded past the tokenizer's) are never sampled
+        self.usable_vocab = min(int(getattr(tokenizer, "vocab_size", self.vocab_size)), self.vocab_size)
+        self._lock = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._prefilling: list[Request] = []
+        self._decoding: list[Request] = []
+        self._batch_state: RWKVState | None = None  # rows = self._decoding
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.counters = {
+            "requests": 0,
+            "rejected": 0,
+            "finished": 0,
+            "cancelled": 0,
+            "prompt_tokens": 0,
+            "cached_prompt_tokens": 0,
+            "generated_tokens": 0,
+        }
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated in a step)
+
+    # ------------------------------------------------------------------------------------------ public
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams | None = None,
+        max_tokens: int = 200,
+        stop_tokens: Sequence[int] | None = None,
+        stop_strings: Sequence[str] = (),
+        state: RWKVState | None = None,
+        on_event: Callable[[TextEvent | FinishEvent], None] | None = None,
+    ) -> Request:
+        """Queue a request; returns it (``cancel()`` it to stop early). Checked here, before queueing:
+        empty prompt, out-of-vocabulary ids, bad sampling parameters, an incompatible state."""
+        params = params or SamplingParams()
+        params.check(self.vocab_size)
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise RwkvkitError("empty prompt: at least one token is needed to start generating")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RwkvkitError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise RwkvkitError(f"max_tokens must be an integer >= 0, got {max_tokens}")
+        if any(not isinstance(s, str) or not s for s in stop_strings):
+            raise RwkvkitError("stop strings must be non-empty strings")
+        if state is not None:
+            state.check_compatible(self.model.config, 1)
+        if stop_tokens is None:
+            eot = getattr(self.tokenizer, "eot_id", None)
+            stop_tokens = () if eot is None else (eot,)
+        request = Request(
+            id=next(self._ids),
+            prompt=prompt,
+            params=params,
+            max_tokens=max_tokens,
+            stop_tokens=frozenset(int(t) for t in stop_tokens),
+            stop_strings=list(stop_strings),
+            on_event=on_event or (lambda event: None),
+            initial_state=state,
+        )
+        with self._lock:
+            if len(self._waiting) >= self.max_waiting and self._running() >= self.max_batch:
+                self.counters["rejected"] += 1
+                raise EngineFull(
+                    f"server busy: {len(self._waiting)} requests are waiting and all {self.max_batch} "
+                    "slots are in use; retry later"
+                )
+            self._waiting.append(request)
+            self.counters["requests"] += 1
+            self._lock.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        request.cancel()
+        with self._lock:
+            self._lock.notify()
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._prefilling or self._decoding)
+
+    def run_until_idle(self) -> None:
+        """Step until every submitted request has finished (for use without the background thread)."""
+        while self.has_work():
+            self.step()
+
+    def start(self) -> None:
+        """Run the step loop in a background thread (idempotent)."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="rwkvkit-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the background thread; unfinished requests are cancelled."""
+        with self._lock:
+            self._stop = True
+            for request in [*self._waiting, *self._prefilling, *self._decoding]:
+                request.cancelled = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.step()  # report the cancellations
+
+    def stats(self) -> dict:
+        """Queue length, running sequences, recent tokens/s, counters and the prefix cache's stats."""
+        now = time.perf_counter()
+        with self._lock:
+            while self._recent and now - self._recent[0][0] > 10.0:
+                self._recent.popleft()
+            recent = sum(n for _, n in self._recent)
+            span = (now - self._recent[0][0]) if self._recent else 0.0
+            out = {
+                "waiting": len(self._waiting),
+                "running": self._running(),
+                "max_batch": self.max_batch,
+                "tokens_per_second": round(recent / span, 2) if span > 0 else 0.0,
+                **self.counters,
+            }
+        if self.cache is not None:
+            out["prefix_cache"] = self.cache.stats()
+        return out
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def step(self) -> bool:
+        """One scheduling step (see the module docstring). Returns whether there was anything to do."""
+        with self._lock:
+            self._drop_cancelled()
+            self._admit()
+            work = bool(self._prefilling or self._decoding)
+        if not work:
+            return False
+        try:
+            with torch.inference_mode():
+                self._prefill_one_chunk()
+                self._decode_step()
+        except Exception as e:  # a bug or a device error: fail the running requests, keep serving
+            self._fail_all(f"{type(e).__name__}: {e}")
+        return True
+
+    def _running(self) -> int:
+        return len(self._prefilling) + len(self._decoding)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not (self._waiting or self._prefilling or self._decoding):
+                    self._lock.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    def _drop_cancelled(self) -> None:
+        for queue in (self._waiting, self._prefilling):
+            for request in [r for r in queue if r.cancelled]:
+                queue.remove(request)
+                self._finish(request, "cancelled")
+        gone = [i for i, r in enumerate(self._decoding) if r.cancelled]
+        if gone:
+            for i in gone:
+                self._finish(self._decoding[i], "cancelled", state=self._batch_state.select([i]))
+            self._keep_rows([i for i in range(len(self._decoding)) if i not in gone])
+
+    def _admit(self) -> None:
+        while self._waiting and self._running() < self.max_batch:
+            request = self._waiting.popleft()
+            request.state = request.initial_state
+            if self.cache is not None and request.initial_state is None:
+                hit = self.cache.longest_prefix(request.prompt)
+                if hit is not None:
+                    n, state, logits = hit
+                    request.prefilled, request.cached_tokens, request.state = n, n, state
+                    request.logits = logits
+            self.counters["prompt_tokens"] += len(request.prompt)
+            self.counters["cached_prompt_tokens"] += request.cached_tokens
+            if request.prefilled >= len(request.prompt):
+                self._start_decoding(request)
+            else:
+                self._prefilling.append(request)
+
+    def _prefill_one_chunk(self) -> None:
+        if not self._prefilling:
+            return
+        request = self._prefilling[0]
+        start = request.prefilled
+        chunk = request.prompt[start : start + self.prefill_chunk]
+        x = torch.tensor([chunk], dtype=torch.long, device=self.model.device)  # (1, T)
+        logits, request.state = self.model(x, request.state, last_only=True)
+        request.logits = logits[0, -1].float()
+        request.prefilled += len(chunk)
+        if request.prefilled >= len(request.prompt):
+            with self._lock:
+                self._prefilling.pop(0)
+            if self.cache is not None and request.initial_state is None:
+                self.cache.insert(request.prompt, request.state, request.logits)
+            self._start_decoding(request)
+
+    def _start_decoding(self, request: Request) -> None:
+        from rwkvkit.tokenizer import IncrementalDecoder
+
+        request.decoder = IncrementalDecoder(self.tokenizer)
+        if request.params.penalised:
+            request.penalty = TokenPenalty(self.vocab_size, device=request.logits.device)
+        with self._lock:
+            self._decoding.append(request)
+            self._batch_state = (
+                request.state.clone()
+                if self._batch_state is None
+                else RWKVState.concat([self._batch_state, request.state.to(self.model.device)])
+            )
+
+    def _keep_rows(self, rows: list[int]) -> None:
+        """Keep only these decoding rows (in this order), in the list and in the batched state."""
+        self._decoding = [self._decoding[i] for i in rows]
+        if not rows:
+            self._batch_state = None
+        elif self._batch_state is not None and len(rows) != self._batch_state.batch_size:
+            self._batch_state = self._batch_state.select(rows)
+
+    def _sample(self, request: Request) -> int:
+        logits = request.logits[: self.usable_vocab]
+        params = request.params
+        if params.logit_bias or params.banned_tokens or request.penalty is not None:
+            logits = adjust_logits(logits, params, request.penalty)
+        return sample_logits(
+            logits, params.temperature, params.top_p, params.top_k, request.generator, min_p=params.min_p
+        )
+
+    def _decode_step(self) -> None:
+        if not self._decoding:
+            return
+        fed_rows, fed_tokens = [], []  # rows whose new token goes through the model this step
+        ending: dict[int, tuple[str, int | str | None]] = {}  # row -> (finish reason, what stopped it)
+        for row, request in enumerate(self._decoding):
+            if len(request.generated) >= request.max_tokens:
+                ending[row] = ("length", None)
+                continue
+            token = self._sample(request)
+            if token in request.stop_tokens:
+                ending[row] = ("stop", token)
+                continue
+            request.generated.append(token)
+            if request.penalty is not None:
+                request.penalty.update(token, request.params.penalty_decay)
+            emit, stop_hit = request.stops.push(request.decoder.feed(token))
+            if emit:
+                request.pieces.append(emit)
+                request.on_event(TextEvent(emit))
+            fed_rows.append(row)
+            fed_tokens.append(token)
+            if stop_hit is not None:  # ends after its token is fed: the state covers every token
+                ending[row] = ("stop", stop_hit)
+        with self._lock:
+            self.counters["generated_tokens"] += len(fed_tokens)
+            self._recent.append((time.perf_counter(), len(fed_tokens)))
+
+        new_state = None
+        if fed_rows:
+            all_rows = len(fed_rows) == len(self._decoding)
+            state = self._batch_state if all_rows else self._batch_state.select(fed_rows)
+            x = torch.tensor(fed_tokens, dtype=torch.long, device=self.model.device).view(-1, 1)  # (B, 1)
+            logits, new_state = self.model(x, state)  # logits (B, 1, V)
+            for i, row in enumerate(fed_rows):
+                self._decoding[row].logits = logits[i, -1].float()
+        for row, (reason, stop) in ending.items():
+            if row in fed_rows:
+                final = new_state.select([fed_rows.index(row)])
+            else:  # its last token was not fed (a stop token, or max_tokens reached)
+                final = self._batch_state.select([row])
+            self._finish(self._decoding[row], reason, stop, final)
+        keep = [i for i, row in enumerate(fed_rows) if row not in ending]
+        with self._lock:
+            self._decoding = [self._decoding[fed_rows[i]] for i in keep]
+            if not keep:
+                self._batch_state = None
+            else:
+                self._batch_state = new_state if len(keep) == len(fed_rows) else new_state.select(keep)
+
+    def _finish(
+        self, request: Request, reason: str, stop: int | str | None = None, state: RWKVState | None = None
+    ) -> None:
+        """Report the end of ``request`` (flushing held-back text unless a stop string ended it)."""
+        if reason in ("length", "stop") and not isinstance(stop, str) and request.decoder is not None:
+            emit, late_stop = request.stops.push(request.decoder.flush())
+            if late_stop is not None:
+                reason, stop = "stop", late_stop
+            else:
+                emit += request.stops.flush()
+            if emit:
+                request.pieces.append(emit)
+                request.on_event(TextEvent(emit))
+        with self._lock:
+            self.counters["finished" if reason in ("stop", "length") else "cancelled"] += 1
+        request.on_event(
+            FinishEvent(
+                reason=reason,
+                prompt_tokens=len(request.prompt),
+                completion_tokens=len(request.generated),
+                cached_tokens=request.cached_tokens,
+                text="".join(request.pieces),
+                tokens=list(request.generated),
+                state=state if state is not None else request.state,
+                stop=stop,
+            )
+        )
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            requests = [*self._prefilling, *self._decoding]
+            self._prefilling, self._decoding, self._batch_state = [], [], None
+        for request in requests:
+            request.on_event(
+                FinishEvent(
+                    reason="error",
+                    prompt_tokens=len(request.prompt),
+                    completion_tokens=len(request.generated),
+                    cached_tokens=request.cached_tokens,
+                    text="".join(request.pieces),
+                    tokens=list(request.generated),
+                    error=message,
+                )
+            )
