@@ -260,3 +260,28 @@ def test_min_p_keeps_tokens_at_least_that_fraction_of_the_best():
     keep = candidate_mask(probs.log(), min_p=0.15)  # 0.15 * 0.5 = 0.075: the first three
     assert keep.tolist() == [[True, True, True, False, False]]
     assert candidate_mask(probs.log(), min_p=0.0).all()
+
+
+def test_a_cached_prefix_is_not_prefilled_again(model, tok):
+    """With a prefix cache, a prompt extending an earlier one runs only its new tokens through the model,
+    and the text is the same as without the cache."""
+    from rwkvkit.infer.cache import PrefixCache
+
+    fed = []
+    hook = model.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[1]))
+    try:
+        engine = Engine(model, tok, prefill_chunk=8, cache=PrefixCache(max_bytes=50_000_000, block_size=8))
+        greedy = dict(params=SamplingParams(temperature=0), max_tokens=6, stop_tokens=())
+        base = "The system prompt that every request shares. "
+        run(engine, tok, [base], **greedy)
+        fed.clear()
+        (got,) = run(engine, tok, [base + "A question?"], **greedy)
+    finally:
+        hook.remove()
+    n_base, n_new = len(tok.encode(base)), len(tok.encode("A question?"))
+    assert got.finish.cached_tokens == n_base
+    # tokens through the model: only the new prompt tokens, then one per generated token
+    assert sum(fed) == n_new + got.finish.completion_tokens
+    expected = generate_text(model, tok, base + "A question?", max_tokens=6, temperature=0, stop_tokens=())
+    assert got.finish.text == expected.text
+    assert engine.stats()["prefix_cache"]["hits"] >= 1

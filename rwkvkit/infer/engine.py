@@ -5,8 +5,9 @@ full) and join the running set between steps, up to ``max_batch``; a finished or
 leaves at once and frees its slot. One :meth:`Engine.step`:
 
 1. drops cancelled requests;
-2. admits waiting requests; with a prefix cache, a prompt that extends a cached prefix starts from the
-   cached state and only its new tokens are prefilled;
+2. admits waiting requests; with a prefix cache (:class:`rwkvkit.infer.cache.PrefixCache`), a prompt
+   that extends a cached prefix starts from the cached state and only its new tokens are prefilled
+   (the states at the cache's block boundaries and at the prompt's end are cached on the way);
 3. prefills ONE chunk (at most ``prefill_chunk`` tokens) of the oldest request still reading its prompt,
    so a long prompt never stalls the running sequences for more than one chunk per step;
 4. samples one token for every decoding sequence (its own temperature, top-p/k, min-p, penalties, bias,
@@ -119,6 +120,10 @@ class Engine:
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
         self.cache = cache  # a rwkvkit.infer.cache.PrefixCache or None
+        if cache is not None:
+            from rwkvkit.state_io import model_fingerprint
+
+            cache.bind_model(model_fingerprint(model))  # one cache serves one model
         self.vocab_size = model.config.vocab_size
         # ids the tokenizer cannot decode (a vocabulary padded past the tokenizer's) are never sampled
         self.usable_vocab = min(int(getattr(tokenizer, "vocab_size", self.vocab_size)), self.vocab_size)
@@ -310,15 +315,21 @@ class Engine:
             return
         request = self._prefilling[0]
         start = request.prefilled
-        chunk = request.prompt[start : start + self.prefill_chunk]
-        x = torch.tensor([chunk], dtype=torch.long, device=self.model.device)  # (1, T)
+        end = min(start + self.prefill_chunk, len(request.prompt))
+        caching = self.cache is not None and request.initial_state is None
+        if caching:  # end chunks at the cache's block boundaries, and keep the states there
+            block = self.cache.block_size
+            end = min(end, (start // block + 1) * block)
+        x = torch.tensor([request.prompt[start:end]], dtype=torch.long, device=self.model.device)  # (1, T)
         logits, request.state = self.model(x, request.state, last_only=True)
         request.logits = logits[0, -1].float()
-        request.prefilled += len(chunk)
+        request.prefilled = end
+        if caching and end % self.cache.block_size == 0 and end < len(request.prompt):
+            self.cache.insert(request.prompt[:end], request.state, request.logits)
         if request.prefilled >= len(request.prompt):
             with self._lock:
                 self._prefilling.pop(0)
-            if self.cache is not None and request.initial_state is None:
+            if caching:
                 self.cache.insert(request.prompt, request.state, request.logits)
             self._start_decoding(request)
 
