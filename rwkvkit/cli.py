@@ -358,6 +358,12 @@ LAZY_COMMANDS = {
         "add_merge_arguments",
         "run_merge",
     ),
+    "chat": (
+        "chat with an RWKV World model in the terminal (streamed replies; /save and /load a conversation)",
+        "rwkvkit.infer.chat",
+        "add_arguments",
+        "run",
+    ),
 }
 
 

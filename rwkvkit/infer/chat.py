@@ -1,0 +1,602 @@
+"""Chat with an RWKV World model: the conversation format, a session that carries its state, ``rwkvkit chat``.
+
+This module owns:
+
+* the World chat format: ``normalize_message``, ``format_user_turn`` and ``format_system_turn``;
+* ``ChatSession``: one conversation held as the recurrent state after everything said so far, usable from
+  Python without a terminal (``send`` streams a reply; ``reset``, ``save`` / ``load``, ``interrupt``);
+* the interactive command ``rwkvkit chat`` (``add_arguments`` / ``run``, registered in ``rwkvkit.cli``).
+
+The text the model reads (the convention of the reference chat for World models)::
+
+    System: {system}\\n\\nUser: {message 1}\\n\\nAssistant:{reply 1}\\n\\nUser: {message 2}\\n\\nAssistant:...
+
+* The system turn is optional (``--system``); without it the conversation starts at ``User: ``.
+* The first turn has no leading ``\\n\\n``; every later turn (and the first user turn after a system turn)
+  is preceded by ``\\n\\n``. There is no space after ``Assistant:``: the model writes its own.
+* A message is normalised first: ``\\r\\n`` and ``\\r`` become ``\\n``, the ends are stripped, and blank
+  lines inside it collapse to one ``\\n`` (a ``\\n\\n`` inside a message would read as a new turn).
+* A reply ends at ``\\n\\nUser:`` (the model starting the next user turn; never shown), at the end-of-text
+  token, after ``max_tokens`` tokens, or when interrupted.
+
+After a reply the state has read exactly the conversation text above up to the end of the shown reply
+(``ChatSession.text``), so the next turn continues as if the whole conversation were read afresh. The
+state after the generated tokens is kept when they spell the shown text (the usual case, so nothing is
+recomputed); where they do not (the tokens of a stop string, held-back text, bytes shown as U+FFFD) the
+session returns to the last state that matched and reads the rest of the shown text from there.
+
+A saved conversation is two files: ``FILE``, the state, written by ``rwkvkit.state_io.save_state`` (a
+``.safetensors`` state file that records the model's config, dtype and weight fingerprint, so a file for
+another model is refused), and ``FILE.json``, the conversation record: the number of turns, the system
+prompt, the text, and the sha256 of ``FILE`` so that a record is never paired with another save's state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from rwkvkit.checkpoint import atomic_write
+from rwkvkit.errors import RwkvkitError
+from rwkvkit.infer.generate import DEFAULT_PREFILL_CHUNK, StopStringFilter, prefill
+from rwkvkit.infer.sampling import check_sampling_args, sample_logits
+from rwkvkit.state import RWKVState
+from rwkvkit.state_io import load_state, save_state
+from rwkvkit.tokenizer import IncrementalDecoder
+
+USER_PREFIX = "User: "
+ASSISTANT_PROMPT = "Assistant:"
+SYSTEM_PREFIX = "System: "
+TURN_SEPARATOR = "\n\n"
+STOP_STRING = "\n\nUser:"
+
+# ChatRWKV's chat settings: a low top-p keeps a chat model on topic.
+DEFAULT_CHAT_TEMPERATURE = 1.0
+DEFAULT_CHAT_TOP_P = 0.3
+DEFAULT_CHAT_TOP_K = 0
+DEFAULT_CHAT_MAX_TOKENS = 500
+
+FILE_FORMAT = "rwkvkit-chat"
+FILE_FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------- format
+
+
+def normalize_message(text: str) -> str:
+    """A message as the model should read it: newlines normalised, ends stripped, blank lines collapsed."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    return re.sub(r"\n(?:[ \t]*\n)+", "\n", text)
+
+
+def format_user_turn(text: str, first: bool = True) -> str:
+    """The text of one user turn up to the point where the assistant answers.
+
+    ``first``: nothing has been said yet (no system turn either), so no ``\\n\\n`` goes before it.
+    ``format_user_turn("Hi")`` is ``"User: Hi\\n\\nAssistant:"``; with ``first=False`` it starts with
+    ``"\\n\\n"``. Raises RwkvkitError for a message that is empty after normalising.
+    """
+    message = normalize_message(text)
+    if not message:
+        raise RwkvkitError("empty message: there is nothing to send")
+    return ("" if first else TURN_SEPARATOR) + USER_PREFIX + message + TURN_SEPARATOR + ASSISTANT_PROMPT
+
+
+def format_system_turn(text: str) -> str:
+    """The system turn that opens a conversation: ``"System: {text}"`` (normalised like a message)."""
+    message = normalize_message(text)
+    if not message:
+        raise RwkvkitError("empty system prompt")
+    return SYSTEM_PREFIX + message
+
+
+# ---------------------------------------------------------------------------------------------- session
+
+
+def _check_count(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RwkvkitError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+class ChatSession:
+    """One conversation with a model: the recurrent state after everything said so far.
+
+    Args:
+        model: an RWKV model (``logits, state = model(tokens (B, T), state, last_only=True)``, ``config``,
+            ``device``, ``dtype`` and ``initial_state(batch_size)``).
+        tokenizer: encodes the turns and decodes the replies (see ``rwkvkit.tokenizer``).
+        temperature, top_p, top_k: sampling of every reply (``sample_logits``; temperature 0 = greedy).
+        max_tokens: the most tokens of one reply.
+        seed: seeds a private ``torch.Generator`` (again at every ``reset``), so the same seed and messages
+            give the same conversation; None uses torch's global random state.
+        system: an optional system prompt, read as the first turn ``System: ...`` (and again after a reset).
+        stop_strings: strings that end a reply and are never shown (default: ``"\\n\\nUser:"``).
+        prefill_chunk: the most tokens of a turn run through the model at once.
+
+    Attributes: ``state`` (RWKVState after ``text``), ``text`` (the conversation the state has read),
+    ``turns`` (user turns answered so far), ``reply`` and ``finish_reason`` of the last reply ("stop",
+    "length", "interrupted", or "closed" when the caller stopped reading it or it failed).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        temperature: float = DEFAULT_CHAT_TEMPERATURE,
+        top_p: float = DEFAULT_CHAT_TOP_P,
+        top_k: int = DEFAULT_CHAT_TOP_K,
+        max_tokens: int = DEFAULT_CHAT_MAX_TOKENS,
+        seed: int | None = None,
+        system: str | None = None,
+        stop_strings: Sequence[str] = (STOP_STRING,),
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ):
+        check_sampling_args(temperature, top_p, top_k)
+        _check_count("max_tokens", max_tokens, 0)
+        _check_count("prefill_chunk", prefill_chunk, 1)
+        self.stop_strings = list(stop_strings)
+        if any(not isinstance(s, str) or s == "" for s in self.stop_strings):
+            raise RwkvkitError("stop strings must be non-empty strings")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.system = None if system is None else normalize_message(system)
+        if self.system == "":
+            raise RwkvkitError("empty system prompt")
+        self.prefill_chunk = prefill_chunk
+        eot = getattr(tokenizer, "eot_id", None)
+        self.stop_tokens = frozenset() if eot is None else frozenset({int(eot)})
+        self.reply = ""
+        self.finish_reason: str | None = None
+        self._busy = False
+        self._interrupt = False
+        self.reset()
+
+    # -- conversation -------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the conversation: back to the initial state (and the system turn, if any)."""
+        self._check_idle()
+        self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        with torch.inference_mode():
+            state = self.model.initial_state(1)
+        text = ""
+        if self.system is not None:
+            text = format_system_turn(self.system)
+            state = self._read(state, text)
+        self.state, self.text, self.turns = state, text, 0
+        self.reply, self.finish_reason = "", None
+
+    def format_user_turn(self, text: str) -> str:
+        """The text ``send(text)`` feeds the model now (with ``\\n\\n`` before it unless nothing was said)."""
+        return format_user_turn(text, first=self.text == "")
+
+    def send(self, text: str) -> Generator[str, None, None]:
+        """Say ``text`` and stream the assistant's reply as pieces of text.
+
+        The message is checked now (RwkvkitError if it is empty or cannot be encoded); the model runs as
+        the returned generator is iterated. When it ends, or when the caller closes it early (``close()``,
+        or dropping it), the turn is committed: ``state`` has read the user turn and the reply as far as
+        it was shown, and the session is ready for the next message. ``interrupt()`` ends the reply after
+        the current token.
+        """
+        self._check_idle()
+        self._encode(self.format_user_turn(text))  # fail now, not on the first next()
+        return self._reply(text)
+
+    def interrupt(self) -> None:
+        """Ask the reply being generated to end after the current token (safe from a signal handler)."""
+        self._interrupt = True
+
+    @property
+    def interrupt_requested(self) -> bool:
+        return self._interrupt
+
+    def _check_idle(self) -> None:
+        if self._busy:
+            raise RwkvkitError("a reply is still being generated: read it to the end or close it first")
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        vocab_size = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise RwkvkitError(
+                f"the tokenizer gives id {bad[0]}, outside the model's vocabulary [0, {vocab_size})"
+            )
+        return ids
+
+    def _read(self, state: RWKVState, text: str) -> RWKVState:
+        """The state after reading ``text`` from ``state``."""
+        _, state = prefill(self.model, self._encode(text), state, self.prefill_chunk)
+        return state
+
+    def _reply(self, message: str) -> Generator[str, None, None]:
+        self._check_idle()
+        self._busy = True
+        self._interrupt = False
+        turn = self.format_user_turn(message)
+        tokenizer = self.tokenizer
+        shown: list[str] = []  # the pieces handed to the caller
+        shown_bytes = bytearray()  # their UTF-8 bytes, as far as the state has read the tokens behind them
+        read_bytes = bytearray()  # the bytes of the generated tokens the state has read
+        clean: tuple[RWKVState, int, int] | None = None  # (state, reply chars, reply bytes) that agree
+        finish = "closed"
+        try:
+            logits, state = prefill(self.model, self._encode(turn), self.state, self.prefill_chunk)
+            clean = (state, 0, 0)
+            usable = min(int(tokenizer.vocab_size), logits.shape[-1])
+            decoder = IncrementalDecoder(tokenizer)
+            stops = StopStringFilter(self.stop_strings)
+            n_chars = 0
+            stop_hit: str | None = None
+            reason = "length"
+            for _ in range(self.max_tokens):
+                if self._interrupt:
+                    reason = "interrupted"
+                    break
+                token = sample_logits(
+                    logits[:usable], self.temperature, self.top_p, self.top_k, self.generator
+                )
+                if token in self.stop_tokens:
+                    reason = "stop"
+                    break
+                emit, stop_hit = stops.push(decoder.feed(token))
+                if emit:
+                    shown.append(emit)
+                    n_chars += len(emit)
+                    yield emit
+                if stop_hit is not None:  # the stop string's tokens are not needed in the state
+                    reason = "stop"
+                    break
+                logits, state = prefill(self.model, [token], state)
+                read_bytes += tokenizer.decode_bytes([token])
+                shown_bytes += emit.encode("utf-8")
+                if self._agrees(shown_bytes, read_bytes, clean[2]):
+                    clean = (state, n_chars, len(read_bytes))
+            finish = reason
+            if stop_hit is None:  # release the text held back in case it began a stop string
+                tail, stop_hit = stops.push(decoder.flush())
+                if stop_hit is None:
+                    tail += stops.flush()
+                else:
+                    finish = "stop"
+                if tail:
+                    shown.append(tail)
+                    n_chars += len(tail)
+                    shown_bytes += tail.encode("utf-8")
+                    if self._agrees(shown_bytes, read_bytes, clean[2]):
+                        clean = (state, n_chars, len(read_bytes))
+                    yield tail
+        finally:
+            try:
+                if clean is not None:  # the user turn was read: commit it with the reply as shown
+                    self._commit(turn, "".join(shown), clean, finish)
+            finally:
+                self._busy = False
+
+    @staticmethod
+    def _agrees(shown_bytes: bytearray, read_bytes: bytearray, since: int) -> bool:
+        """Whether the tokens read so far spell exactly the text shown so far (checked from ``since``)."""
+        return len(shown_bytes) == len(read_bytes) and shown_bytes[since:] == read_bytes[since:]
+
+    def _commit(self, turn: str, reply: str, clean: tuple[RWKVState, int, int], finish: str) -> None:
+        state, n_chars, _ = clean
+        rest = reply[n_chars:]  # shown, but not (or not as these bytes) read by ``state``
+        if rest:
+            state = self._read(state, rest)
+        self.state = state
+        self.text += turn + reply
+        self.turns += 1
+        self.reply, self.finish_reason = reply, finish
+
+    # -- files --------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the conversation: its state to ``path`` (an ``rwkvkit.state_io`` state file, tied to this
+        model's weights) and its text and number of turns to ``path`` + ``.json``."""
+        self._check_idle()
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise RwkvkitError(f"cannot write {path}: there is no directory {path.parent}")
+        save_state(self.state, path, self.model)
+        record = {
+            "format": FILE_FORMAT,
+            "format_version": FILE_FORMAT_VERSION,
+            "state_sha256": _file_sha256(path),  # ties this record to that state file
+            "turns": self.turns,
+            "system": self.system,
+            "text": self.text,
+        }
+        data = json.dumps(record, ensure_ascii=False, indent=1) + "\n"
+        atomic_write(_record_path(path), lambda tmp: Path(tmp).write_text(data, encoding="utf-8"))
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Continue the conversation saved in ``path`` (and ``path`` + ``.json``) by ``save``.
+
+        Raises RwkvkitError, leaving the session as it was, for a missing, damaged or foreign file, a
+        state of another model (``rwkvkit.state_io.load_state`` checks the config, the dtype and the
+        weights' fingerprint), or a ``.json`` record missing or written with another save of the state.
+        """
+        self._check_idle()
+        path = Path(path)
+        state = load_state(path, self.model)
+        if state.batch_size != 1:
+            raise RwkvkitError(
+                f"{path} holds the states of {state.batch_size} sequences, not one conversation"
+            )
+        record_path = _record_path(path)
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RwkvkitError(
+                f"{path} is a state file without its conversation record {record_path} (written by /save)"
+            ) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RwkvkitError(f"cannot read the conversation record {record_path}: {e}") from None
+        if not isinstance(record, dict) or record.get("format") != FILE_FORMAT:
+            raise RwkvkitError(f"{record_path} is not a conversation record written by rwkvkit chat")
+        if record.get("format_version") != FILE_FORMAT_VERSION:
+            raise RwkvkitError(
+                f"{record_path} has conversation format version {record.get('format_version')!r}; "
+                f"this rwkvkit reads version {FILE_FORMAT_VERSION}"
+            )
+        turns, text = record.get("turns"), record.get("text")
+        if isinstance(turns, bool) or not isinstance(turns, int) or turns < 0 or not isinstance(text, str):
+            raise RwkvkitError(f"{record_path} is damaged: 'turns' or 'text' is missing or of the wrong type")
+        if record.get("state_sha256") != _file_sha256(path):
+            raise RwkvkitError(
+                f"{record_path} was written with another save of {path}; they do not belong together"
+            )
+        self.state, self.turns, self.text = state, turns, text
+        self.reply, self.finish_reason = "", None
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+COMMANDS_HELP = """\
+commands:
+  /help          show this list
+  /reset         forget the conversation and start again (with the --system prompt, if any)
+  /save FILE     save the conversation: its state to FILE (.safetensors), its text to FILE.json
+  /load FILE     continue a conversation saved with /save (with the same model and --dtype)
+  /quit, /exit   leave (Ctrl-D does too; Ctrl-C stops a reply, or leaves at the prompt)
+A message is one line; \\n in it is a line break (\\\\ a backslash). Start a message with // to send
+text that begins with /."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``rwkvkit chat``."""
+    from rwkvkit.cli import DTYPES
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "Chat with an RWKV World model in the terminal. Each message is read as the turn\n"
+        "'User: {message}\\n\\nAssistant:' and the reply streams until the model starts the next\n"
+        "'\\n\\nUser:' turn (never shown), emits end-of-text, or reaches --max-tokens."
+    )
+    parser.epilog = COMMANDS_HELP
+    parser.add_argument(
+        "--model", "-m", required=True, metavar="PATH", help="checkpoint (.pth or .safetensors)"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="NAME|PATH",
+        help="'world', 'byte', a World-format vocab file or a Hugging Face tokenizer.json (default: 'world' "
+        "for a 65536-token vocabulary, 'byte' for 256)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device to run on, e.g. cpu, cuda, cuda:1, mps (default: cpu)"
+    )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="fp32", help="weight precision (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_CHAT_TEMPERATURE,
+        metavar="T",
+        help="sampling temperature; 0 = greedy, always the most likely token (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=DEFAULT_CHAT_TOP_P,
+        metavar="P",
+        help="nucleus sampling: keep the most likely tokens whose probability adds up to P, in (0, 1]; "
+        "1 disables it (default: %(default)s, as ChatRWKV)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_CHAT_TOP_K,
+        metavar="K",
+        help="keep only the K most likely tokens (after top-p); 0 disables it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_CHAT_MAX_TOKENS,
+        metavar="N",
+        help="the most tokens of one reply (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="random seed: the same seed and messages give the same replies (/reset re-seeds)",
+    )
+    parser.add_argument(
+        "--system",
+        default=None,
+        metavar="TEXT",
+        help="a system prompt, read first as the turn 'System: TEXT' before the conversation; \\n in it is "
+        "a line break",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``rwkvkit chat``."""
+    from rwkvkit.checkpoint import load_state_dict
+    from rwkvkit.cli import DTYPES, _default_tokenizer, _torch_device, _unescape
+    from rwkvkit.models import check_state_dict, model_from_state_dict
+    from rwkvkit.tokenizer import load_tokenizer
+
+    # Cheap checks first, before reading a large checkpoint.
+    check_sampling_args(args.temperature, args.top_p, args.top_k)
+    _check_count("--max-tokens", args.max_tokens, 1)
+    system = None if args.system is None else _unescape(args.system)
+    if system is not None and not normalize_message(system):
+        raise RwkvkitError("--system needs a non-empty text")
+    device = _torch_device(args.device)
+
+    state_dict = load_state_dict(args.model)
+    config = check_state_dict(state_dict, source=args.model)
+    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(config.vocab_size))
+    model = model_from_state_dict(
+        state_dict, device=device, dtype=getattr(torch, DTYPES[args.dtype]), source=args.model
+    )
+    del state_dict
+    session = ChatSession(
+        model,
+        tokenizer,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        system=system,
+    )
+    out = sys.stdout
+    encoding = (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "")
+    if encoding != "utf8" and hasattr(out, "reconfigure"):
+        out.reconfigure(errors="replace")  # a non-UTF-8 console shows '?' rather than failing mid-reply
+    out.write(
+        f"Chatting with {config.describe()} ({args.model}).\n"
+        "/help lists the commands; /quit or Ctrl-D leaves.\n"
+    )
+    if system is not None:
+        out.write(f"{SYSTEM_PREFIX}{session.system}\n")
+    out.write("\n")
+    return chat_loop(session, out)
+
+
+def chat_loop(session: ChatSession, out: TextIO) -> int:
+    """Read messages and commands with ``input()`` until /quit, EOF or Ctrl-C at the prompt. Returns 0."""
+    from rwkvkit.cli import _one_line, _unescape
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            line = input(USER_PREFIX)
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            out.flush()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line.startswith("/") and not line.startswith("//"):
+                if not _run_command(session, line, out):
+                    return 0
+                continue
+            _stream_reply(session, _unescape(line[1:] if line.startswith("//") else line), out)
+        except RwkvkitError as e:
+            out.flush()
+            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+
+
+def _run_command(session: ChatSession, line: str, out: TextIO) -> bool:
+    """Run one /command; False means leave."""
+    name, _, argument = line.partition(" ")
+    argument = argument.strip()
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/help":
+        out.write(COMMANDS_HELP + "\n")
+    elif name == "/reset":
+        session.reset()
+        out.write("(conversation reset)\n")
+    elif name in ("/save", "/load"):
+        if not argument:
+            raise RwkvkitError(f"usage: {name} FILE")
+        if name == "/save":
+            session.save(argument)
+            out.write(
+                f"(saved the conversation, {_turns(session.turns)}, to {argument} and {argument}.json)\n"
+            )
+        else:
+            session.load(argument)
+            out.write(f"(loaded a conversation of {_turns(session.turns)} from {argument})\n")
+    else:
+        out.write(f"unknown command {name}: /help lists the commands (// sends a message starting with /)\n")
+    out.flush()
+    return True
+
+
+def _turns(n: int) -> str:
+    return f"{n} turn" if n == 1 else f"{n} turns"
+
+
+def _stream_reply(session: ChatSession, message: str, out: TextIO) -> None:
+    """Print ``Assistant:`` and the reply as it is generated; Ctrl-C ends the reply early."""
+    stream = session.send(message)  # checks the message before anything is printed
+
+    def on_ctrl_c(signum, frame) -> None:
+        if session.interrupt_requested:  # a second Ctrl-C: stop now, not after the current token
+            raise KeyboardInterrupt
+        session.interrupt()
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    except ValueError:  # not the main thread: Ctrl-C keeps its usual meaning
+        previous = None
+    out.write(ASSISTANT_PROMPT)
+    out.flush()
+    try:
+        for piece in stream:
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stream.close()  # commits the turn as far as it was shown
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        if session.finish_reason in ("interrupted", "closed"):
+            out.write(" [stopped]")
+        out.write("\n\n")
+        out.flush()
