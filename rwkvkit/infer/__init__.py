@@ -1,4 +1,6 @@
-"""Inference: next-token sampling (``sampling.py``) and streamed text generation (``generate.py``).
+"""Inference: next-token sampling (``sampling.py``), streamed text generation (``generate.py``), the
+continuous-batching engine (``engine.py``), the prefix-state cache (``cache.py``), chat (``chat.py``) and
+the OpenAI-compatible server (``server.py``, needs the ``serve`` extra).
 
     from rwkvkit.infer import generate, generate_text, sample_logits
 
