@@ -364,6 +364,12 @@ LAZY_COMMANDS = {
         "add_arguments",
         "run",
     ),
+    "serve": (
+        "serve a model over an OpenAI-compatible HTTP API (completions, chat, embeddings; streaming)",
+        "rwkvkit.infer.server",
+        "add_arguments",
+        "run",
+    ),
 }
 
 

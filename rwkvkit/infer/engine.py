@@ -289,9 +289,10 @@ class Engine:
                 self._finish(request, "cancelled")
         gone = [i for i, r in enumerate(self._decoding) if r.cancelled]
         if gone:
-            for i in gone:
-                self._finish(self._decoding[i], "cancelled", state=self._batch_state.select([i]))
+            finished = [(self._decoding[i], self._batch_state.select([i])) for i in gone]
             self._keep_rows([i for i in range(len(self._decoding)) if i not in gone])
+            for request, state in finished:
+                self._finish(request, "cancelled", state=state)
 
     def _admit(self) -> None:
         while self._waiting and self._running() < self.max_batch:
@@ -400,12 +401,13 @@ class Engine:
             logits, new_state = self.model(x, state)  # logits (B, 1, V)
             for i, row in enumerate(fed_rows):
                 self._decoding[row].logits = logits[i, -1].float()
+        finished = []
         for row, (reason, stop) in ending.items():
             if row in fed_rows:
                 final = new_state.select([fed_rows.index(row)])
             else:  # its last token was not fed (a stop token, or max_tokens reached)
                 final = self._batch_state.select([row])
-            self._finish(self._decoding[row], reason, stop, final)
+            finished.append((self._decoding[row], reason, stop, final))
         keep = [i for i, row in enumerate(fed_rows) if row not in ending]
         with self._lock:
             self._decoding = [self._decoding[fed_rows[i]] for i in keep]
@@ -413,6 +415,8 @@ class Engine:
                 self._batch_state = None
             else:
                 self._batch_state = new_state if len(keep) == len(fed_rows) else new_state.select(keep)
+        for request, reason, stop, final in finished:  # after the slots are free: a client may resubmit
+            self._finish(request, reason, stop, final)
 
     def _finish(
         self, request: Request, reason: str, stop: int | str | None = None, state: RWKVState | None = None

@@ -1,0 +1,201 @@
+"""Load test of ``rwkvkit serve``: 32 concurrent streaming clients against the real command in a subprocess.
+
+Measures the completion tokens per second of the same 32 requests sent one after another and all at
+once; continuous batching must make the concurrent run at least 4x faster. Also checks that every
+stream completes (its finish chunk, its usage, ``data: [DONE]``) and that the server's memory stays
+bounded. The numbers are printed (``pytest -s``) and stated in the assertion messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from checkpoints import random_state_dict
+
+CLIENTS = 32
+TOKENS = 64  # completion tokens per request
+MIN_SPEEDUP = 4.0
+MAX_RSS_GROWTH_MB = 150  # over the whole run, after a warm-up
+MODEL = {"n_layer": 4, "n_embd": 128, "head_size": 32, "vocab_size": 256}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _shown(mb: float | None) -> str:
+    return "?" if mb is None else f"{mb:.0f}"
+
+
+class Server:
+    """``python -m rwkvkit serve`` on a free port; its stderr is drained in a thread."""
+
+    def __init__(self, model_path: Path):
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "rwkvkit",
+                "serve",
+                "--model",
+                str(model_path),
+                "--port",
+                "0",
+                "--max-batch",
+                str(CLIENTS),
+                "--max-waiting",
+                str(2 * CLIENTS),
+                "--max-tokens-limit",
+                "256",
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.log: list[str] = []
+        found = threading.Event()
+        self.url = ""
+
+        def drain() -> None:
+            for line in self.proc.stderr:
+                self.log.append(line)
+                m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+                if m:
+                    self.url = m.group(1)
+                    found.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not found.wait(60):
+            self.stop()
+            raise AssertionError("the server did not start:\n" + "".join(self.log))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _stream_one(client: httpx.Client, i: int) -> dict:
+    """One streamed completion; returns what the checks need."""
+    body = {
+        "model": "load",
+        "prompt": f"client {i} says: ",
+        "max_tokens": TOKENS,
+        "temperature": 0,
+        "logit_bias": {"0": -100},  # never the end-of-text token: every request generates TOKENS tokens
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    out = {"status": None, "done": False, "finish": None, "usage": None, "text": "", "error": None}
+    try:
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                assert line.startswith("data: "), line
+                payload = line[len("data: ") :]
+                if payload == "[DONE]":
+                    out["done"] = True
+                    continue
+                chunk = json.loads(payload)
+                if chunk.get("usage"):
+                    out["usage"] = chunk["usage"]
+                for choice in chunk.get("choices", []):
+                    out["text"] += choice["text"]
+                    out["finish"] = choice["finish_reason"] or out["finish"]
+    except Exception as e:  # reported by the test, with the others
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _check(results: list[dict]) -> int:
+    """Every stream complete; returns the total completion tokens."""
+    for i, r in enumerate(results):
+        assert r["error"] is None and r["status"] == 200, (i, r)
+        assert r["done"] and r["finish"] == "length", (i, r)
+        assert r["usage"]["completion_tokens"] == TOKENS, (i, r)
+    return sum(r["usage"]["completion_tokens"] for r in results)
+
+
+def test_32_concurrent_streams_are_4x_faster_than_one_by_one(tmp_path):
+    model_path = tmp_path / "load.pth"
+    torch.save(random_state_dict("7", seed=5, **MODEL), model_path)
+    server = Server(model_path)
+    # One client for all the threads (thread-safe, one connection each): making an httpx.Client costs
+    # ~20 ms of CPU (its SSL context), which would otherwise be counted as serving time.
+    limits = httpx.Limits(max_connections=2 * CLIENTS, max_keepalive_connections=2 * CLIENTS)
+    client = httpx.Client(base_url=server.url, timeout=120, limits=limits)
+    try:
+        for i in range(2):  # warm-up
+            _check([_stream_one(client, i)])
+        rss_start = _rss_mb(server.proc.pid)
+
+        t0 = time.perf_counter()
+        sequential = [_stream_one(client, i) for i in range(CLIENTS)]
+        t_sequential = time.perf_counter() - t0
+        sequential_tokens = _check(sequential)
+
+        results: list[dict | None] = [None] * CLIENTS
+        barrier = threading.Barrier(CLIENTS + 1)
+
+        def run_client(i: int) -> None:
+            barrier.wait()
+            results[i] = _stream_one(client, i)
+
+        threads = [threading.Thread(target=run_client, args=(i,)) for i in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join(timeout=120)
+        t_concurrent = time.perf_counter() - t0
+        concurrent_tokens = _check(results)
+        rss_end = _rss_mb(server.proc.pid)
+
+        # the same requests give the same (greedy) text whether batched or alone
+        assert [r["text"] for r in results] == [r["text"] for r in sequential]
+
+        deadline = time.monotonic() + 5  # the engine frees a slot just after the request's last event
+        while (metrics := client.get("/metrics").json())["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert metrics["running"] == 0 and metrics["waiting"] == 0, metrics
+        assert metrics["server"]["http_5xx"] == 0 and metrics["rejected"] == 0, metrics
+    finally:
+        client.close()
+        server.stop()
+
+    seq_tps = sequential_tokens / t_sequential
+    con_tps = concurrent_tokens / t_concurrent
+    report = (
+        f"{CLIENTS} streams x {TOKENS} tokens, model {MODEL}: one by one {seq_tps:.0f} tok/s "
+        f"({t_sequential:.2f} s), concurrent {con_tps:.0f} tok/s ({t_concurrent:.2f} s), "
+        f"speedup {con_tps / seq_tps:.1f}x; server RSS {_shown(rss_start)} -> {_shown(rss_end)} MB "
+        f"(bound: +{MAX_RSS_GROWTH_MB} MB)"
+    )
+    print("\n" + report)
+    assert con_tps >= MIN_SPEEDUP * seq_tps, report
+    if rss_start is not None and rss_end is not None:
+        assert rss_end - rss_start < MAX_RSS_GROWTH_MB, report
