@@ -285,3 +285,17 @@ def test_a_cached_prefix_is_not_prefilled_again(model, tok):
     expected = generate_text(model, tok, base + "A question?", max_tokens=6, temperature=0, stop_tokens=())
     assert got.finish.text == expected.text
     assert engine.stats()["prefix_cache"]["hits"] >= 1
+
+
+def test_a_request_that_cannot_sample_fails_alone(model, tok):
+    """Banning every token is an error for that request only; the others run on."""
+    engine = Engine(model, tok, max_batch=2)
+    ok, bad = Collector(), Collector()
+    engine.submit(
+        tok.encode("fine"), SamplingParams(temperature=0), max_tokens=8, stop_tokens=(), on_event=ok
+    )
+    engine.submit(tok.encode("doomed"), SamplingParams(banned_tokens=list(range(256))), on_event=bad)
+    engine.run_until_idle()
+    assert bad.finish.reason == "error" and "every token" in bad.finish.error
+    assert ok.finish.reason == "length" and len(ok.finish.tokens) == 8
+    assert engine.stats()["failed"] == 1

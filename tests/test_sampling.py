@@ -177,3 +177,11 @@ def test_bad_logits_raise():
         sample_logits(torch.tensor([0.0, float("nan")]))
     with pytest.raises(RwkvkitError, match="NaN"):
         sample_logits(torch.full((4,), float("-inf")))
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-30])
+def test_a_tiny_temperature_is_greedy_not_an_error(temperature):
+    """Dividing log-probabilities by a tiny temperature must not turn them all into -inf (NaN softmax)."""
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(1))
+    ids = sample_logits(logits, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ids, logits.argmax(dim=-1))

@@ -63,6 +63,7 @@ class FinishEvent:
     state: RWKVState | None = None
     stop: int | str | None = None
     error: str | None = None
+    bad_request: bool = False  # the error comes from the request's own settings (HTTP 400), not the engine
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Engine:
             "rejected": 0,
             "finished": 0,
             "cancelled": 0,
+            "failed": 0,
             "prompt_tokens": 0,
             "cached_prompt_tokens": 0,
             "generated_tokens": 0,
@@ -374,7 +376,11 @@ class Engine:
             if len(request.generated) >= request.max_tokens:
                 ending[row] = ("length", None)
                 continue
-            token = self._sample(request)
+            try:
+                token = self._sample(request)
+            except RwkvkitError as e:  # e.g. its bans rule out every token: this request alone fails
+                ending[row] = ("error", str(e))
+                continue
             if token in request.stop_tokens:
                 ending[row] = ("stop", token)
                 continue
@@ -431,8 +437,10 @@ class Engine:
             if emit:
                 request.pieces.append(emit)
                 request.on_event(TextEvent(emit))
+        error = stop if reason == "error" else None
         with self._lock:
-            self.counters["finished" if reason in ("stop", "length") else "cancelled"] += 1
+            counter = {"stop": "finished", "length": "finished", "error": "failed"}.get(reason, "cancelled")
+            self.counters[counter] += 1
         request.on_event(
             FinishEvent(
                 reason=reason,
@@ -442,7 +450,9 @@ class Engine:
                 text="".join(request.pieces),
                 tokens=list(request.generated),
                 state=state if state is not None else request.state,
-                stop=stop,
+                stop=None if error else stop,
+                error=error,
+                bad_request=error is not None,
             )
         )
 

@@ -28,6 +28,9 @@ import torch
 
 from rwkvkit.errors import RwkvkitError
 
+# Temperatures below this (the smallest normal float32) sample greedily: float32 rounds them to 0.
+GREEDY_BELOW = torch.finfo(torch.float32).tiny
+
 
 def check_sampling_args(temperature: float, top_p: float, top_k: int, min_p: float = 0.0) -> None:
     """Raise RwkvkitError unless temperature >= 0, 0 < top_p <= 1, top_k is an int >= 0, 0 <= min_p <= 1."""
@@ -78,7 +81,10 @@ def _tempered(
 ) -> torch.Tensor:
     """Probabilities (B, V) over the top-p/top-k/min-p candidates of ``batch`` at ``temperature`` > 0."""
     keep = candidate_mask(batch, top_p, top_k, min_p)  # (B, V)
-    scores = torch.log_softmax(batch, dim=-1) / temperature  # (B, V): log of p ** (1 / temperature)
+    logp = torch.log_softmax(batch, dim=-1)  # (B, V)
+    # log of p ** (1 / temperature), shifted so the most likely token is at exactly 0: a tiny temperature
+    # then sends the others to -inf instead of everything to -inf (which would make the softmax NaN)
+    scores = (logp - logp.amax(dim=-1, keepdim=True)) / temperature
     return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
 
 
@@ -112,7 +118,7 @@ def sample_logits(
             "logits contain NaN or +inf, or rule out every token (a numerical overflow? try fp32 or bf16)"
         )
 
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:  # 0, or so small that float32 cannot divide by it
         ids = batch.argmax(dim=-1)  # (B,)
     else:
         probs = _tempered(batch, temperature, top_p, top_k, min_p)  # (B, V)
@@ -131,7 +137,7 @@ def sampling_distribution(
     """
     check_sampling_args(temperature, top_p, top_k, min_p)
     batch = logits.float().view(-1, logits.shape[-1])  # (B, V)
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:  # 0, or so small that float32 cannot divide by it
         out = torch.zeros_like(batch)
         out.scatter_(-1, batch.argmax(dim=-1, keepdim=True), 1.0)
     else:

@@ -703,6 +703,8 @@ class _Service:
 
     @staticmethod
     def check_finish(event: FinishEvent) -> None:
+        if event.reason == "error" and event.bad_request:  # e.g. banned tokens that rule out every token
+            raise ApiError(400, event.error)
         if event.reason == "error":
             logger.error("generation failed: %s", event.error)
             raise ApiError(500, "generation failed (see the server log)")
