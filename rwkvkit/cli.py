@@ -184,10 +184,9 @@ def _default_tokenizer(vocab_size: int) -> str:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from rwkvkit.checkpoint import load_state_dict
     from rwkvkit.infer import generate
     from rwkvkit.infer.sampling import check_sampling_args
-    from rwkvkit.models import check_state_dict, model_from_state_dict
+    from rwkvkit.models import load_model
     from rwkvkit.tokenizer import load_tokenizer
 
     # Cheap checks first, before reading a large checkpoint.
@@ -200,13 +199,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise RwkvkitError("--stop needs a non-empty string")
     device = _torch_device(args.device)
 
-    state_dict = load_state_dict(args.model)
-    config = check_state_dict(state_dict, source=args.model)
-    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(config.vocab_size))
-    model = model_from_state_dict(
-        state_dict, device=device, dtype=getattr(torch, DTYPES[args.dtype]), source=args.model
-    )
-    del state_dict
+    model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(model.config.vocab_size))
 
     stream = generate(
         model,
@@ -269,14 +263,25 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
 
     from rwkvkit.checkpoint import load_state_dict
     from rwkvkit.models import check_state_dict
+    from rwkvkit.quant import read_quantized_metadata
 
+    quantized = read_quantized_metadata(path)
     state_dict = load_state_dict(path)
-    config = check_state_dict(state_dict, source=str(path))
+    if quantized is not None:
+        from rwkvkit.quant import load_quantized
+
+        config = load_quantized(path, device="cpu").config  # checks the file against its metadata
+    else:
+        config = check_state_dict(state_dict, source=str(path))
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state_dict.values())
     return {
         "file": str(path),
         "file_size": os.path.getsize(path),
         **config.to_dict(),
+        "quantization": None
+        if quantized is None
+        else f"{quantized['scheme']}"
+        + (f" (group size {quantized['group_size']})" if quantized["scheme"] == "int4" else ""),
         "parameters": sum(t.numel() for t in state_dict.values()),
         "tensors": len(state_dict),
         "dtypes": dict(dtypes.most_common()),
@@ -319,6 +324,8 @@ def _run_info(args: argparse.Namespace) -> int:
         rows.append(("low-rank", f"mix {info['d_mix']}, decay {info['d_decay']}"))
     if info["has_time_state"]:
         rows.append(("tuned state", "yes (att.time_state: the initial state of every sequence)"))
+    if info["quantization"]:
+        rows.append(("quantized", info["quantization"]))
     rows += [
         ("parameters", f"{info['parameters']:,}"),
         ("dtype", dtypes),
@@ -349,6 +356,12 @@ LAZY_COMMANDS = {
     "eval": (
         "loss, perplexity and bits per byte of a model on a text file",
         "rwkvkit.evaluate",
+        "add_arguments",
+        "run",
+    ),
+    "quantize": (
+        "quantize a checkpoint's projection matrices to int8 or int4 (a .safetensors for fast CPU decoding)",
+        "rwkvkit.quant",
         "add_arguments",
         "run",
     ),

@@ -466,9 +466,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rwkvkit chat``."""
-    from rwkvkit.checkpoint import load_state_dict
     from rwkvkit.cli import DTYPES, _default_tokenizer, _torch_device, _unescape
-    from rwkvkit.models import check_state_dict, model_from_state_dict
+    from rwkvkit.models import load_model
     from rwkvkit.tokenizer import load_tokenizer
 
     # Cheap checks first, before reading a large checkpoint.
@@ -479,13 +478,8 @@ def run(args: argparse.Namespace) -> int:
         raise RwkvkitError("--system needs a non-empty text")
     device = _torch_device(args.device)
 
-    state_dict = load_state_dict(args.model)
-    config = check_state_dict(state_dict, source=args.model)
-    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(config.vocab_size))
-    model = model_from_state_dict(
-        state_dict, device=device, dtype=getattr(torch, DTYPES[args.dtype]), source=args.model
-    )
-    del state_dict
+    model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(model.config.vocab_size))
     session = ChatSession(
         model,
         tokenizer,
@@ -501,7 +495,7 @@ def run(args: argparse.Namespace) -> int:
     if encoding != "utf8" and hasattr(out, "reconfigure"):
         out.reconfigure(errors="replace")  # a non-UTF-8 console shows '?' rather than failing mid-reply
     out.write(
-        f"Chatting with {config.describe()} ({args.model}).\n"
+        f"Chatting with {model.config.describe()} ({args.model}).\n"
         "/help lists the commands; /quit or Ctrl-D leaves.\n"
     )
     if system is not None:

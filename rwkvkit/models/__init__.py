@@ -116,7 +116,14 @@ def model_from_state_dict(
 def load_model(
     path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ):
-    """Load an official RWKV checkpoint (`.pth` or `.safetensors`) as a model on ``device`` in ``dtype``."""
+    """Load an official RWKV checkpoint (`.pth` or `.safetensors`) as a model on ``device`` in ``dtype``.
+
+    A quantized file (``rwkvkit quantize``) loads with its quantized layers (the rest in ``dtype``).
+    """
+    from rwkvkit.quant import load_quantized, read_quantized_metadata
+
+    if read_quantized_metadata(path) is not None:
+        return load_quantized(path, device=device, dtype=dtype)
     return model_from_state_dict(load_state_dict(path), device=device, dtype=dtype, source=str(path))
 
 

@@ -23,7 +23,9 @@ Legend: B batch, T time, C = n_embd, H heads, N head size, F ffn width, V vocab,
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -48,6 +50,36 @@ def channel_mix_key_scale(layer_id: int) -> float:
     """The factor a channel mix applies to relu(key(x)) before squaring: a power of two whose square
     (the channel mix's ``output_scale``) is at most 2^-(layer // 6), so relu(k)^2 cannot overflow first."""
     return 2.0 ** -math.ceil((layer_id // RESCALE_EVERY) / 2)
+
+
+def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for the decode fast path. One fp32 row on the CPU goes through numpy's BLAS, whose
+    matrix-vector product reads the weights about twice as fast as torch's here (benchmarks/RESULTS.md);
+    everything else (batches, other dtypes and devices, quantized layers) is the module itself."""
+    if type(linear) is nn.Linear and x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(x.numpy() @ linear.weight.detach().numpy().T)
+    return linear(x)
+
+
+def _blas_matvecs(model: nn.Module) -> bool:
+    """Whether a one-row decode step sends its matrix-vector products to numpy (see :func:`project`)."""
+    head = model.head
+    return type(head) is nn.Linear and head.weight.dtype == torch.float32 and head.weight.device.type == "cpu"
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch on one thread for a decode step whose products run in numpy's BLAS threads: torch's idle
+    OpenMP threads would otherwise spin on the same cores (a one-row step measured 8x slower)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -124,6 +156,28 @@ class Block(nn.Module):
         x = x + self.ffn(xf, ffn_shift).float() / self.ffn.output_scale
         return x, xa[:, -1], wkv_state, xf[:, -1], carry
 
+    def step(
+        self,
+        x: torch.Tensor,
+        att_shift: torch.Tensor,
+        wkv_state: torch.Tensor | None,
+        ffn_shift: torch.Tensor,
+        carry: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` for one token per sequence, x (B, C): the decode fast path (inference only;
+        the mixes' ``step`` methods do the same computation in fewer ops; tests compare the two)."""
+        if hasattr(self, "ln0"):
+            x = layer_norm(self.ln0, x, torch.float32)
+        if wkv_state is None:
+            wkv_state = self.initial_wkv(x.shape[0], x.device)
+        xa = layer_norm(self.ln1, x, dtype)
+        out, wkv_state, carry = self.att.step(xa, att_shift, wkv_state, carry)
+        x = x + out.float() / self.att.output_scale
+        xf = layer_norm(self.ln2, x, dtype)
+        x = x + self.ffn.step(xf, ffn_shift).float() / self.ffn.output_scale
+        return x, xa, wkv_state, xf, carry
+
 
 class RWKVModel(nn.Module):
     """An RWKV language model. ``logits, state = model(tokens, state=None)``.
@@ -147,6 +201,9 @@ class RWKVModel(nn.Module):
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Training option: recompute each block in the backward instead of keeping its activations.
         self.grad_checkpoint = False
+        # Decode fast path (Block.step) for one token without gradients, where every mix has a step
+        # method; set False to run the general path instead (tests compare the two).
+        self.fast_step = all(hasattr(b.att, "step") and hasattr(b.ffn, "step") for b in self.blocks)
 
     def make_block(self, config: ModelConfig, layer_id: int) -> Block:
         raise NotImplementedError
@@ -201,12 +258,30 @@ class RWKVModel(nn.Module):
             state.check_compatible(self.config, B)
             layer_states = zip(state.att_shift, state.wkv, state.ffn_shift, strict=True)
         x = self.emb(tokens.to(self.device, torch.long))  # (B, T, C)
+        # one token per sequence, no gradients: the decode fast path (same results, fewer ops)
+        stepping = T == 1 and not torch.is_grad_enabled() and self.fast_step
+        threads = _one_torch_thread() if stepping and B == 1 and _blas_matvecs(self) else nullcontext()
+        with threads:
+            if stepping:
+                x, new_state = self._run_blocks(x[:, 0], layer_states, dtype, stepping=True)  # x (B, C)
+                logits = project(self.head, layer_norm(self.ln_out, x, dtype)).unsqueeze(1).float()
+            else:
+                x, new_state = self._run_blocks(x, layer_states, dtype, stepping=False)
+                if last_only:
+                    x = x[:, -1:]
+                logits = self.head(layer_norm(self.ln_out, x, dtype)).float()  # (B, T, V)
+        return logits, new_state
+
+    def _run_blocks(self, x: torch.Tensor, layer_states, dtype: torch.dtype, stepping: bool):
+        """The layers: (x after the last block, the new state)."""
         att_shift, wkv_states, ffn_shift = [], [], []
         carry = None
         recompute = self.grad_checkpoint and torch.is_grad_enabled()
         for block, (att_i, wkv_i, ffn_i) in zip(self.blocks, layer_states, strict=True):
             layer_inputs = (x, att_i, wkv_i, ffn_i, carry, dtype)
-            if recompute:  # keep only the block inputs; recompute the rest in the backward
+            if stepping:
+                outputs = block.step(*layer_inputs)
+            elif recompute:  # keep only the block inputs; recompute the rest in the backward
                 outputs = torch.utils.checkpoint.checkpoint(block, *layer_inputs, use_reentrant=False)
             else:
                 outputs = block(*layer_inputs)
@@ -214,11 +289,7 @@ class RWKVModel(nn.Module):
             att_shift.append(att_i)
             wkv_states.append(wkv_i)
             ffn_shift.append(ffn_i)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.head(layer_norm(self.ln_out, x, dtype)).float()  # (B, T, V)
-        new_state = RWKVState(torch.stack(att_shift), torch.stack(wkv_states), torch.stack(ffn_shift))
-        return logits, new_state
+        return x, RWKVState(torch.stack(att_shift), torch.stack(wkv_states), torch.stack(ffn_shift))
 
 
 # ---------------------------------------------------------------------------------------------- init

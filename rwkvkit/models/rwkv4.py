@@ -26,11 +26,12 @@ from rwkvkit.models.common import (
     RWKVModel,
     channel_mix_key_scale,
     init_shared_,
+    project,
     ramps,
     time_mix_output_scale,
     token_shift,
 )
-from rwkvkit.wkv import wkv4
+from rwkvkit.wkv import wkv4, wkv4_step
 
 
 def mix(x: torch.Tensor, x_prev: torch.Tensor, time_mix: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,17 @@ class TimeMix(nn.Module):
         out = self.output(r * y.to(r.dtype) * self.output_scale)
         return out, torch.stack((aa, bb, pp), dim=1), carry
 
+    def step(
+        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """:meth:`forward` for one token, x and shift (B, C): the decode fast path."""
+        k = project(self.key, mix(x, shift, self.time_mix_k[0])).float()  # (B, A)
+        v = project(self.value, mix(x, shift, self.time_mix_v[0])).float()
+        r = torch.sigmoid(project(self.receptance, mix(x, shift, self.time_mix_r[0])))
+        log_decay = -torch.exp(self.time_decay.float())
+        y, state = wkv4_step(log_decay, self.time_first.float(), k, v, wkv_state)  # y (B, A)
+        return project(self.output, r * y.to(r.dtype) * self.output_scale), state, carry
+
 
 class ChannelMix(nn.Module):
     """The RWKV-4 (and 5.2) feed-forward: token shift, squared ReLU, sigmoid receptance gate."""
@@ -88,6 +100,12 @@ class ChannelMix(nn.Module):
         r = torch.sigmoid(self.receptance(mix(x, x_prev, self.time_mix_r)))
         k = torch.relu(self.key(mix(x, x_prev, self.time_mix_k))) * self.key_scale  # (B, T, F)
         return r * self.value(k * k)
+
+    def step(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for one token, x and shift (B, C): the decode fast path."""
+        r = torch.sigmoid(project(self.receptance, mix(x, shift, self.time_mix_r[0])))
+        k = torch.relu_(project(self.key, mix(x, shift, self.time_mix_k[0]))).mul_(self.key_scale)
+        return r * project(self.value, k * k)
 
 
 class RWKV4(RWKVModel):

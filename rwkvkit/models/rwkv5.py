@@ -30,13 +30,14 @@ from rwkvkit.models.common import (
     RWKVModel,
     group_norm,
     init_shared_,
+    project,
     ramps,
     time_mix_output_scale,
     time_state_param,
     token_shift,
 )
 from rwkvkit.models.rwkv4 import ChannelMix, mix
-from rwkvkit.wkv import wkv6
+from rwkvkit.wkv import wkv6, wkv6_step
 
 
 def head_params(config: ModelConfig) -> nn.Parameter:
@@ -82,6 +83,26 @@ class MatrixStateTimeMix(nn.Module):
         y = group_norm(self.ln_x, y.reshape(B, T, C), xr.dtype)
         return self.output(y * g * self.output_scale), wkv_state
 
+    def attend_step(
+        self,
+        xr: torch.Tensor,
+        xk: torch.Tensor,
+        xv: torch.Tensor,
+        xg: torch.Tensor,
+        log_decay: torch.Tensor,
+        wkv_state: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`attend` for one token: x{r,k,v,g} (B, C), log-decay (B, H, N) (the decode fast path)."""
+        B, C = xr.shape
+        H, N = self.n_head, self.head_size
+        r = project(self.receptance, xr).float().view(B, H, N)
+        k = project(self.key, xk).float().view(B, H, N)
+        v = project(self.value, xv).float().view(B, H, N)
+        g = F.silu(project(self.gate, xg))  # (B, C)
+        y, wkv_state = wkv6_step(r, log_decay, k, v, self.time_faaaa.float(), wkv_state)  # y (B, H, N)
+        y = F.group_norm(y.reshape(B, C), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
+        return project(self.output, y.to(xr.dtype) * g * self.output_scale), wkv_state
+
 
 class TimeMix(MatrixStateTimeMix):
     """The RWKV-5.2 attention replacement: multi-head matrix state with a constant per-channel decay."""
@@ -108,6 +129,21 @@ class TimeMix(MatrixStateTimeMix):
             mix(x, x_prev, self.time_mix_v),
             mix(x, x_prev, self.time_mix_g),
             log_decay,  # constant in time
+            wkv_state,
+        )
+        return out, wkv_state, carry
+
+    def step(
+        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """:meth:`forward` for one token, x and shift (B, C): the decode fast path."""
+        log_decay = (-torch.exp(self.time_decay.float())).expand(x.shape[0], self.n_head, self.head_size)
+        out, wkv_state = self.attend_step(
+            mix(x, shift, self.time_mix_r[0]),
+            mix(x, shift, self.time_mix_k[0]),
+            mix(x, shift, self.time_mix_v[0]),
+            mix(x, shift, self.time_mix_g[0]),
+            log_decay,
             wkv_state,
         )
         return out, wkv_state, carry

@@ -31,6 +31,7 @@ from rwkvkit.models.common import (
     RWKVModel,
     channel_mix_key_scale,
     init_shared_,
+    project,
     ramps,
     token_shift,
 )
@@ -77,6 +78,28 @@ class TimeMix(MatrixStateTimeMix):
         )
         return out, wkv_state, carry
 
+    def step(
+        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """:meth:`forward` for one token, x and shift (B, C): the decode fast path."""
+        B, C = x.shape
+        xx = shift - x  # (B, C)
+        xxx = torch.addcmul(x, xx, self.time_maa_x[0])
+        m = torch.tanh(xxx @ self.time_maa_w1).view(B, 5, -1).transpose(0, 1)  # (5, B, D)
+        mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).unbind(0)  # each (B, C)
+        xw = torch.addcmul(x, xx, self.time_maa_w[0] + mw)
+        decay_logit = self.time_decay[0] + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
+        log_decay = -torch.exp(decay_logit.float()).view(B, self.n_head, self.head_size)
+        out, wkv_state = self.attend_step(
+            torch.addcmul(x, xx, self.time_maa_r[0] + mr),
+            torch.addcmul(x, xx, self.time_maa_k[0] + mk),
+            torch.addcmul(x, xx, self.time_maa_v[0] + mv),
+            torch.addcmul(x, xx, self.time_maa_g[0] + mg),
+            log_decay,
+            wkv_state,
+        )
+        return out, wkv_state, carry
+
 
 class ChannelMix(nn.Module):
     """The RWKV-6 feed-forward: RWKV-4's, with the token shift weighted by time_maa (previous token)."""
@@ -97,6 +120,13 @@ class ChannelMix(nn.Module):
         r = torch.sigmoid(self.receptance(x + xx * self.time_maa_r))
         k = torch.relu(self.key(x + xx * self.time_maa_k)) * self.key_scale  # (B, T, F)
         return r * self.value(k * k)
+
+    def step(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for one token, x and shift (B, C): the decode fast path."""
+        xx = shift - x
+        r = torch.sigmoid(project(self.receptance, torch.addcmul(x, xx, self.time_maa_r[0])))
+        k = torch.relu_(project(self.key, torch.addcmul(x, xx, self.time_maa_k[0]))).mul_(self.key_scale)
+        return r * project(self.value, k * k)
 
 
 class RWKV6(RWKVModel):

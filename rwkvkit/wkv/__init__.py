@@ -9,6 +9,9 @@ decay, w <= 0) and the state layout ([value, key] for the matrix states). Each h
 reference and a chunk-parallel pure-PyTorch form; which one runs is decided in one place,
 :mod:`rwkvkit.wkv.dispatch` (``impl=None``: auto by T, or the default set by :func:`use_impl` /
 :func:`set_default_impl`, which applies to every operator at once).
+
+``wkv4_step`` / ``wkv6_step`` / ``wkv7_step`` are the single-token forms the models' decode fast path
+calls (one token for B sequences, no checks); tests compare them with the references.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from rwkvkit.wkv.dispatch import (
     set_default_impl,
     use_impl,
 )
-from rwkvkit.wkv.wkv4 import wkv4
-from rwkvkit.wkv.wkv6 import wkv6
-from rwkvkit.wkv.wkv7 import DEFAULT_CHUNK_SIZE, W_CHUNK_LIMIT, wkv7
+from rwkvkit.wkv.wkv4 import wkv4, wkv4_step
+from rwkvkit.wkv.wkv6 import wkv6, wkv6_step
+from rwkvkit.wkv.wkv7 import DEFAULT_CHUNK_SIZE, W_CHUNK_LIMIT, wkv7, wkv7_step
 
 __all__ = [
     "AUTO_STEP_MAX_T",
@@ -33,6 +36,9 @@ __all__ = [
     "set_default_impl",
     "use_impl",
     "wkv4",
+    "wkv4_step",
     "wkv6",
+    "wkv6_step",
     "wkv7",
+    "wkv7_step",
 ]

@@ -58,6 +58,7 @@ __all__ = [
     "wkv4_chunked",
     "wkv4_log_decay",
     "wkv4_reference",
+    "wkv4_step",
     "wkv4_zero_state",
 ]
 
@@ -337,3 +338,22 @@ def wkv4(
         if impl == "reference":
             return wkv4_reference(w, u, k, v, state)
         return wkv4_chunked(w, u, k, v, state, chunk_size=chunk_size)
+
+
+def wkv4_step(
+    w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step for B sequences (the decode fast path): w, u (C,); k, v (B, C) fp32; state (B, 3, C)
+    stacked (aa, bb, pp). Returns y (B, C) fp32 and the new state (B, 3, C).
+
+    The same stable recurrence as :func:`wkv4_reference` for T = 1, without the argument checks.
+    """
+    aa, bb, pp = state.unbind(1)
+    ww = u + k
+    p = torch.maximum(pp, ww)
+    e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+    y = (e1 * aa + e2 * v) / (e1 * bb + e2)
+    ww = w + pp
+    p = torch.maximum(ww, k)
+    e1, e2 = torch.exp(ww - p), torch.exp(k - p)
+    return y, torch.stack((e1 * aa + e2 * v, e1 * bb + e2, p), dim=1)

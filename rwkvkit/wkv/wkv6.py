@@ -52,6 +52,7 @@ __all__ = [
     "wkv6",
     "wkv6_chunked",
     "wkv6_reference",
+    "wkv6_step",
 ]
 
 # Chunk length of the chunked form (state passed sequentially between chunks); benchmarks/bench_wkv.py.
@@ -319,3 +320,18 @@ def wkv6(
         if impl == "reference":
             return wkv6_reference(r, w, k, v, u, state)
         return wkv6_chunked(r, w, k, v, u, state, chunk_size=chunk_size)
+
+
+def wkv6_step(
+    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the recurrence for B sequences (the decode fast path): r, w, k, v (B, H, N), u (H, N),
+    state (B, H, N, N) fp32 [value, key]; returns y (B, H, N) fp32 and the new state.
+
+    The same computation as ``wkv6(..., impl="reference")`` with T = 1, without the argument checks and
+    the time loop (callers pass well-formed fp32 tensors; tests compare the two).
+    """
+    bonus = (r * u * k).sum(-1, keepdim=True)  # (B, H, 1)
+    y = (state @ r.unsqueeze(-1)).squeeze(-1) + bonus * v  # (B, H, V): reads the OLD state
+    state = torch.addcmul(state * torch.exp(w).unsqueeze(-2), v.unsqueeze(-1), k.unsqueeze(-2))
+    return y, state

@@ -50,7 +50,7 @@ from rwkvkit.wkv.dispatch import (
 from rwkvkit.wkv.wkv7_chunked import DEFAULT_CHUNK_SIZE, W_CHUNK_LIMIT, wkv7_chunked
 from rwkvkit.wkv.wkv7_reference import wkv7_reference
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "W_CHUNK_LIMIT", "wkv7"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "W_CHUNK_LIMIT", "wkv7", "wkv7_step"]
 
 
 def _validate(
@@ -117,3 +117,27 @@ def wkv7(
         if impl == "reference":
             return wkv7_reference(r, w, k, v, a, b, state)
         return wkv7_chunked(r, w, k, v, a, b, state, chunk_size=chunk_size)
+
+
+def wkv7_step(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the recurrence for B sequences (the decode fast path): inputs (B, H, N), state
+    (B, H, N, N) fp32 [value, key]; returns y (B, H, N) fp32 and the new state.
+
+    The same computation as ``wkv7(..., impl="reference")`` with T = 1, without the argument checks and
+    the time loop (callers pass well-formed fp32 tensors; tests compare the two).
+    """
+    sa = state @ a.unsqueeze(-1)  # (B, H, V, 1): S a
+    state = torch.addcmul(
+        torch.addcmul(state * torch.exp(w).unsqueeze(-2), sa, b.unsqueeze(-2)),
+        v.unsqueeze(-1),
+        k.unsqueeze(-2),
+    )  # S diag(exp(w)) + (S a) b^T + v k^T
+    return (state @ r.unsqueeze(-1)).squeeze(-1), state

@@ -1,0 +1,230 @@
+"""Weight-only quantization of whole models, and the quantized checkpoint format (``rwkvkit quantize``).
+
+What is quantized: the large projection matrices, which hold nearly all the bytes a decoding step reads:
+every ``nn.Linear`` of both mixes (att receptance/key/value/gate/output, ffn key/value/receptance) and
+the head. What stays as it was: the embedding (one row is read per token), norms, token-shift mixes,
+decays, bonuses and the small low-rank matrices (w1/w2, a1/a2, ... which are tiny and sensitive).
+
+File format: one ``.safetensors`` file. Unquantized tensors keep their official names and dtypes; a
+quantized matrix ``K.weight`` is stored as ``K.qweight`` + ``K.scales`` (+ ``K.zeros`` for int4), in the
+portable layout of :mod:`rwkvkit.quant.layers`. The metadata records the scheme:
+
+    rwkvkit_format = "rwkvkit-quantized-1", scheme = "int8" | "int4", group_size, rwkv_version,
+    config (the ModelConfig as JSON), quantized (JSON list of the quantized module names)
+
+``rwkvkit.load_model`` recognises such a file and rebuilds the model with quantized layers, so every
+command (generate, chat, serve, eval) runs quantized models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rwkvkit.errors import RwkvkitError
+from rwkvkit.quant.layers import GROUP_SIZES, SCHEMES, Int4Linear, Int8Linear, quantize_int4, quantize_int8
+
+FORMAT = "rwkvkit-quantized-1"
+QUANTIZED_SUFFIXES = (
+    "att.receptance",
+    "att.key",
+    "att.value",
+    "att.gate",
+    "att.output",
+    "ffn.key",
+    "ffn.value",
+    "ffn.receptance",
+)
+
+
+def quantizable(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` modules that quantization replaces (the projections and the head)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (name == "head" or name.endswith(QUANTIZED_SUFFIXES))
+    ]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _check_scheme(scheme: str, group_size: int) -> None:
+    if scheme not in SCHEMES:
+        raise RwkvkitError(f"unknown quantization {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if scheme == "int4" and group_size not in GROUP_SIZES:
+        raise RwkvkitError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, scheme: str, group_size: int = 64) -> nn.Module:
+    """Replace the model's large projections by int8 or int4 layers, in place; returns the model."""
+    _check_scheme(scheme, group_size)
+    for name in quantizable(model):
+        weight = model.get_submodule(name).weight
+        if scheme == "int8":
+            layer: nn.Module = Int8Linear(*quantize_int8(weight))
+        else:
+            if weight.shape[1] % group_size:
+                raise RwkvkitError(
+                    f"{name}: input width {weight.shape[1]} is not a multiple of the group size {group_size}"
+                )
+            layer = Int4Linear(*quantize_int4(weight, group_size), group_size=group_size)
+        _set_module(model, name, layer.to(weight.device))
+    model.quantization = {"scheme": scheme, "group_size": group_size}
+    return model
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write a quantized model (from :func:`quantize_model`) as a ``.safetensors`` file (atomically)."""
+    from safetensors.torch import save_file
+
+    from rwkvkit.checkpoint import atomic_write
+
+    quant = getattr(model, "quantization", None)
+    if quant is None:
+        raise RwkvkitError("this model is not quantized (see rwkvkit.quant.quantize_model)")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise RwkvkitError(f"a quantized model is written as .safetensors, not {path.suffix or 'no suffix'}")
+    names = quantized_names(model)
+    source_dtypes = getattr(model, "source_dtypes", {})
+    tensors = {}
+    for key, value in model.state_dict().items():
+        dtype = (
+            value.dtype
+            if any(key.startswith(n + ".") for n in names)
+            else source_dtypes.get(key, value.dtype)
+        )
+        tensors[key] = value.detach().to("cpu", dtype).contiguous()
+    metadata = {
+        "rwkvkit_format": FORMAT,
+        "scheme": quant["scheme"],
+        "group_size": str(quant["group_size"]),
+        "rwkv_version": model.config.version,
+        "config": json.dumps(model.config.to_dict()),
+        "quantized": json.dumps(names),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_quantized_metadata(path: str | os.PathLike) -> dict | None:
+    """The metadata of a quantized rwkvkit file, or None for any other file (cheap: reads the header)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return metadata if metadata.get("rwkvkit_format") == FORMAT else None
+
+
+def load_quantized(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+):
+    """The model in a quantized file: quantized layers where the file has them, the rest in ``dtype``."""
+    from safetensors.torch import load_file
+
+    from rwkvkit.config import ModelConfig
+    from rwkvkit.models import MODEL_CLASSES
+
+    path = Path(path)
+    metadata = read_quantized_metadata(path)
+    if metadata is None:
+        raise RwkvkitError(f"{path} is not a quantized rwkvkit model")
+    try:
+        config = ModelConfig(**json.loads(metadata["config"]))
+        names = json.loads(metadata["quantized"])
+        scheme, group_size = metadata["scheme"], int(metadata["group_size"])
+        _check_scheme(scheme, group_size)
+        tensors = load_file(str(path), device="cpu")
+    except RwkvkitError:
+        raise
+    except Exception as e:  # a damaged header or file
+        raise RwkvkitError(f"{path} is a damaged quantized model ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):
+        model = MODEL_CLASSES[config.version](config)
+    for name in names:
+        try:
+            if scheme == "int8":
+                layer: nn.Module = Int8Linear(tensors.pop(name + ".qweight"), tensors.pop(name + ".scales"))
+            else:
+                layer = Int4Linear(
+                    tensors.pop(name + ".qweight"),
+                    tensors.pop(name + ".scales"),
+                    tensors.pop(name + ".zeros"),
+                    group_size,
+                )
+        except KeyError as e:
+            raise RwkvkitError(f"{path} lacks the tensor {e.args[0]} of a quantized layer") from None
+        _set_module(model, name, layer.to(device))
+    expected = {k for k, v in model.state_dict().items() if v.device.type == "meta"}
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+        raise RwkvkitError(f"{path} does not match its recorded model ({detail})")
+    model.source_dtypes = {k: v.dtype for k, v in tensors.items()}
+    model.load_state_dict(
+        {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False, assign=True
+    )
+    model.quantization = {"scheme": scheme, "group_size": group_size}
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser) -> None:
+    """The flags of ``rwkvkit quantize``."""
+    parser.add_argument("model", metavar="MODEL", help="checkpoint to quantize (.pth or .safetensors)")
+    parser.add_argument("--to", required=True, choices=SCHEMES, help="int8 (per channel) or int4 (per group)")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        choices=GROUP_SIZES,
+        help="int4: inputs per group sharing a scale and zero (default: %(default)s)",
+    )
+    parser.add_argument("-o", "--out", required=True, metavar="OUT", help="output file (.safetensors)")
+
+
+def run(args) -> int:
+    """Entry point of ``rwkvkit quantize``."""
+    import time
+
+    from rwkvkit.models import load_model
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise RwkvkitError(f"the output must be a .safetensors file, got {out}")
+    if out.resolve() == Path(args.model).resolve():
+        raise RwkvkitError("the output would overwrite the input model")
+    t0 = time.perf_counter()
+    model = load_model(args.model)
+    if getattr(model, "quantization", None) is not None:
+        raise RwkvkitError(f"{args.model} is already quantized ({model.quantization['scheme']})")
+    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    quantize_model(model, args.to, args.group_size)
+    save_quantized(model, out)
+    after = out.stat().st_size
+    scheme = f"{args.to} (group size {args.group_size})" if args.to == "int4" else args.to
+    print(
+        f"wrote {out}: {scheme}, {len(quantized_names(model))} matrices quantized, "
+        f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f}s"
+    )
+    return 0
+
+
+def quantized_names(model: nn.Module) -> list[str]:
+    """The names of the quantized layers of a quantized model."""
+    return [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))]

@@ -1,0 +1,144 @@
+"""Weight-only quantized linear layers: int8 per output channel and int4 in groups along the input.
+
+    Int8Linear: w[n, k] ~= q[n, k] * scale[n],                 q in [-127, 127]   (symmetric)
+    Int4Linear: w[n, k] ~= (q[n, k] - 8) * scale[n, g] + zero[n, g],  q in [0, 15], g = k // group_size
+
+Activations stay in floating point; only the weights are stored small. On the CPU the products run in
+torch's own weight-only kernels (``torch._weight_int8pack_mm`` and ``torch._weight_int4pack_mm_for_cpu``,
+bf16 activations), which read the small weights directly: decoding, which reads every weight once per
+token, is then limited by the bytes of the quantized weights. For many rows at once (prefill) the
+weights are dequantized to bf16 per call and multiplied there (bf16 GEMM is 2-3x faster than those
+kernels at 512 rows). Elsewhere (CUDA, MPS, ...) the layers dequantize to the activation dtype and use
+``F.linear``: correct everywhere, fast on the CPU.
+
+The portable tensors (what a quantized file stores) are ``qweight`` (int8 (N, K), or uint8 (N, K/2)
+holding two int4 values per byte, the even k in the low nibble) with fp32 ``scales`` (and ``zeros``);
+the CPU kernels' packed forms are made from them when a layer is built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+PREFILL_ROWS = 64  # from this many rows on, dequantize to bf16 and use a bf16 GEMM (CPU)
+
+
+def _cpu_kernels(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- int8
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight int8 (N, K), scales fp32 (N,)): symmetric per output channel, max |w| -> 127."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (N,)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored as int8 per output channel (see the module docstring)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())  # (N, K) int8
+        self.register_buffer("scales", scales.float().contiguous())  # (N,) fp32
+        self._scales_bf16 = self.scales.to(torch.bfloat16)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._scales_bf16 = self.scales.to(torch.bfloat16)
+        return out
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).to(dtype)  # (N, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if _cpu_kernels(x.device) and x2.shape[0] < PREFILL_ROWS:
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._scales_bf16)
+        else:
+            dtype = torch.bfloat16 if _cpu_kernels(x.device) else x.dtype
+            y = F.linear(x2.to(dtype), self.dequantize(dtype))
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+# ---------------------------------------------------------------------------------------------- int4
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qweight uint8 (N, K/2), scales fp32 (N, K/G), zeros fp32 (N, K/G)): asymmetric per group.
+
+    Per group q = round((w - min) / scale) with scale = (max - min) / 15, so w ~= q * scale + min =
+    (q - 8) * scale + zero with zero = min + 8 * scale (the CPU kernel's form).
+    """
+    w = weight.detach().float()
+    N, K = w.shape
+    if K % group_size or K % 2:
+        raise ValueError(f"int4 needs the input width {K} to be a multiple of the group size {group_size}")
+    groups = w.view(N, K // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # (N, K/G)
+    scales = ((hi - lo) / 15.0).clamp_min(1e-12)
+    q = torch.round((groups - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8).view(N, K)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)  # (N, K/2): even k low nibble, odd k high nibble
+    return packed, scales, lo + 8.0 * scales
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> int32 (N, K) in [0, 15]."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2).to(torch.int32)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W stored as int4 in groups of ``group_size`` inputs (see the module docstring)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
+        super().__init__()
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * 2
+        self.group_size = group_size
+        self.register_buffer("qweight", qweight.contiguous())  # (N, K/2) uint8
+        self.register_buffer("scales", scales.float().contiguous())  # (N, K/G)
+        self.register_buffer("zeros", zeros.float().contiguous())  # (N, K/G)
+        self._pack()
+
+    def _pack(self) -> None:
+        """The CPU kernel's packed weight and (K/G, N, 2) bf16 scales-and-zeros (only on the CPU)."""
+        self._packed = self._scales_zeros = None
+        if _cpu_kernels(self.qweight.device) and self.in_features % 32 == 0 and self.out_features % 8 == 0:
+            self._packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.qweight), 2)
+            self._scales_zeros = (
+                torch.stack((self.scales.T, self.zeros.T), dim=-1).to(torch.bfloat16).contiguous()
+            )
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._pack()
+        return out
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = unpack_int4(self.qweight).to(dtype)  # (N, K)
+        scales = self.scales.to(dtype).repeat_interleave(self.group_size, dim=1)
+        zeros = self.zeros.to(dtype).repeat_interleave(self.group_size, dim=1)
+        return (q - 8) * scales + zeros
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self._packed is not None and x2.shape[0] < PREFILL_ROWS:
+            y = torch._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16).contiguous(), self._packed, self.group_size, self._scales_zeros
+            )
+        else:
+            dtype = torch.bfloat16 if _cpu_kernels(x.device) else x.dtype
+            y = F.linear(x2.to(dtype), self.dequantize(dtype))
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
