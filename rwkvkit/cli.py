@@ -138,6 +138,12 @@ def _add_generate(subparsers) -> None:
         help="run the prompt through the model N tokens at a time (default: %(default)s)",
     )
     p.add_argument(
+        "--bf16-prefill",
+        action="store_true",
+        help="run the prompt's matmuls in bf16 where the CPU does bf16 natively (AVX512-BF16 / AMX): faster "
+        "prompts, results within bf16 rounding of fp32",
+    )
+    p.add_argument(
         "--stats",
         action="store_true",
         help="after the text, print token counts, speed and why generation stopped to stderr",
@@ -214,6 +220,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         stop_tokens=() if args.no_eot_stop else None,
         stop_strings=stop_strings,
         prefill_chunk=args.prefill_chunk,
+        bf16_prefill=args.bf16_prefill,
     )
     out = sys.stdout
     encoding = (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "")

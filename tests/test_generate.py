@@ -322,3 +322,26 @@ def test_stop_string_filter_unit():
     assert f.flush() == ""
     g = StopStringFilter([])
     assert g.push("anything") == ("anything", None)
+
+
+def test_bf16_prefill_is_close_to_fp32_and_off_by_default():
+    """--bf16-prefill runs the prompt's matmuls in bf16 (where the CPU has bf16): within bf16 rounding of
+    the fp32 prefill; without it the prefill is exactly the model's fp32 forward."""
+    from checkpoints import random_state_dict
+
+    from rwkvkit.infer.generate import bf16_prefill_supported, prefill
+    from rwkvkit.models import model_from_state_dict
+
+    model = model_from_state_dict(random_state_dict("7", n_layer=2, n_embd=64, vocab_size=97, seed=3))
+    tokens = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    exact, exact_state = prefill(model, tokens, chunk_size=64)
+    with torch.inference_mode():
+        whole, whole_state = model(torch.tensor([tokens]))
+    assert torch.allclose(exact, whole[0, -1], atol=1e-5)
+    fast, fast_state = prefill(model, tokens, chunk_size=64, bf16=True)
+    scale = exact.abs().max().item()
+    if bf16_prefill_supported(model):
+        assert not torch.equal(fast, exact)  # it really ran in bf16
+    assert (fast - exact).abs().max().item() < 0.05 * scale
+    assert fast_state.wkv.dtype == torch.float32
+    assert (fast_state.wkv - exact_state.wkv).abs().max().item() < 0.05 * exact_state.wkv.abs().max().item()

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.infer.generate import StopStringFilter
+from rwkvkit.infer.generate import StopStringFilter, prefill_precision
 from rwkvkit.infer.sampling import SamplingParams, TokenPenalty, adjust_logits, sample_logits
 from rwkvkit.state import RWKVState
 
@@ -112,6 +112,7 @@ class Engine:
         max_waiting: int = 64,
         prefill_chunk: int = 256,
         cache=None,
+        bf16_prefill: bool = False,
     ):
         if max_batch < 1 or max_waiting < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_waiting >= 0")
@@ -120,6 +121,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
+        self.bf16_prefill = bf16_prefill  # prompts' matmuls in bf16 where the CPU has it (generate.prefill)
         self.cache = cache  # a rwkvkit.infer.cache.PrefixCache or None
         if cache is not None:
             from rwkvkit.state_io import model_fingerprint
@@ -324,7 +326,8 @@ class Engine:
             block = self.cache.block_size
             end = min(end, (start // block + 1) * block)
         x = torch.tensor([request.prompt[start:end]], dtype=torch.long, device=self.model.device)  # (1, T)
-        logits, request.state = self.model(x, request.state, last_only=True)
+        with prefill_precision(self.model, self.bf16_prefill):
+            logits, request.state = self.model(x, request.state, last_only=True)
         request.logits = logits[0, -1].float()
         request.prefilled = end
         if caching and end % self.cache.block_size == 0 and end < len(request.prompt):

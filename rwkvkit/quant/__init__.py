@@ -154,16 +154,14 @@ def load_quantized(
         raise RwkvkitError(f"{path} is a damaged quantized model ({type(e).__name__}: {e})") from None
     with torch.device("meta"):
         model = MODEL_CLASSES[config.version](config)
+    take = tensors.pop
     for name in names:
         try:
             if scheme == "int8":
-                layer: nn.Module = Int8Linear(tensors.pop(name + ".qweight"), tensors.pop(name + ".scales"))
+                layer: nn.Module = Int8Linear(take(name + ".qweight"), take(name + ".scales"))
             else:
                 layer = Int4Linear(
-                    tensors.pop(name + ".qweight"),
-                    tensors.pop(name + ".scales"),
-                    tensors.pop(name + ".zeros"),
-                    group_size,
+                    take(name + ".qweight"), take(name + ".scales"), take(name + ".zeros"), group_size
                 )
         except KeyError as e:
             raise RwkvkitError(f"{path} lacks the tensor {e.args[0]} of a quantized layer") from None

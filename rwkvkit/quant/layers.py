@@ -31,6 +31,13 @@ def _cpu_kernels(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous at a 64-byte aligned address (a copy if needed): the CPU weight-only kernels read
+    weights with aligned vector loads, and a tensor straight from a file's buffer may sit anywhere."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 # ---------------------------------------------------------------------------------------------- int8
 
 
@@ -48,7 +55,7 @@ class Int8Linear(nn.Module):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight.contiguous())  # (N, K) int8
+        self.register_buffer("qweight", _aligned(qweight))  # (N, K) int8
         self.register_buffer("scales", scales.float().contiguous())  # (N,) fp32
         self._scales_bf16 = self.scales.to(torch.bfloat16)
 
@@ -106,7 +113,7 @@ class Int4Linear(nn.Module):
         self.out_features = qweight.shape[0]
         self.in_features = qweight.shape[1] * 2
         self.group_size = group_size
-        self.register_buffer("qweight", qweight.contiguous())  # (N, K/2) uint8
+        self.register_buffer("qweight", _aligned(qweight))  # (N, K/2) uint8
         self.register_buffer("scales", scales.float().contiguous())  # (N, K/G)
         self.register_buffer("zeros", zeros.float().contiguous())  # (N, K/G)
         self._pack()
