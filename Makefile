@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench bench-infer clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_wkv.py
 	$(PY) benchmarks/bench_tokenizer.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_infer.py
+
+bench-infer: $(STAMP)
+	$(PY) benchmarks/bench_infer.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
