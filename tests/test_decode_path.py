@@ -8,6 +8,7 @@ import pytest
 import torch
 from checkpoints import random_state_dict
 
+from rwkvkit import blas
 from rwkvkit.models import model_from_state_dict
 from rwkvkit.wkv import wkv4, wkv4_step, wkv6, wkv6_step, wkv7, wkv7_step
 
@@ -58,29 +59,56 @@ def test_fast_decode_in_bf16_is_as_close_to_fp32_as_the_general_path(version):
     assert fast_err <= 1.5 * general_err + 1e-3 * exact.abs().max().item(), (fast_err, general_err)
 
 
-def test_single_token_wkv_forms_equal_the_references():
-    g = torch.Generator().manual_seed(0)
-    B, H, N, C = 2, 3, 8, 24
+@pytest.mark.parametrize("B", [1, 2])  # one sequence takes numpy's products, more take torch's
+@pytest.mark.parametrize("into_buffer", [False, True])
+def test_single_token_wkv_forms_equal_the_references(B, into_buffer):
+    g = torch.Generator().manual_seed(B)
+    H, N, C = 3, 8, 24
 
     def randn(*shape):
         return torch.randn(*shape, generator=g)
+
+    def buffer(*shape):  # where the step writes the new state (NaN: every element must be written)
+        return torch.full(shape, float("nan")) if into_buffer else None
 
     r, k, v = randn(B, H, N), randn(B, H, N), randn(B, H, N)
     w = -torch.exp(randn(B, H, N) - 1)
     kk = torch.nn.functional.normalize(randn(B, H, N), dim=-1)
     a, b = -kk, kk * torch.rand(B, H, N, generator=g)
     state = randn(B, H, N, N)
-    y, s = wkv7_step(r, w, k, v, a, b, state)
+    before = state.clone()
+    y, s = wkv7_step(r, w, k, v, a, b, state, buffer(B, H, N, N))
     y_ref, s_ref = wkv7(*(x.unsqueeze(1) for x in (r, w, k, v, a, b)), state, impl="reference")
     assert torch.allclose(y, y_ref[:, 0], atol=1e-5) and torch.allclose(s, s_ref, atol=1e-5)
     u = randn(H, N)
-    y, s = wkv6_step(r, w, k, v, u, state)
+    y, s = wkv6_step(r, w, k, v, u, state, buffer(B, H, N, N))
     y_ref, s_ref = wkv6(*(x.unsqueeze(1) for x in (r, w, k, v)), u, state, impl="reference")
     assert torch.allclose(y, y_ref[:, 0], atol=1e-5) and torch.allclose(s, s_ref, atol=1e-5)
+    assert torch.equal(state, before)  # the old state is left as it was
     w4, u4 = -torch.exp(randn(C)), randn(C)
     k4, v4 = randn(B, C), randn(B, C)
     st4 = torch.stack((randn(B, C), torch.rand(B, C, generator=g) + 0.5, randn(B, C)), dim=1)
-    y, s = wkv4_step(w4, u4, k4, v4, st4)
+    y, s = wkv4_step(w4, u4, k4, v4, st4, buffer(B, 3, C))
     y_ref, (aa, bb, pp) = wkv4(w4, u4, k4.unsqueeze(1), v4.unsqueeze(1), st4.unbind(1), impl="reference")
     assert torch.allclose(y, y_ref[:, 0], atol=1e-5)
     assert torch.allclose(s, torch.stack((aa, bb, pp), dim=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_decode_products_equal_torch(B):
+    g = torch.Generator().manual_seed(0)
+    x, w, lin = (
+        torch.randn(B, 48, generator=g),
+        torch.randn(48, 16, generator=g),
+        torch.randn(24, 48, generator=g),
+    )
+    state, vec = torch.randn(B, 3, 8, 8, generator=g), torch.randn(B, 3, 8, generator=g)
+    assert torch.allclose(blas.matmul(x, w), x @ w, atol=1e-5)
+    assert torch.allclose(blas.linear_row(x, lin), x @ lin.T, atol=1e-5)
+    assert torch.allclose(blas.state_matvec(state, vec), (state @ vec.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    # with a gradient to record, torch's own product (numpy would drop it)
+    wg = w.clone().requires_grad_()
+    blas.matmul(x, wg).sum().backward()
+    assert torch.allclose(wg.grad, x.sum(0, keepdim=True).T.expand(48, 16), atol=1e-5)
+    # other dtypes keep theirs
+    assert blas.matmul(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16

@@ -33,9 +33,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from rwkvkit import blas
 from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.state import RWKVState, layer_zero_wkv
+from rwkvkit.state import RWKVState, layer_zero_wkv, wkv_shape
 
 GROUPNORM_EPS = 64e-5  # ln_x of v5.2 / v6 / v7 (the trainers' x / 8 with eps 1e-5 is the same thing)
 RESCALE_EVERY = 6  # sub-block outputs are computed 2x smaller every this many layers (see Precision)
@@ -53,11 +54,11 @@ def channel_mix_key_scale(layer_id: int) -> float:
 
 
 def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` for the decode fast path. One fp32 row on the CPU goes through numpy's BLAS, whose
-    matrix-vector product reads the weights about twice as fast as torch's here (benchmarks/RESULTS.md);
-    everything else (batches, other dtypes and devices, quantized layers) is the module itself."""
-    if type(linear) is nn.Linear and x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32:
-        return torch.from_numpy(x.numpy() @ linear.weight.detach().numpy().T)
+    """``linear(x)`` for the decode fast path: one fp32 row on the CPU goes through numpy's BLAS
+    (:mod:`rwkvkit.blas`); everything else (batches, other dtypes and devices, quantized layers) is the
+    module itself."""
+    if type(linear) is nn.Linear and linear.bias is None and x.shape[0] == 1:
+        return blas.linear_row(x, linear.weight)
     return linear(x)
 
 
@@ -164,15 +165,17 @@ class Block(nn.Module):
         ffn_shift: torch.Tensor,
         carry: torch.Tensor | None,
         dtype: torch.dtype,
+        wkv_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """:meth:`forward` for one token per sequence, x (B, C): the decode fast path (inference only;
-        the mixes' ``step`` methods do the same computation in fewer ops; tests compare the two)."""
+        the mixes' ``step`` methods do the same computation in fewer ops; tests compare the two). The
+        new wkv state is written into ``wkv_out`` when given."""
         if hasattr(self, "ln0"):
             x = layer_norm(self.ln0, x, torch.float32)
         if wkv_state is None:
             wkv_state = self.initial_wkv(x.shape[0], x.device)
         xa = layer_norm(self.ln1, x, dtype)
-        out, wkv_state, carry = self.att.step(xa, att_shift, wkv_state, carry)
+        out, wkv_state, carry = self.att.step(xa, att_shift, wkv_state, carry, wkv_out)
         x = x + out.float() / self.att.output_scale
         xf = layer_norm(self.ln2, x, dtype)
         x = x + self.ffn.step(xf, ffn_shift).float() / self.ffn.output_scale
@@ -277,10 +280,12 @@ class RWKVModel(nn.Module):
         att_shift, wkv_states, ffn_shift = [], [], []
         carry = None
         recompute = self.grad_checkpoint and torch.is_grad_enabled()
-        for block, (att_i, wkv_i, ffn_i) in zip(self.blocks, layer_states, strict=True):
+        # a step writes each layer's new wkv state straight into the next state (no stacking copy)
+        wkv_next = torch.empty(wkv_shape(self.config, x.shape[0]), device=x.device) if stepping else None
+        for i, (block, (att_i, wkv_i, ffn_i)) in enumerate(zip(self.blocks, layer_states, strict=True)):
             layer_inputs = (x, att_i, wkv_i, ffn_i, carry, dtype)
             if stepping:
-                outputs = block.step(*layer_inputs)
+                outputs = block.step(*layer_inputs, wkv_out=wkv_next[i])
             elif recompute:  # keep only the block inputs; recompute the rest in the backward
                 outputs = torch.utils.checkpoint.checkpoint(block, *layer_inputs, use_reentrant=False)
             else:
@@ -289,7 +294,8 @@ class RWKVModel(nn.Module):
             att_shift.append(att_i)
             wkv_states.append(wkv_i)
             ffn_shift.append(ffn_i)
-        return x, RWKVState(torch.stack(att_shift), torch.stack(wkv_states), torch.stack(ffn_shift))
+        wkv = wkv_next if stepping else torch.stack(wkv_states)
+        return x, RWKVState(torch.stack(att_shift), wkv, torch.stack(ffn_shift))
 
 
 # ---------------------------------------------------------------------------------------------- init

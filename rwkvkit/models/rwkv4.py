@@ -70,14 +70,20 @@ class TimeMix(nn.Module):
         return out, torch.stack((aa, bb, pp), dim=1), carry
 
     def step(
-        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        wkv_state: torch.Tensor,
+        carry: None,
+        wkv_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """:meth:`forward` for one token, x and shift (B, C): the decode fast path."""
+        """:meth:`forward` for one token, x and shift (B, C): the decode fast path (the new state is
+        written into ``wkv_out`` when given)."""
         k = project(self.key, mix(x, shift, self.time_mix_k[0])).float()  # (B, A)
         v = project(self.value, mix(x, shift, self.time_mix_v[0])).float()
         r = torch.sigmoid(project(self.receptance, mix(x, shift, self.time_mix_r[0])))
         log_decay = -torch.exp(self.time_decay.float())
-        y, state = wkv4_step(log_decay, self.time_first.float(), k, v, wkv_state)  # y (B, A)
+        y, state = wkv4_step(log_decay, self.time_first.float(), k, v, wkv_state, out=wkv_out)  # y (B, A)
         return project(self.output, r * y.to(r.dtype) * self.output_scale), state, carry
 
 

@@ -91,15 +91,17 @@ class MatrixStateTimeMix(nn.Module):
         xg: torch.Tensor,
         log_decay: torch.Tensor,
         wkv_state: torch.Tensor,
+        wkv_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`attend` for one token: x{r,k,v,g} (B, C), log-decay (B, H, N) (the decode fast path)."""
+        """:meth:`attend` for one token: x{r,k,v,g} (B, C), log-decay (B, H, N) (the decode fast path;
+        the new state is written into ``wkv_out`` when given)."""
         B, C = xr.shape
         H, N = self.n_head, self.head_size
         r = project(self.receptance, xr).float().view(B, H, N)
         k = project(self.key, xk).float().view(B, H, N)
         v = project(self.value, xv).float().view(B, H, N)
         g = F.silu(project(self.gate, xg))  # (B, C)
-        y, wkv_state = wkv6_step(r, log_decay, k, v, self.time_faaaa.float(), wkv_state)  # y (B, H, N)
+        y, wkv_state = wkv6_step(r, log_decay, k, v, self.time_faaaa.float(), wkv_state, wkv_out)  # (B, H, N)
         y = F.group_norm(y.reshape(B, C), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
         return project(self.output, y.to(xr.dtype) * g * self.output_scale), wkv_state
 
@@ -134,9 +136,15 @@ class TimeMix(MatrixStateTimeMix):
         return out, wkv_state, carry
 
     def step(
-        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        wkv_state: torch.Tensor,
+        carry: None,
+        wkv_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """:meth:`forward` for one token, x and shift (B, C): the decode fast path."""
+        """:meth:`forward` for one token, x and shift (B, C): the decode fast path (the new state is
+        written into ``wkv_out`` when given)."""
         log_decay = (-torch.exp(self.time_decay.float())).expand(x.shape[0], self.n_head, self.head_size)
         out, wkv_state = self.attend_step(
             mix(x, shift, self.time_mix_r[0]),
@@ -145,6 +153,7 @@ class TimeMix(MatrixStateTimeMix):
             mix(x, shift, self.time_mix_g[0]),
             log_decay,
             wkv_state,
+            wkv_out,
         )
         return out, wkv_state, carry
 

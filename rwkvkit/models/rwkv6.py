@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rwkvkit.blas import matmul
 from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.models.common import (
@@ -79,16 +80,24 @@ class TimeMix(MatrixStateTimeMix):
         return out, wkv_state, carry
 
     def step(
-        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        wkv_state: torch.Tensor,
+        carry: None,
+        wkv_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """:meth:`forward` for one token, x and shift (B, C): the decode fast path."""
+        """:meth:`forward` for one token, x and shift (B, C): the decode fast path (the new state is
+        written into ``wkv_out`` when given)."""
         B, C = x.shape
         xx = shift - x  # (B, C)
         xxx = torch.addcmul(x, xx, self.time_maa_x[0])
-        m = torch.tanh(xxx @ self.time_maa_w1).view(B, 5, -1).transpose(0, 1)  # (5, B, D)
+        m = torch.tanh(matmul(xxx, self.time_maa_w1)).view(B, 5, -1).transpose(0, 1)  # (5, B, D)
         mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).unbind(0)  # each (B, C)
         xw = torch.addcmul(x, xx, self.time_maa_w[0] + mw)
-        decay_logit = self.time_decay[0] + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
+        decay_logit = self.time_decay[0] + matmul(
+            torch.tanh(matmul(xw, self.time_decay_w1)), self.time_decay_w2
+        )
         log_decay = -torch.exp(decay_logit.float()).view(B, self.n_head, self.head_size)
         out, wkv_state = self.attend_step(
             torch.addcmul(x, xx, self.time_maa_r[0] + mr),
@@ -97,6 +106,7 @@ class TimeMix(MatrixStateTimeMix):
             torch.addcmul(x, xx, self.time_maa_g[0] + mg),
             log_decay,
             wkv_state,
+            wkv_out,
         )
         return out, wkv_state, carry
 

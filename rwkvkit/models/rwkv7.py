@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwkvkit.blas import matmul
 from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.models.common import (
@@ -124,28 +125,34 @@ class TimeMix(nn.Module):
         return self.output(y * g * self.output_scale), wkv_state, v_first
 
     def step(
-        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, v_first: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        wkv_state: torch.Tensor,
+        v_first: torch.Tensor | None,
+        wkv_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`forward` for one token, x and shift (B, C): the decode fast path (fewer, fused ops)."""
+        """:meth:`forward` for one token, x and shift (B, C): the decode fast path (fewer, fused ops; the
+        new state is written into ``wkv_out`` when given)."""
         B, C = x.shape
         H, N = self.n_head, self.head_size
         mixes = torch.cat((self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))  # (6, 1, C)
         xr, xw, xk, xv, xa, xg = torch.addcmul(x, shift - x, mixes).unbind(0)  # each (B, C)
         r, k, v = project(self.receptance, xr), project(self.key, xk), project(self.value, xv)
-        decay_logit = (self.w0[0] + torch.tanh(xw @ self.w1) @ self.w2).float()
+        decay_logit = (self.w0[0] + matmul(torch.tanh(matmul(xw, self.w1)), self.w2)).float()
         log_decay = torch.sigmoid(decay_logit) * -LOG_DECAY_SCALE  # (B, C) fp32
-        iclr = torch.sigmoid(self.a0[0] + (xa @ self.a1) @ self.a2)
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        iclr = torch.sigmoid(self.a0[0] + matmul(matmul(xa, self.a1), self.a2))
+        g = matmul(torch.sigmoid(matmul(xg, self.g1)), self.g2)
         kk = F.normalize((k * self.k_k[0]).view(B, H, N), dim=-1, p=2.0)  # (B, H, N)
         k = k * (1 + (iclr - 1) * self.k_a[0])
         if self.layer_id == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0[0] + (xv @ self.v1) @ self.v2)
+            v = v + (v_first - v) * torch.sigmoid(self.v0[0] + matmul(matmul(xv, self.v1), self.v2))
         kh, vh, rh = k.view(B, H, N), v.view(B, H, N), r.view(B, H, N)
         y, wkv_state = wkv7_step(
             rh.float(), log_decay.view(B, H, N), kh.float(), vh.float(), -kk.float(),
-            (kk * iclr.view(B, H, N)).float(), wkv_state,
+            (kk * iclr.view(B, H, N)).float(), wkv_state, wkv_out,
         )  # fmt: skip
         y = F.group_norm(y.reshape(B, C), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
         y = y.to(x.dtype) + ((rh * kh * self.r_k).sum(-1, keepdim=True) * vh).view(B, C)  # + the bonus

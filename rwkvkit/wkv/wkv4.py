@@ -341,10 +341,16 @@ def wkv4(
 
 
 def wkv4_step(
-    w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
+    w: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step for B sequences (the decode fast path): w, u (C,); k, v (B, C) fp32; state (B, 3, C)
-    stacked (aa, bb, pp). Returns y (B, C) fp32 and the new state (B, 3, C).
+    stacked (aa, bb, pp). Returns y (B, C) fp32 and the new state (B, 3, C), written into ``out`` when
+    given (a slice of the whole model's next state: no copy afterwards).
 
     The same stable recurrence as :func:`wkv4_reference` for T = 1, without the argument checks.
     """
@@ -356,4 +362,4 @@ def wkv4_step(
     ww = w + pp
     p = torch.maximum(ww, k)
     e1, e2 = torch.exp(ww - p), torch.exp(k - p)
-    return y, torch.stack((e1 * aa + e2 * v, e1 * bb + e2, p), dim=1)
+    return y, torch.stack((e1 * aa + e2 * v, e1 * bb + e2, p), dim=1, out=out)

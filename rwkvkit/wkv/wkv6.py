@@ -37,6 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from rwkvkit.blas import state_matvec
 from rwkvkit.wkv.dispatch import (
     check_chunk_size,
     check_matrix_state,
@@ -331,15 +332,22 @@ def wkv6(
 
 
 def wkv6_step(
-    r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: torch.Tensor, state: torch.Tensor
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    state: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the recurrence for B sequences (the decode fast path): r, w, k, v (B, H, N), u (H, N),
-    state (B, H, N, N) fp32 [value, key]; returns y (B, H, N) fp32 and the new state.
+    state (B, H, N, N) fp32 [value, key]; returns y (B, H, N) fp32 and the new state, written into ``out``
+    (B, H, N, N) when given (a slice of the whole model's next state: no copy afterwards).
 
     The same computation as ``wkv6(..., impl="reference")`` with T = 1, without the argument checks and
     the time loop (callers pass well-formed fp32 tensors; tests compare the two).
     """
     bonus = (r * u * k).sum(-1, keepdim=True)  # (B, H, 1)
-    y = (state @ r.unsqueeze(-1)).squeeze(-1) + bonus * v  # (B, H, V): reads the OLD state
-    state = torch.addcmul(state * torch.exp(w).unsqueeze(-2), v.unsqueeze(-1), k.unsqueeze(-2))
-    return y, state
+    y = state_matvec(state, r) + bonus * v  # (B, H, V): reads the OLD state
+    new = torch.mul(state, torch.exp(w).unsqueeze(-2), out=out).addcmul_(v.unsqueeze(-1), k.unsqueeze(-2))
+    return y, new

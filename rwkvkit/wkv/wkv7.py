@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from rwkvkit.blas import state_matvec
 from rwkvkit.wkv.dispatch import (
     check_chunk_size,
     check_matrix_state,
@@ -127,17 +128,16 @@ def wkv7_step(
     a: torch.Tensor,
     b: torch.Tensor,
     state: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the recurrence for B sequences (the decode fast path): inputs (B, H, N), state
-    (B, H, N, N) fp32 [value, key]; returns y (B, H, N) fp32 and the new state.
+    (B, H, N, N) fp32 [value, key]; returns y (B, H, N) fp32 and the new state, written into ``out``
+    (B, H, N, N) when given (a slice of the whole model's next state: no copy afterwards).
 
     The same computation as ``wkv7(..., impl="reference")`` with T = 1, without the argument checks and
     the time loop (callers pass well-formed fp32 tensors; tests compare the two).
     """
-    sa = state @ a.unsqueeze(-1)  # (B, H, V, 1): S a
-    state = torch.addcmul(
-        torch.addcmul(state * torch.exp(w).unsqueeze(-2), sa, b.unsqueeze(-2)),
-        v.unsqueeze(-1),
-        k.unsqueeze(-2),
-    )  # S diag(exp(w)) + (S a) b^T + v k^T
-    return (state @ r.unsqueeze(-1)).squeeze(-1), state
+    sa = state_matvec(state, a)  # (B, H, V): S a
+    new = torch.mul(state, torch.exp(w).unsqueeze(-2), out=out)
+    new.addcmul_(sa.unsqueeze(-1), b.unsqueeze(-2)).addcmul_(v.unsqueeze(-1), k.unsqueeze(-2))
+    return state_matvec(new, r), new  # new = S diag(exp(w)) + (S a) b^T + v k^T
