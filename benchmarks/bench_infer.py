@@ -5,7 +5,9 @@ random checkpoint in the official layout and its int8 / int4 (group 64) quantiza
 fresh processes (so each peak RSS is its own):
 
 - prefill tokens/s at T = 512 and 2048 (the reference's ``forward(tokens)``; rwkvkit's ``model(tokens)``,
-  fp32 and with ``--bf16-prefill``'s bf16 autocast),
+  fp32 and, at T = 512, with ``--bf16-prefill``'s bf16 autocast; int8 / int4 at T = 512 only: their
+  prefill already multiplies bf16 weights dequantized per call, so neither T = 2048 nor the bf16
+  autocast adds more than minutes),
 - decode tokens/s at batch 1 (one token per call, carried state), and rwkvkit's batched decode at
   batch 8 and 32,
 - load time and peak RSS growth while decoding (RSS after loading and decoding, minus the process's RSS
@@ -14,7 +16,8 @@ fresh processes (so each peak RSS is its own):
 It also measures this machine's memory read bandwidth (the best of a 2-thread torch sum and a numpy
 sum over 1 GiB: a copy would count the writes too and under-report it) and prints, per format, the
 decode bound (bandwidth / bytes of weights read per token: every matrix and vector except the
-embedding, of which one row is read) and the fraction of it reached. Medians of --repeats runs.
+embedding, of which one row is read) and the fraction of it reached. Medians of --repeats runs
+(prefill at T = 512: of --prefill-repeats; T = 2048 is one run, long enough to be stable).
 
     python benchmarks/bench_infer.py                  # everything (under 10 minutes on 2 cores)
     python benchmarks/bench_infer.py --shapes L12-D768 --versions 7
@@ -127,23 +130,20 @@ def worker(args: argparse.Namespace) -> dict:
     out["rss_growth_mb"] = peak_rss_mb() - baseline
     for b, fn in batched.items():
         fn(2, b)
-        out[f"decode_b{b}"] = statistics.median(
-            fn(args.decode_tokens // 2 or 1, b) for _ in range(args.repeats)
-        )
-    for n in args.prefill:
+        out[f"decode_b{b}"] = statistics.median(fn(args.batch_tokens, b) for _ in range(args.repeats))
+
+    def prefill_speed(n: int, **kw) -> float:
         times = []
-        for _ in range(args.repeats if n <= 512 else 1):  # T = 2048 once: it is long enough to be stable
+        for _ in range(args.prefill_repeats if n <= 512 else 1):  # T = 2048 once: long enough to be stable
             t = time.perf_counter()
-            run_prefill(n)
+            run_prefill(n, **kw)
             times.append(time.perf_counter() - t)
-        out[f"prefill_{n}"] = n / statistics.median(times)
-        if args.impl != "reference" and n <= 512:  # bf16 prefill at T = 512 (keeps the run under 10 min)
-            times = []
-            for _ in range(args.repeats if n <= 512 else 1):
-                t = time.perf_counter()
-                run_prefill(n, bf16=True)
-                times.append(time.perf_counter() - t)
-            out[f"prefill_{n}_bf16"] = n / statistics.median(times)
+        return n / statistics.median(times)
+
+    for n in args.prefill:
+        out[f"prefill_{n}"] = prefill_speed(n)
+        if args.impl != "reference" and n <= 512 and not args.path.endswith(".safetensors"):
+            out[f"prefill_{n}_bf16"] = prefill_speed(n, bf16=True)  # fp32 weights, T = 512 (10-min budget)
     return out
 
 
@@ -235,8 +235,10 @@ def main() -> None:
     )
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--versions", nargs="+", default=["7", "6"], choices=["7", "6"])
-    parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (median shown)")
-    parser.add_argument("--decode-tokens", type=int, default=12, help="tokens per decode run")
+    parser.add_argument("--repeats", type=int, default=3, help="decode runs per measurement (median shown)")
+    parser.add_argument("--prefill-repeats", type=int, default=2, help="prefill runs at T = 512 (median)")
+    parser.add_argument("--decode-tokens", type=int, default=12, help="tokens per batch-1 decode run")
+    parser.add_argument("--batch-tokens", type=int, default=4, help="steps per batched decode run")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="batched decode sizes")
     parser.add_argument("--work-dir", default=None, help="where the checkpoints go (default: a temp dir)")
     # internal: one measurement in a fresh process
@@ -259,8 +261,9 @@ def main() -> None:
     print(f"# rwkvkit inference benchmark, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
     print(f"# memory read bandwidth: {bw:.1f} GB/s (best of torch / numpy sums over 1 GiB)")
-    print(f"# medians of {args.repeats} runs; decode: {args.decode_tokens} tokens per run; load average "
-          f"{os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(f"# medians of {args.repeats} decode runs ({args.decode_tokens} tokens at batch 1, "
+          f"{args.batch_tokens} steps batched) and {args.prefill_repeats} prefill runs at T = 512; "
+          f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     print()
     print("| model | impl | weights MB | load s | prefill 512 tok/s | prefill 2048 | decode B=1 tok/s | "
           "bound tok/s | of bound | B=8 tok/s | B=32 tok/s | decode RSS growth MB |")  # fmt: skip
@@ -268,15 +271,19 @@ def main() -> None:
     for shape in args.shapes:
         for version in args.versions:
             paths = make_checkpoints(work, shape, version)
+            os.sync()  # new files' write-back would otherwise run beside the first measurements
             rows = [("reference fp32", "reference", paths["fp32"])] + [
                 (f"rwkvkit {fmt}", "rwkvkit", paths[fmt]) for fmt in ("fp32", "int8", "int4")
             ]
             ref_decode = None
             for label, impl, path in rows:
                 batches = args.batches if impl == "rwkvkit" else []
+                quantized = path.suffix == ".safetensors"
                 speed = run_worker(
                     impl=impl, path=path, version=version, decode_tokens=args.decode_tokens,
-                    repeats=args.repeats, batches=batches or [0], prefill=[512, 2048],
+                    batch_tokens=args.batch_tokens, repeats=args.repeats,
+                    prefill_repeats=args.prefill_repeats, batches=batches or [0],
+                    prefill=[512] if quantized else [512, 2048],
                 )  # fmt: skip
                 nbytes = weight_bytes_per_token(path)
                 bound = bw * 1e9 / nbytes
@@ -285,8 +292,8 @@ def main() -> None:
                     ref_decode = speed["decode"]
                 ratio = "" if impl == "reference" else f" ({speed['decode'] / ref_decode:.2f}x ref)"
                 pre512 = f"{speed['prefill_512']:.0f}"
-                pre2048 = f"{speed['prefill_2048']:.0f}"
-                if impl != "reference":
+                pre2048 = f"{speed['prefill_2048']:.0f}" if "prefill_2048" in speed else "-"
+                if "prefill_512_bf16" in speed:
                     pre512 += f" / bf16 {speed['prefill_512_bf16']:.0f}"
                 b8 = f"{speed.get('decode_b8', float('nan')):.1f}" if impl != "reference" else "-"
                 b32 = f"{speed.get('decode_b32', float('nan')):.1f}" if impl != "reference" else "-"

@@ -128,8 +128,10 @@ class Int4Linear(nn.Module):
             )
 
     def _apply(self, fn, recurse=True):
+        before = self.qweight
         out = super()._apply(fn, recurse)
-        self._pack()
+        if self.qweight is not before:  # moved or converted: pack again (``.to`` the same device is free)
+            self._pack()
         return out
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
