@@ -181,6 +181,18 @@ def test_carried_state_equals_reading_the_whole_conversation(version):
     assert session.text == conversation + second
 
 
+def test_bf16_prefill_reads_turns_within_bf16_rounding(monkeypatch):
+    # any CPU can run bf16 autocast (slowly without native bf16): test the path everywhere
+    monkeypatch.setattr(sys.modules["rwkvkit.infer.generate"], "bf16_prefill_supported", lambda model: True)
+    model = model_from_state_dict(random_state_dict("7", vocab_size=256, seed=3))
+    sessions = [ChatSession(model, BYTE, temperature=0, max_tokens=0, bf16_prefill=b) for b in (False, True)]
+    for session in sessions:
+        "".join(session.send("A longer first turn, long enough to be prefilled in one chunk."))
+    exact, bf16 = (s.state.wkv for s in sessions)
+    err = (bf16 - exact).norm() / exact.norm()
+    assert 0 < err < 0.05, err  # bf16 did run (not bit-identical) and stays close
+
+
 def test_carried_state_with_the_printable_model_and_a_system_prompt(printable_model):
     session = ChatSession(printable_model, BYTE, temperature=0, max_tokens=12, system="Answer in one word.")
     text = "System: Answer in one word."

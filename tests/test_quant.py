@@ -145,6 +145,16 @@ def test_quantize_command(tmp_path, capsys):
     assert "already quantized" in capsys.readouterr().err
     assert cli_main(["quantize", str(src), "--to", "int4", "-o", str(tmp_path / "x.pth")]) == 2
     assert ".safetensors" in capsys.readouterr().err
+    # training and merging need the full-precision weights
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be " * 50)
+    train = ["train", "--init-from", str(out), "--data", str(text), "--tokenizer", "byte"]
+    assert cli_main([*train, "--out", str(tmp_path / "run"), "--steps", "1", "--ctx-len", "16"]) == 2
+    assert "quantized model" in capsys.readouterr().err
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    merge = ["merge", "--base", str(out), "--adapter", str(tmp_path / "a.safetensors")]
+    assert cli_main([*merge, "-o", str(tmp_path / "merged.pth")]) == 2
+    assert "quantized model" in capsys.readouterr().err
 
 
 def test_quality_on_a_model_trained_on_shakespeare(tmp_path):

@@ -365,6 +365,8 @@ def merge_adapter_file(
         if out_path.exists() and source.exists() and out_path.resolve() == source.resolve():
             raise RwkvkitError(f"refusing to overwrite the input {source}: choose another output path")
     base = load_model(base_path)
+    if getattr(base, "quantization", None):
+        raise RwkvkitError(f"{base_path} is a quantized model: merge into the full-precision checkpoint")
     merged = merge_lora(load_adapter(base, adapter_path))
     save_model(merged, out_path)
     return out_path

@@ -118,6 +118,11 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
 
     if cfg.init_from:
         model = load_model(cfg.init_from, device=device)
+        if getattr(model, "quantization", None):
+            raise RwkvkitError(
+                f"{cfg.init_from} is a quantized model ({model.quantization['scheme']}): training needs the "
+                "full-precision checkpoint it was made from"
+            )
         if model.config.vocab_size != vocab_size:
             raise RwkvkitError(
                 f"{cfg.init_from} has a vocabulary of {model.config.vocab_size} tokens, but the tokenizer "
