@@ -281,7 +281,11 @@ class RWKVModel(nn.Module):
         carry = None
         recompute = self.grad_checkpoint and torch.is_grad_enabled()
         # a step writes each layer's new wkv state straight into the next state (no stacking copy)
-        wkv_next = torch.empty(wkv_shape(self.config, x.shape[0]), device=x.device) if stepping else None
+        wkv_next = (
+            torch.empty(wkv_shape(self.config, x.shape[0]), device=x.device, dtype=torch.float32)
+            if stepping
+            else None
+        )
         for i, (block, (att_i, wkv_i, ffn_i)) in enumerate(zip(self.blocks, layer_states, strict=True)):
             layer_inputs = (x, att_i, wkv_i, ffn_i, carry, dtype)
             if stepping:
