@@ -23,6 +23,7 @@ from rwkvkit.quant.layers import (
     quantize_int4,
     quantize_int8,
     unpack_int4,
+    unpack_int4_cpu_layout,
 )
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "data" / "shakespeare"
@@ -40,6 +41,31 @@ def test_int8_and_int4_reconstruct_within_half_a_step():
     assert codes.min() >= 0 and codes.max() <= 15
     w4 = (codes.float() - 8) * s4.repeat_interleave(32, 1) + z4.repeat_interleave(32, 1)
     assert ((w4 - w).abs() <= s4.repeat_interleave(32, 1) / 2 + 1e-6).all()
+
+
+# 128: held packed only; 80: packed, not in 64-row blocks (both forms kept); 72: no kernel (N % 16)
+@pytest.mark.parametrize("out_features", [128, 80, 72])
+def test_int4_layers_hold_their_weights_once_and_give_them_back_exactly(out_features):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(out_features, 128, generator=g)
+    packed, scales, zeros = quantize_int4(w, 32)
+    layer = Int4Linear(packed.clone(), scales, zeros, group_size=32)
+    assert (layer._packed is None) == (out_features % 16 != 0)
+    assert (layer.qweight is None) == (out_features % 64 == 0)  # no second copy where it reads back
+    if layer.qweight is None:  # torch's packed layout read back, checked against the values packed
+        assert torch.equal(unpack_int4_cpu_layout(layer._packed, out_features, 128), unpack_int4(packed))
+    assert torch.equal(layer.portable_qweight(), packed)
+    assert torch.equal(layer.state_dict()["qweight"], packed)
+    assert list(layer.state_dict()) == ["qweight", "scales", "zeros"]
+    codes = unpack_int4(packed).float()
+    expected = (codes - 8) * scales.repeat_interleave(32, 1) + zeros.repeat_interleave(32, 1)
+    assert torch.allclose(layer.dequantize(), expected)
+    x = torch.randn(3, 128, generator=g)
+    y = layer(x)
+    # converting the layer re-derives the portable weights and packs again: same results
+    layer.to(torch.float64)
+    assert (layer.qweight is None) == (out_features % 64 == 0) and layer.scales.dtype == torch.float64
+    assert torch.allclose(layer.float()(x), y) and torch.equal(layer.portable_qweight(), packed)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

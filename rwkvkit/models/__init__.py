@@ -8,7 +8,9 @@ and owns the checkpoint <-> module plumbing (key and shape checks, dtype and dev
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -123,8 +125,27 @@ def load_model(
     from rwkvkit.quant import load_quantized, read_quantized_metadata
 
     if read_quantized_metadata(path) is not None:
-        return load_quantized(path, device=device, dtype=dtype)
-    return model_from_state_dict(load_state_dict(path), device=device, dtype=dtype, source=str(path))
+        model = load_quantized(path, device=device, dtype=dtype)
+    else:
+        model = model_from_state_dict(load_state_dict(path), device=device, dtype=dtype, source=str(path))
+    return_freed_memory()
+    return model
+
+
+def return_freed_memory() -> None:
+    """Give the memory freed while loading (conversion and packing temporaries) back to the system.
+
+    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in its heap, where they
+    count in the process's RSS: an L24-D1024 int4 model measured 1.28 GB resident after loading, 0.62 GB
+    after this. Linux with glibc only (``malloc_trim``); elsewhere it does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own C library
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return
+    trim(0)
 
 
 def export_state_dict(

@@ -129,6 +129,36 @@ def read_quantized_metadata(path: str | os.PathLike) -> dict | None:
     return metadata if metadata.get("rwkvkit_format") == FORMAT else None
 
 
+class _PlainReader:
+    """Reads single tensors of a safetensors file with ordinary reads into fresh (aligned) memory, not
+    through the memory map ``load_file`` gives. The quantized weights are read so: an int4 layer packs
+    its nibbles into the CPU kernel's layout and drops them, and an int8 weight at an unaligned offset
+    is copied for the kernel (``_aligned``); read through the map, the originals would stay resident
+    as the file's pages, a second copy in the process's RSS."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "rb")  # noqa: SIM115  (closed by close())
+        size = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(size))
+        self.base = 8 + size
+
+    def read_bytes(self, name: str) -> torch.Tensor | None:
+        """The U8 or I8 tensor ``name`` (None if the file has no such tensor of those dtypes)."""
+        info = self.header.get(name)
+        dtypes = {"U8": torch.uint8, "I8": torch.int8}
+        if not isinstance(info, dict) or info.get("dtype") not in dtypes:
+            return None
+        start, end = info["data_offsets"]
+        out = torch.empty(end - start, dtype=torch.uint8)
+        self.file.seek(self.base + start)
+        if self.file.readinto(out.numpy()) != end - start:
+            raise RwkvkitError(f"{self.file.name} is truncated (tensor {name})")
+        return out.view(dtypes[info["dtype"]]).view(info["shape"])
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def load_quantized(
     path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ):
@@ -155,17 +185,22 @@ def load_quantized(
     with torch.device("meta"):
         model = MODEL_CLASSES[config.version](config)
     take = tensors.pop
-    for name in names:
-        try:
-            if scheme == "int8":
-                layer: nn.Module = Int8Linear(take(name + ".qweight"), take(name + ".scales"))
-            else:
-                layer = Int4Linear(
-                    take(name + ".qweight"), take(name + ".scales"), take(name + ".zeros"), group_size
-                )
-        except KeyError as e:
-            raise RwkvkitError(f"{path} lacks the tensor {e.args[0]} of a quantized layer") from None
-        _set_module(model, name, layer.to(device))
+    reader = _PlainReader(path)
+    try:
+        for name in names:
+            try:
+                mapped = take(name + ".qweight")  # left untouched: read again in plain memory
+                qweight = reader.read_bytes(name + ".qweight")
+                qweight = mapped if qweight is None else qweight
+                if scheme == "int8":
+                    layer: nn.Module = Int8Linear(qweight, take(name + ".scales"))
+                else:
+                    layer = Int4Linear(qweight, take(name + ".scales"), take(name + ".zeros"), group_size)
+            except KeyError as e:
+                raise RwkvkitError(f"{path} lacks the tensor {e.args[0]} of a quantized layer") from None
+            _set_module(model, name, layer.to(device))
+    finally:
+        reader.close()
     expected = {k for k, v in model.state_dict().items() if v.device.type == "meta"}
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:

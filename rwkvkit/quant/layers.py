@@ -13,7 +13,9 @@ kernels at 512 rows). Elsewhere (CUDA, MPS, ...) the layers dequantize to the ac
 
 The portable tensors (what a quantized file stores) are ``qweight`` (int8 (N, K), or uint8 (N, K/2)
 holding two int4 values per byte, the even k in the low nibble) with fp32 ``scales`` (and ``zeros``);
-the CPU kernels' packed forms are made from them when a layer is built.
+the CPU kernels' packed forms are made from them when a layer is built. On the CPU an int4 layer then
+holds its nibbles only in the kernel's packed form (read back exactly, checked when packing) and makes
+the portable ``qweight`` again for saving or moving: one copy of the weights in memory, not two.
 """
 
 from __future__ import annotations
@@ -105,6 +107,22 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2).to(torch.int32)
 
 
+def unpack_int4_cpu_layout(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor | None:
+    """The int32 (N, K) values in [0, 15] of torch's CPU int4 packed weight (the inverse of
+    ``torch._convert_weight_to_int4pack_for_cpu``), or None where its layout is not this one.
+
+    As observed in torch 2.13: rows in blocks of 64; per block and input k, 32 bytes whose low nibbles
+    are the block's rows 0-31 and whose high nibbles are rows 32-63. Callers check the result against
+    the values packed (:meth:`Int4Linear._pack`), so another torch's layout is detected, not trusted.
+    """
+    N, K = out_features, in_features
+    if N % 64 or packed.dtype != torch.uint8 or packed.numel() * 2 != N * K:
+        return None
+    p = packed.reshape(N // 64, K, 32)
+    q = torch.cat((p & 0x0F, p >> 4), dim=-1)  # (N/64, K, 64): [block, k, row in block]
+    return q.transpose(1, 2).reshape(N, K).to(torch.int32)
+
+
 class Int4Linear(nn.Module):
     """y = x W^T with W stored as int4 in groups of ``group_size`` inputs (see the module docstring)."""
 
@@ -119,23 +137,52 @@ class Int4Linear(nn.Module):
         self._pack()
 
     def _pack(self) -> None:
-        """The CPU kernel's packed weight and (K/G, N, 2) bf16 scales-and-zeros (only on the CPU)."""
+        """The CPU kernel's packed weight and (K/G, N, 2) bf16 scales-and-zeros (only on the CPU).
+
+        When the packed weight reads back exactly (:func:`unpack_int4_cpu_layout`), the portable
+        ``qweight`` is dropped (set to None) and made again from it when needed (saving, dequantizing,
+        moving): the weights are then held once, not twice.
+        """
         self._packed = self._scales_zeros = None
-        if _cpu_kernels(self.qweight.device) and self.in_features % 32 == 0 and self.out_features % 8 == 0:
-            self._packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.qweight), 2)
+        if _cpu_kernels(self.qweight.device) and self.in_features % 32 == 0 and self.out_features % 16 == 0:
+            values = unpack_int4(self.qweight)  # (N, K) int32
+            self._packed = torch._convert_weight_to_int4pack_for_cpu(values, 2)
+            back = unpack_int4_cpu_layout(self._packed, self.out_features, self.in_features)
+            if back is not None and torch.equal(back, values):
+                self.qweight = None
             self._scales_zeros = (
                 torch.stack((self.scales.T, self.zeros.T), dim=-1).to(torch.bfloat16).contiguous()
             )
 
+    def _values(self) -> torch.Tensor:
+        """The int32 (N, K) weight values in [0, 15], from whichever form the layer holds."""
+        if self.qweight is not None:
+            return unpack_int4(self.qweight)
+        return unpack_int4_cpu_layout(self._packed, self.out_features, self.in_features)
+
+    def portable_qweight(self) -> torch.Tensor:
+        """The portable uint8 (N, K/2) nibbles (even k in the low nibble), what a quantized file stores."""
+        if self.qweight is not None:
+            return self.qweight
+        q = self._values()
+        return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.qweight is None:  # held as the packed form only: write the portable nibbles
+            destination[prefix + "qweight"] = self.portable_qweight()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _apply(self, fn, recurse=True):
-        before = self.qweight
+        if fn(self.scales) is self.scales:  # nothing moves or converts (e.g. ``.to`` the same device)
+            return super()._apply(fn, recurse)
+        if self.qweight is None:
+            self.qweight = self.portable_qweight()
         out = super()._apply(fn, recurse)
-        if self.qweight is not before:  # moved or converted: pack again (``.to`` the same device is free)
-            self._pack()
+        self._pack()
         return out
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        q = unpack_int4(self.qweight).to(dtype)  # (N, K)
+        q = self._values().to(dtype)  # (N, K)
         scales = self.scales.to(dtype).repeat_interleave(self.group_size, dim=1)
         zeros = self.zeros.to(dtype).repeat_interleave(self.group_size, dim=1)
         return (q - 8) * scales + zeros
