@@ -129,7 +129,7 @@ def worker(args: argparse.Namespace) -> dict:
     out["decode"] = statistics.median(decode(args.decode_tokens) for _ in range(args.repeats))
     out["rss_growth_mb"] = peak_rss_mb() - baseline
     for b, fn in batched.items():
-        fn(2, b)
+        fn(1, b)  # warm-up
         out[f"decode_b{b}"] = statistics.median(fn(args.batch_tokens, b) for _ in range(args.repeats))
 
     def prefill_speed(n: int, **kw) -> float:
@@ -237,8 +237,8 @@ def main() -> None:
     parser.add_argument("--versions", nargs="+", default=["7", "6"], choices=["7", "6"])
     parser.add_argument("--repeats", type=int, default=3, help="decode runs per measurement (median shown)")
     parser.add_argument("--prefill-repeats", type=int, default=2, help="prefill runs at T = 512 (median)")
-    parser.add_argument("--decode-tokens", type=int, default=12, help="tokens per batch-1 decode run")
-    parser.add_argument("--batch-tokens", type=int, default=4, help="steps per batched decode run")
+    parser.add_argument("--decode-tokens", type=int, default=10, help="tokens per batch-1 decode run")
+    parser.add_argument("--batch-tokens", type=int, default=3, help="steps per batched decode run")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="batched decode sizes")
     parser.add_argument("--work-dir", default=None, help="where the checkpoints go (default: a temp dir)")
     # internal: one measurement in a fresh process

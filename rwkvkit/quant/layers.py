@@ -123,6 +123,19 @@ def unpack_int4_cpu_layout(packed: torch.Tensor, out_features: int, in_features:
     return q.transpose(1, 2).reshape(N, K).to(torch.int32)
 
 
+_LAYOUT_CHECKED: dict[tuple[int, int], bool] = {}  # (N, K) -> whether the packed form read back exactly
+
+
+def _reads_back(packed: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether :func:`unpack_int4_cpu_layout` gives ``values`` back from their ``packed`` form: checked
+    on the first matrix of each shape in the process (the layout depends on the shape, not the values)."""
+    shape = tuple(values.shape)
+    if shape not in _LAYOUT_CHECKED:
+        back = unpack_int4_cpu_layout(packed, *shape)
+        _LAYOUT_CHECKED[shape] = back is not None and torch.equal(back, values)
+    return _LAYOUT_CHECKED[shape]
+
+
 class Int4Linear(nn.Module):
     """y = x W^T with W stored as int4 in groups of ``group_size`` inputs (see the module docstring)."""
 
@@ -147,8 +160,7 @@ class Int4Linear(nn.Module):
         if _cpu_kernels(self.qweight.device) and self.in_features % 32 == 0 and self.out_features % 16 == 0:
             values = unpack_int4(self.qweight)  # (N, K) int32
             self._packed = torch._convert_weight_to_int4pack_for_cpu(values, 2)
-            back = unpack_int4_cpu_layout(self._packed, self.out_features, self.in_features)
-            if back is not None and torch.equal(back, values):
+            if _reads_back(self._packed, values):
                 self.qweight = None
             self._scales_zeros = (
                 torch.stack((self.scales.T, self.zeros.T), dim=-1).to(torch.bfloat16).contiguous()
