@@ -187,13 +187,23 @@ def _default_tokenizer(vocab_size: int) -> str:
     return name
 
 
-def _run_generate(args: argparse.Namespace) -> int:
+def load_model_and_tokenizer(args: argparse.Namespace):
+    """(model, tokenizer) from a command's --model, --device, --dtype and --tokenizer flags (the device is
+    checked first; the tokenizer defaults to the built-in one matching the vocabulary)."""
     import torch
+
+    from rwkvkit.models import load_model
+    from rwkvkit.tokenizer import load_tokenizer
+
+    device = _torch_device(args.device)
+    model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+    return model, load_tokenizer(args.tokenizer or _default_tokenizer(model.config.vocab_size))
+
+
+def _run_generate(args: argparse.Namespace) -> int:
 
     from rwkvkit.infer import generate
     from rwkvkit.infer.sampling import check_sampling_args
-    from rwkvkit.models import load_model
-    from rwkvkit.tokenizer import load_tokenizer
 
     # Cheap checks first, before reading a large checkpoint.
     check_sampling_args(args.temperature, args.top_p, args.top_k)
@@ -203,10 +213,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     stop_strings = [_unescape(s) for s in args.stop]
     if any(s == "" for s in stop_strings):
         raise RwkvkitError("--stop needs a non-empty string")
-    device = _torch_device(args.device)
-
-    model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(model.config.vocab_size))
+    model, tokenizer = load_model_and_tokenizer(args)
 
     stream = generate(
         model,

@@ -126,9 +126,7 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from rwkvkit.cli import DTYPES, _default_tokenizer, _torch_device
-    from rwkvkit.models import load_model
-    from rwkvkit.tokenizer import load_tokenizer
+    from rwkvkit.cli import load_model_and_tokenizer
 
     path = Path(args.text)
     if not path.is_file():
@@ -137,10 +135,7 @@ def run(args) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise RwkvkitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    model = load_model(
-        args.model, device=_torch_device(args.device), dtype=getattr(torch, DTYPES[args.dtype])
-    )
-    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(model.config.vocab_size))
+    model, tokenizer = load_model_and_tokenizer(args)
     result = evaluate_text(model, tokenizer, text, args.chunk_len, eot_prefix=not args.no_eot_prefix)
     if args.json:
         print(json.dumps({"model": str(args.model), "text": str(path), **result.to_dict()}))

@@ -479,9 +479,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rwkvkit chat``."""
-    from rwkvkit.cli import DTYPES, _default_tokenizer, _torch_device, _unescape
-    from rwkvkit.models import load_model
-    from rwkvkit.tokenizer import load_tokenizer
+    from rwkvkit.cli import _unescape, load_model_and_tokenizer
 
     # Cheap checks first, before reading a large checkpoint.
     check_sampling_args(args.temperature, args.top_p, args.top_k)
@@ -489,10 +487,7 @@ def run(args: argparse.Namespace) -> int:
     system = None if args.system is None else _unescape(args.system)
     if system is not None and not normalize_message(system):
         raise RwkvkitError("--system needs a non-empty text")
-    device = _torch_device(args.device)
-
-    model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(model.config.vocab_size))
+    model, tokenizer = load_model_and_tokenizer(args)
     session = ChatSession(
         model,
         tokenizer,

@@ -1230,16 +1230,12 @@ def run(args: argparse.Namespace) -> int:
     """``rwkvkit serve``: load the model, start the engine, serve HTTP until interrupted."""
     import uvicorn
 
-    from rwkvkit.cli import DTYPES, _default_tokenizer, _torch_device
+    from rwkvkit.cli import load_model_and_tokenizer
     from rwkvkit.infer.cache import PrefixCache
-    from rwkvkit.models import load_model
-    from rwkvkit.tokenizer import load_tokenizer
 
     if args.api_key is not None and not args.api_key:
         raise RwkvkitError("--api-key needs a non-empty key")
-    device = _torch_device(args.device)
-    model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-    tokenizer = load_tokenizer(args.tokenizer or _default_tokenizer(model.config.vocab_size))
+    model, tokenizer = load_model_and_tokenizer(args)
     cache = PrefixCache(args.cache_mb * 2**20) if args.cache_mb > 0 else None
     engine = Engine(
         model,

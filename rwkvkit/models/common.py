@@ -318,6 +318,19 @@ def orthogonal_(weight: torch.Tensor, gain: float) -> None:
     nn.init.orthogonal_(weight, gain=gain)
 
 
+# The projection matrices (nn.Linear) of both mixes, as module-name suffixes; each version has a subset
+# (RWKV-4 and 7 have no att.gate, RWKV-7 no ffn.receptance). ``head`` is not among them.
+PROJECTION_SUFFIXES: tuple[str, ...] = (
+    "att.receptance",
+    "att.key",
+    "att.value",
+    "att.gate",
+    "att.output",
+    "ffn.key",
+    "ffn.value",
+    "ffn.receptance",
+)
+
 # Official gains of the projection matrices (all others: 1).
 PROJECTION_GAINS = {
     "att.key": 0.1,

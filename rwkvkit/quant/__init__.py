@@ -26,19 +26,10 @@ import torch
 from torch import nn
 
 from rwkvkit.errors import RwkvkitError
+from rwkvkit.models.common import PROJECTION_SUFFIXES
 from rwkvkit.quant.layers import GROUP_SIZES, SCHEMES, Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
 FORMAT = "rwkvkit-quantized-1"
-QUANTIZED_SUFFIXES = (
-    "att.receptance",
-    "att.key",
-    "att.value",
-    "att.gate",
-    "att.output",
-    "ffn.key",
-    "ffn.value",
-    "ffn.receptance",
-)
 
 
 def quantizable(model: nn.Module) -> list[str]:
@@ -46,7 +37,7 @@ def quantizable(model: nn.Module) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (name == "head" or name.endswith(QUANTIZED_SUFFIXES))
+        if isinstance(module, nn.Linear) and (name == "head" or name.endswith(PROJECTION_SUFFIXES))
     ]
 
 

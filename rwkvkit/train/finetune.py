@@ -32,20 +32,10 @@ from rwkvkit.checkpoint import SAFETENSORS_SUFFIX, load_state_dict, save_state_d
 from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.models import load_model, save_model
-from rwkvkit.models.common import RWKVModel
+from rwkvkit.models.common import PROJECTION_SUFFIXES, RWKVModel
 
-# The projection matrices (nn.Linear) of both mixes, as module-name suffixes. Each version has a subset:
-# RWKV-4 and 7 have no att.gate, RWKV-7 no ffn.receptance. ``head`` (and ``emb``) are left out on purpose.
-DEFAULT_LORA_TARGETS: tuple[str, ...] = (
-    "att.receptance",
-    "att.key",
-    "att.value",
-    "att.gate",
-    "att.output",
-    "ffn.key",
-    "ffn.value",
-    "ffn.receptance",
-)
+# LoRA goes on the projection matrices of both mixes; ``head`` (and ``emb``) are left out on purpose.
+DEFAULT_LORA_TARGETS: tuple[str, ...] = PROJECTION_SUFFIXES
 
 ADAPTER_FORMAT = "rwkvkit-lora-1"  # the "rwkvkit_adapter" metadata value of the files save_adapter writes
 LORA_MARKER = "lora_"  # in the name of every parameter peft adds (lora_A, lora_B)
