@@ -1,4 +1,4 @@
-"""Language-model evaluation of a text: loss, perplexity and bits per byte (``rwkvkit eval``).
+"""Language-model evaluation of a text: loss, perplexity and bits per byte (behind ``rwkvkit eval``).
 
 The whole text is one sequence: it runs through the model in chunks of ``chunk_len`` tokens with the
 state carried between chunks (RNN-style, so memory stays bounded and every token sees all of the text
@@ -86,63 +86,3 @@ def evaluate_text(
         bits_per_byte=nats / math.log(2) / max(n_bytes, 1),
         seconds=time.perf_counter() - t0,
     )
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser) -> None:
-    """The flags of ``rwkvkit eval``."""
-    parser.add_argument("model", metavar="MODEL", help="checkpoint (.pth or .safetensors)")
-    parser.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to evaluate on")
-    parser.add_argument(
-        "--tokenizer",
-        default=None,
-        metavar="NAME|PATH",
-        help="'world', 'byte', a World vocab file or a tokenizer.json (default: 'world' for a "
-        "65536-token vocabulary, 'byte' for 256)",
-    )
-    parser.add_argument(
-        "--chunk-len",
-        type=int,
-        default=DEFAULT_CHUNK_LEN,
-        metavar="N",
-        help="tokens per model call; the state is carried between calls (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--no-eot-prefix",
-        action="store_true",
-        help="do not put the end-of-text id before the text (then its first token is not scored)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, mps (default: cpu)")
-    parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weight precision (default: fp32)"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def run(args) -> int:
-    """Entry point of ``rwkvkit eval``."""
-    import json
-    from pathlib import Path
-
-    from rwkvkit.cli import load_model_and_tokenizer
-
-    path = Path(args.text)
-    if not path.is_file():
-        raise RwkvkitError(f"no such text file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise RwkvkitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    model, tokenizer = load_model_and_tokenizer(args)
-    result = evaluate_text(model, tokenizer, text, args.chunk_len, eot_prefix=not args.no_eot_prefix)
-    if args.json:
-        print(json.dumps({"model": str(args.model), "text": str(path), **result.to_dict()}))
-        return 0
-    print(f"model          {args.model} ({model.config.describe()})")
-    print(f"text           {path} ({result.bytes:,} bytes, {result.tokens:,} tokens scored)")
-    print(f"loss           {result.loss:.4f} nats/token")
-    print(f"perplexity     {result.perplexity:.3f}")
-    print(f"bits per byte  {result.bits_per_byte:.4f}")
-    return 0

@@ -12,7 +12,9 @@ import torch
 from checkpoints import random_state_dict, random_v7_state_dict
 from reference import reference_logits, reference_model
 
-from rwkvkit import cli, infer
+from rwkvkit import infer
+from rwkvkit.cli import common as cli
+from rwkvkit.cli import info as cli_info
 from rwkvkit.cli import main
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer import generate_text
@@ -251,9 +253,9 @@ def test_generate_with_a_tokenizer_json(capsys, tmp_path):
 
 
 def test_stop_escapes():
-    assert cli._unescape(r"\n\nUser:") == "\n\nUser:"
-    assert cli._unescape(r"a\tb\\n") == "a\tb\\n"
-    assert cli._unescape("plain é") == "plain é"
+    assert cli.unescape(r"\n\nUser:") == "\n\nUser:"
+    assert cli.unescape(r"a\tb\\n") == "a\tb\\n"
+    assert cli.unescape("plain é") == "plain é"
 
 
 def test_cli_defaults_match_the_library():
@@ -373,7 +375,7 @@ def test_keyboard_interrupt_exits_130(capsys, files, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_run_info", interrupted)
+    monkeypatch.setattr(cli_info, "run", interrupted)
     code, out, err = run_cli(capsys, "info", files["byte"])
     assert code == 130 and "Traceback" not in err
 

@@ -19,9 +19,10 @@ from checkpoints import random_state_dict
 from reference import reference_logits, reference_model
 
 from rwkvkit import RwkvkitError, load_model
+from rwkvkit.cli.merge import add_arguments as add_merge_arguments
+from rwkvkit.cli.merge import run as run_merge
 from rwkvkit.models import model_from_state_dict, save_model
 from rwkvkit.train.finetune import (
-    add_merge_arguments,
     apply_lora,
     enable_state_tuning,
     freeze,
@@ -29,7 +30,6 @@ from rwkvkit.train.finetune import (
     merge_adapter_file,
     merge_lora,
     read_adapter,
-    run_merge,
     save_adapter,
     train_only,
     trainable_names,

@@ -26,7 +26,8 @@ from reference import reference_logits, reference_model
 
 from rwkvkit import RwkvkitError, load_model
 from rwkvkit.cli import main as cli_main
-from rwkvkit.train.config import TrainConfig, add_arguments, config_from_args
+from rwkvkit.cli.train import add_arguments, config_from_args
+from rwkvkit.train.config import TrainConfig
 from rwkvkit.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]

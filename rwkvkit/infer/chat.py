@@ -1,11 +1,12 @@
-"""Chat with an RWKV World model: the conversation format, a session that carries its state, ``rwkvkit chat``.
+"""Chat with an RWKV World model: the conversation format and a session that carries its state.
 
 This module owns:
 
 * the World chat format: ``normalize_message``, ``format_user_turn`` and ``format_system_turn``;
 * ``ChatSession``: one conversation held as the recurrent state after everything said so far, usable from
-  Python without a terminal (``send`` streams a reply; ``reset``, ``save`` / ``load``, ``interrupt``);
-* the interactive command ``rwkvkit chat`` (``add_arguments`` / ``run``, registered in ``rwkvkit.cli``).
+  Python without a terminal (``send`` streams a reply; ``reset``, ``save`` / ``load``, ``interrupt``).
+
+The terminal command ``rwkvkit chat`` is a thin loop over ``ChatSession`` (in the command-line package).
 
 The text the model reads (the convention of the reference chat for World models)::
 
@@ -33,16 +34,12 @@ prompt, the text, and the sha256 of ``FILE`` so that a record is never paired wi
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import re
-import signal
-import sys
 from collections.abc import Generator, Sequence
 from pathlib import Path
-from typing import TextIO
 
 import torch
 
@@ -384,222 +381,3 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-COMMANDS_HELP = """\
-commands:
-  /help          show this list
-  /reset         forget the conversation and start again (with the --system prompt, if any)
-  /save FILE     save the conversation: its state to FILE (.safetensors), its text to FILE.json
-  /load FILE     continue a conversation saved with /save (with the same model and --dtype)
-  /quit, /exit   leave (Ctrl-D does too; Ctrl-C stops a reply, or leaves at the prompt)
-A message is one line; \\n in it is a line break (\\\\ a backslash). Start a message with // to send
-text that begins with /."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``rwkvkit chat``."""
-    from rwkvkit.cli import DTYPES
-
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = (
-        "Chat with an RWKV World model in the terminal. Each message is read as the turn\n"
-        "'User: {message}\\n\\nAssistant:' and the reply streams until the model starts the next\n"
-        "'\\n\\nUser:' turn (never shown), emits end-of-text, or reaches --max-tokens."
-    )
-    parser.epilog = COMMANDS_HELP
-    parser.add_argument(
-        "--model", "-m", required=True, metavar="PATH", help="checkpoint (.pth or .safetensors)"
-    )
-    parser.add_argument(
-        "--tokenizer",
-        default=None,
-        metavar="NAME|PATH",
-        help="'world', 'byte', a World-format vocab file or a Hugging Face tokenizer.json (default: 'world' "
-        "for a 65536-token vocabulary, 'byte' for 256)",
-    )
-    parser.add_argument(
-        "--device", default="cpu", help="torch device to run on, e.g. cpu, cuda, cuda:1, mps (default: cpu)"
-    )
-    parser.add_argument(
-        "--dtype", choices=list(DTYPES), default="fp32", help="weight precision (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--temperature",
-        type=float,
-        default=DEFAULT_CHAT_TEMPERATURE,
-        metavar="T",
-        help="sampling temperature; 0 = greedy, always the most likely token (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--top-p",
-        type=float,
-        default=DEFAULT_CHAT_TOP_P,
-        metavar="P",
-        help="nucleus sampling: keep the most likely tokens whose probability adds up to P, in (0, 1]; "
-        "1 disables it (default: %(default)s, as ChatRWKV)",
-    )
-    parser.add_argument(
-        "--top-k",
-        type=int,
-        default=DEFAULT_CHAT_TOP_K,
-        metavar="K",
-        help="keep only the K most likely tokens (after top-p); 0 disables it (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=DEFAULT_CHAT_MAX_TOKENS,
-        metavar="N",
-        help="the most tokens of one reply (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        metavar="N",
-        help="random seed: the same seed and messages give the same replies (/reset re-seeds)",
-    )
-    parser.add_argument(
-        "--system",
-        default=None,
-        metavar="TEXT",
-        help="a system prompt, read first as the turn 'System: TEXT' before the conversation; \\n in it is "
-        "a line break",
-    )
-    parser.add_argument(
-        "--bf16-prefill",
-        action="store_true",
-        help="run each turn's matmuls in bf16 where the CPU does bf16 natively (AVX512-BF16 / AMX): faster "
-        "long turns, results within bf16 rounding of fp32",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``rwkvkit chat``."""
-    from rwkvkit.cli import _unescape, load_model_and_tokenizer
-
-    # Cheap checks first, before reading a large checkpoint.
-    check_sampling_args(args.temperature, args.top_p, args.top_k)
-    _check_count("--max-tokens", args.max_tokens, 1)
-    system = None if args.system is None else _unescape(args.system)
-    if system is not None and not normalize_message(system):
-        raise RwkvkitError("--system needs a non-empty text")
-    model, tokenizer = load_model_and_tokenizer(args)
-    session = ChatSession(
-        model,
-        tokenizer,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-        system=system,
-        bf16_prefill=args.bf16_prefill,
-    )
-    out = sys.stdout
-    encoding = (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "")
-    if encoding != "utf8" and hasattr(out, "reconfigure"):
-        out.reconfigure(errors="replace")  # a non-UTF-8 console shows '?' rather than failing mid-reply
-    out.write(
-        f"Chatting with {model.config.describe()} ({args.model}).\n"
-        "/help lists the commands; /quit or Ctrl-D leaves.\n"
-    )
-    if system is not None:
-        out.write(f"{SYSTEM_PREFIX}{session.system}\n")
-    out.write("\n")
-    return chat_loop(session, out)
-
-
-def chat_loop(session: ChatSession, out: TextIO) -> int:
-    """Read messages and commands with ``input()`` until /quit, EOF or Ctrl-C at the prompt. Returns 0."""
-    from rwkvkit.cli import _one_line, _unescape
-
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    while True:
-        try:
-            line = input(USER_PREFIX)
-        except (EOFError, KeyboardInterrupt):
-            out.write("\n")
-            out.flush()
-            return 0
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            if line.startswith("/") and not line.startswith("//"):
-                if not _run_command(session, line, out):
-                    return 0
-                continue
-            _stream_reply(session, _unescape(line[1:] if line.startswith("//") else line), out)
-        except RwkvkitError as e:
-            out.flush()
-            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
-
-
-def _run_command(session: ChatSession, line: str, out: TextIO) -> bool:
-    """Run one /command; False means leave."""
-    name, _, argument = line.partition(" ")
-    argument = argument.strip()
-    if name in ("/quit", "/exit"):
-        return False
-    if name == "/help":
-        out.write(COMMANDS_HELP + "\n")
-    elif name == "/reset":
-        session.reset()
-        out.write("(conversation reset)\n")
-    elif name in ("/save", "/load"):
-        if not argument:
-            raise RwkvkitError(f"usage: {name} FILE")
-        if name == "/save":
-            session.save(argument)
-            out.write(
-                f"(saved the conversation, {_turns(session.turns)}, to {argument} and {argument}.json)\n"
-            )
-        else:
-            session.load(argument)
-            out.write(f"(loaded a conversation of {_turns(session.turns)} from {argument})\n")
-    else:
-        out.write(f"unknown command {name}: /help lists the commands (// sends a message starting with /)\n")
-    out.flush()
-    return True
-
-
-def _turns(n: int) -> str:
-    return f"{n} turn" if n == 1 else f"{n} turns"
-
-
-def _stream_reply(session: ChatSession, message: str, out: TextIO) -> None:
-    """Print ``Assistant:`` and the reply as it is generated; Ctrl-C ends the reply early."""
-    stream = session.send(message)  # checks the message before anything is printed
-
-    def on_ctrl_c(signum, frame) -> None:
-        if session.interrupt_requested:  # a second Ctrl-C: stop now, not after the current token
-            raise KeyboardInterrupt
-        session.interrupt()
-
-    try:
-        previous = signal.signal(signal.SIGINT, on_ctrl_c)
-    except ValueError:  # not the main thread: Ctrl-C keeps its usual meaning
-        previous = None
-    out.write(ASSISTANT_PROMPT)
-    out.flush()
-    try:
-        for piece in stream:
-            out.write(piece)
-            out.flush()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stream.close()  # commits the turn as far as it was shown
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-        if session.finish_reason in ("interrupted", "closed"):
-            out.write(" [stopped]")
-        out.write("\n\n")
-        out.flush()

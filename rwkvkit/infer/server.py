@@ -2,9 +2,9 @@
 
 This module owns the HTTP side of serving: the request schemas and their validation, the OpenAI
 response, streaming and error formats, the World chat prompt built from a list of messages, embeddings,
-state files inside ``--state-dir``, the bridge from the engine thread to asyncio, and the ``serve``
-command line (``add_arguments`` / ``run``). :func:`create_app` builds the FastAPI application around an
-engine that the caller has started (``engine.start()``); it can be driven without uvicorn.
+state files inside ``--state-dir``, and the bridge from the engine thread to asyncio (``rwkvkit serve``,
+in the command-line package, runs it under uvicorn). :func:`create_app` builds the FastAPI application
+around an engine that the caller has started (``engine.start()``); it can be driven without uvicorn.
 
 Endpoints (``/v1/*`` and ``/metrics`` need ``Authorization: Bearer KEY`` when an API key is set):
 
@@ -55,7 +55,6 @@ state of another model (400). Without ``--state-dir`` both fields are refused (4
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hmac
@@ -63,7 +62,6 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 import time
 import uuid
@@ -1135,149 +1133,3 @@ def create_app(
         return await service.embeddings(body, request)
 
     return app
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``rwkvkit serve``."""
-    from rwkvkit.cli import DTYPES, _non_negative_int, _positive_int
-
-    parser.add_argument(
-        "--model", "-m", required=True, metavar="PATH", help="checkpoint (.pth or .safetensors)"
-    )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"
-    )
-    parser.add_argument(
-        "--port", type=_port, default=8000, help="TCP port (default: %(default)s; 0 picks a free one)"
-    )
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get("RWKVKIT_API_KEY"),
-        metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $RWKVKIT_API_KEY; "
-        "none: no key needed)",
-    )
-    parser.add_argument(
-        "--model-name",
-        default=None,
-        metavar="NAME",
-        help="the model id clients ask for (default: the file stem)",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        default=None,
-        metavar="NAME|PATH",
-        help="'world', 'byte', a tokenizer.json or a World vocab file (default: by vocabulary size)",
-    )
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    parser.add_argument(
-        "--dtype", choices=list(DTYPES), default="fp32", help="weight precision (default: fp32)"
-    )
-    parser.add_argument(
-        "--max-batch",
-        type=_positive_int,
-        default=16,
-        metavar="N",
-        help="sequences decoded together (default: 16)",
-    )
-    parser.add_argument(
-        "--max-waiting",
-        type=_non_negative_int,
-        default=64,
-        metavar="N",
-        help="requests that may wait for a slot; more are answered 429 (default: 64)",
-    )
-    parser.add_argument(
-        "--max-tokens-limit",
-        type=_positive_int,
-        default=4096,
-        metavar="N",
-        help="the most tokens one request may generate (default: 4096)",
-    )
-    parser.add_argument(
-        "--cache-mb",
-        type=_non_negative_int,
-        default=256,
-        metavar="MB",
-        help="prefix-state cache size in MiB; 0 disables it (default: 256)",
-    )
-    parser.add_argument(
-        "--bf16-prefill",
-        action="store_true",
-        help="run prompts' matmuls in bf16 where the CPU does bf16 natively (AVX512-BF16 / AMX): faster "
-        "prompts, results within bf16 rounding of fp32",
-    )
-    parser.add_argument(
-        "--state-dir",
-        default=None,
-        metavar="DIR",
-        help="directory for state files (the 'state' / 'save_state' request fields); created if missing. "
-        "Without it, state files are disabled",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """``rwkvkit serve``: load the model, start the engine, serve HTTP until interrupted."""
-    import uvicorn
-
-    from rwkvkit.cli import load_model_and_tokenizer
-    from rwkvkit.infer.cache import PrefixCache
-
-    if args.api_key is not None and not args.api_key:
-        raise RwkvkitError("--api-key needs a non-empty key")
-    model, tokenizer = load_model_and_tokenizer(args)
-    cache = PrefixCache(args.cache_mb * 2**20) if args.cache_mb > 0 else None
-    engine = Engine(
-        model,
-        tokenizer,
-        max_batch=args.max_batch,
-        max_waiting=args.max_waiting,
-        cache=cache,
-        bf16_prefill=args.bf16_prefill,
-    )
-    model_name = args.model_name or Path(args.model).stem
-    app = create_app(
-        engine,
-        model_name,
-        api_key=args.api_key,
-        max_tokens_limit=args.max_tokens_limit,
-        state_dir=args.state_dir,
-    )
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
-        print(
-            f"warning: listening on {args.host} without an API key: anyone who can reach it can use "
-            "the model",
-            file=sys.stderr,
-        )
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5
-    )
-    server = uvicorn.Server(config)
-    uvicorn_exit = server.handle_exit
-    stopper = threading.Thread(target=engine.shutdown, name="rwkvkit-engine-shutdown", daemon=True)
-
-    def handle_exit(sig, frame) -> None:
-        # Ctrl-C / SIGTERM: cancel the running requests at once (their clients get a "shutting down"
-        # error and [DONE]) so that open streams end and uvicorn need not wait for them.
-        uvicorn_exit(sig, frame)
-        if not stopper.is_alive() and stopper.ident is None:
-            stopper.start()
-
-    server.handle_exit = handle_exit
-    engine.start()
-    try:
-        server.run()
-    finally:
-        engine.shutdown()
-    return 0

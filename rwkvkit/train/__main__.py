@@ -1,5 +1,7 @@
 """``python -m rwkvkit.train`` and ``torchrun --nproc_per_node=N -m rwkvkit.train``: ``rwkvkit train``."""
 
-from rwkvkit.train.trainer import main
+import sys
 
-raise SystemExit(main())
+from rwkvkit.cli import main
+
+raise SystemExit(main(["train", *sys.argv[1:]]))

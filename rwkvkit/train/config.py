@@ -1,15 +1,16 @@
-"""Training configuration: the ``TrainConfig`` dataclass, its command-line flags and its config files.
+"""Training configuration: the ``TrainConfig`` dataclass, the help of its flags and its config files.
 
 A run is one YAML or TOML file (``--config run.yaml``; its keys are the field names below) plus flags
 on the command line, which override the file; fields given nowhere keep their defaults. Every field is
-a flag (``n_layer`` -> ``--n-layer``), and ``--help`` prints each one with its help text and default.
+a flag (``n_layer`` -> ``--n-layer``; the command line builds them from the fields and FLAG_HELP), and
+``--help`` prints each one with its help text and default.
 ``check_config`` rejects nonsensical settings with a one-line error before any work starts.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -128,34 +129,6 @@ VERSION_ALIASES = {"4": "4", "5": "5.2", "5.2": "5.2", "6": "6", "7": "7"}
 LIST_FIELDS = {"freeze", "train_only"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Fill ``parser`` with ``--config`` and one flag per TrainConfig field.
-
-    Flags default to "not given" (absent from the parsed namespace), so :func:`config_from_args` can
-    tell a flag on the command line from a value in the config file.
-    """
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        default=argparse.SUPPRESS,
-        help="YAML (.yaml/.yml) or TOML (.toml) file whose keys are the options below; flags on the "
-        "command line override it",
-    )
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        shown = ", ".join(default) if isinstance(default, list) else default
-        help_text = f"{FLAG_HELP[f.name]} (default: {shown if shown != '' else 'none'})"
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif f.name in LIST_FIELDS:
-            parser.add_argument(flag, action="append", metavar="GLOB", **kwargs)
-        else:
-            parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kwargs)
-
-
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The settings in a YAML or TOML file, checked against the TrainConfig fields and their types."""
     path = Path(path)
@@ -212,19 +185,20 @@ def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
     return value
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the ``--config`` file, then the flags given on the command line."""
+def config_from_settings(given: Mapping[str, Any], config_file: str | Path | None = None) -> TrainConfig:
+    """Defaults, then the settings of ``config_file`` (if any), then ``given`` (e.g. the flags given on the
+    command line, already of the fields' types)."""
     known = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
     values = dict(known)
-    config_file = getattr(args, "config", None)
     if config_file:
         for name, value in read_config_file(config_file).items():
             if name not in known:
                 raise RwkvkitError(f"config file {config_file}: unknown option '{name}'")
             values[name] = _coerce(name, value, known[name], f"config file {config_file}")
-    for name in known:
-        if hasattr(args, name):
-            values[name] = getattr(args, name)
+    unknown = set(given) - set(known)
+    if unknown:
+        raise RwkvkitError(f"unknown training option '{sorted(unknown)[0]}'")
+    values.update(given)
     return TrainConfig(**values)
 
 

@@ -8,7 +8,7 @@ This module owns three ways to train a small part of a loaded RWKV model:
   base weights frozen); :func:`save_adapter` / :func:`load_adapter` write and read only the LoRA tensors as
   `.safetensors` (with the LoRA settings and the base model's shape in the metadata); :func:`merge_lora`
   folds the update into the weights and gives back a plain model whose ``save_model`` file is an ordinary
-  official `.pth`. :func:`merge_adapter_file` and :func:`run_merge` do that from files (``rwkvkit merge``).
+  official `.pth`. :func:`merge_adapter_file` does that from files (``rwkvkit merge``).
 * State tuning: :func:`enable_state_tuning` gives every layer of an RWKV-5.2/6/7 model a trainable initial
   wkv state ``att.time_state`` (H, N, N) [value, key] and freezes everything else; the model starts every
   sequence from it and ``save_model`` writes it under the official key ``blocks.{i}.att.time_state``.
@@ -18,7 +18,6 @@ This module owns three ways to train a small part of a loaded RWKV model:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Sequence
@@ -362,26 +361,6 @@ def merge_adapter_file(
     return out_path
 
 
-def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``rwkvkit merge --base M.pth --adapter A.safetensors -o OUT.pth``."""
-    parser.add_argument(
-        "--base", required=True, metavar="PATH", help="base checkpoint (.pth or .safetensors)"
-    )
-    parser.add_argument(
-        "--adapter", required=True, metavar="PATH", help="LoRA adapter (.safetensors) made for that base"
-    )
-    parser.add_argument(
-        "--out", "-o", required=True, metavar="PATH", help="merged checkpoint to write (.pth or .safetensors)"
-    )
-
-
-def run_merge(args: argparse.Namespace) -> int:
-    """Entry point of ``rwkvkit merge``."""
-    out = merge_adapter_file(args.base, args.adapter, args.out)
-    print(f"merged model: {out}")
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------- state tuning
 
 
@@ -432,7 +411,6 @@ def _with_time_state_keys(order: list[str], version: str, n_layer: int) -> list[
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
-    "add_merge_arguments",
     "apply_lora",
     "enable_state_tuning",
     "freeze",
@@ -441,7 +419,6 @@ __all__ = [
     "merge_lora",
     "read_adapter",
     "resolve_lora_targets",
-    "run_merge",
     "save_adapter",
     "train_only",
     "trainable_names",

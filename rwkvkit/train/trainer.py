@@ -16,7 +16,6 @@ LoRA runs ``adapter.safetensors``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -30,13 +29,7 @@ import torch.nn.functional as F
 
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.train import distributed
-from rwkvkit.train.config import (
-    TrainConfig,
-    add_arguments,
-    check_config,
-    config_from_args,
-    config_to_json,
-)
+from rwkvkit.train.config import TrainConfig, check_config, config_to_json
 
 log = logging.getLogger("rwkvkit.train")
 
@@ -397,37 +390,4 @@ def _truncate_metrics(path: Path, size: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``rwkvkit train``."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = train(config_from_args(args))
-    if distributed_rank() == 0:
-        print(f"model: {result.model_path}")
-        print(f"final training loss: {result.final_loss:.4f}")
-        if result.val_loss is not None:
-            print(f"validation loss: {result.val_loss:.4f} nats/token")
-    return 0
-
-
-def distributed_rank() -> int:
-    import os
-
-    return int(os.environ.get("RANK", "0"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m rwkvkit.train`` / ``torchrun -m rwkvkit.train``: the same flags as ``rwkvkit train``."""
-    import sys
-
-    from rwkvkit.cli import EXIT_USAGE
-
-    parser = argparse.ArgumentParser(prog="rwkvkit train", description=__doc__)
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except RwkvkitError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-__all__ = ["TrainConfig", "TrainResult", "add_arguments", "evaluate", "main", "run", "train"]
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "train"]

@@ -1,13 +1,14 @@
-"""The ``rwkvkit data`` subcommand: tokenize text files into a binidx training dataset.
+"""``rwkvkit data``: tokenize text files into a binidx training dataset.
 
-This module owns the command's flags (``add_arguments``) and what it prints (``run``); the work is
-``rwkvkit.train.data.prepare_dataset``. It does not import torch.
+This module owns the command's flags and what it prints; the work is
+:func:`rwkvkit.train.data.prepare_dataset`. It does not import torch.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from rwkvkit.cli.common import positive_int
 from rwkvkit.train.data import DEFAULT_WORKERS, prepare_dataset
 
 DESCRIPTION = (
@@ -18,13 +19,6 @@ DESCRIPTION = (
     "pyarrow). Documents keep their input order whatever the number of workers. The files appear only "
     "once everything succeeded."
 )
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_WORKERS,
         metavar="N",
         help="tokenize in N processes; 1 = in this process; the output is the same for any N "

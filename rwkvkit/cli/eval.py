@@ -1,0 +1,56 @@
+"""``rwkvkit eval``: loss, perplexity and bits per byte of a model on a text file (see rwkvkit.evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rwkvkit.cli.common import add_model_args, load_model_and_tokenizer
+from rwkvkit.errors import RwkvkitError
+from rwkvkit.evaluate import DEFAULT_CHUNK_LEN, evaluate_text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``rwkvkit eval``."""
+    add_model_args(parser, positional=True)
+    parser.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to evaluate on")
+    parser.add_argument(
+        "--chunk-len",
+        type=int,
+        default=DEFAULT_CHUNK_LEN,
+        metavar="N",
+        help="tokens per model call; the state is carried between calls (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-eot-prefix",
+        action="store_true",
+        help="do not put the end-of-text id before the text (then its first token is not scored)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise RwkvkitError(f"no such text file: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RwkvkitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``rwkvkit eval``."""
+    path = Path(args.text)
+    text = _read_text(path)
+    model, tokenizer = load_model_and_tokenizer(args)
+    result = evaluate_text(model, tokenizer, text, args.chunk_len, eot_prefix=not args.no_eot_prefix)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "text": str(path), **result.to_dict()}))
+        return 0
+    print(f"model          {args.model} ({model.config.describe()})")
+    print(f"text           {path} ({result.bytes:,} bytes, {result.tokens:,} tokens scored)")
+    print(f"loss           {result.loss:.4f} nats/token")
+    print(f"perplexity     {result.perplexity:.3f}")
+    print(f"bits per byte  {result.bits_per_byte:.4f}")
+    return 0
