@@ -184,11 +184,13 @@ def test_default_impl_override(monkeypatch: pytest.MonkeyPatch) -> None:
         wkv7(*inputs, impl="chunked")  # an explicit impl still wins
     assert wkv.get_default_impl() is None
     assert calls == ["chunked", "reference", "chunked"]
-    previous = wkv.set_default_impl("chunked")
+    with pytest.warns(DeprecationWarning):  # the old spelling, kept for a release (per context now)
+        previous = wkv.set_default_impl("chunked")
     try:
         wkv7(*(x[:, :1] for x in inputs))
     finally:
-        wkv.set_default_impl(previous)
+        with pytest.warns(DeprecationWarning):
+            wkv.set_default_impl(previous)
     assert calls[-1] == "chunked"
     with pytest.raises(ValueError, match="unknown impl"):
         wkv.set_default_impl("cuda")

@@ -7,8 +7,9 @@
 Each module documents its exact contract: shapes, what ``w`` means (always the LOG of the per-step
 decay, w <= 0) and the state layout ([value, key] for the matrix states). Each has a step-by-step
 reference and a chunk-parallel pure-PyTorch form; which one runs is decided in one place,
-:mod:`rwkvkit.wkv.dispatch` (``impl=None``: auto by T, or the default set by :func:`use_impl` /
-:func:`set_default_impl`, which applies to every operator at once).
+:mod:`rwkvkit.wkv.dispatch`: the ``impl=`` argument, or for ``impl=None`` the current context's choice
+(auto by T unless :func:`use_impl` switched it for this thread / task; :func:`set_default_impl` is its
+deprecated spelling).
 
 ``wkv4_step`` / ``wkv6_step`` / ``wkv7_step`` are the single-token forms the models' decode fast path
 calls (one token for B sequences, no checks); tests compare them with the references.
@@ -17,8 +18,10 @@ calls (one token for B sequences, no checks); tests compare them with the refere
 from __future__ import annotations
 
 from rwkvkit.wkv.dispatch import (
+    AUTO,
     AUTO_STEP_MAX_T,
     IMPLEMENTATIONS,
+    WKV_IMPL,
     get_default_impl,
     set_default_impl,
     use_impl,
@@ -28,9 +31,11 @@ from rwkvkit.wkv.wkv6 import wkv6, wkv6_step
 from rwkvkit.wkv.wkv7 import DEFAULT_CHUNK_SIZE, W_CHUNK_LIMIT, wkv7, wkv7_step
 
 __all__ = [
+    "AUTO",
     "AUTO_STEP_MAX_T",
     "DEFAULT_CHUNK_SIZE",
     "IMPLEMENTATIONS",
+    "WKV_IMPL",
     "W_CHUNK_LIMIT",
     "get_default_impl",
     "set_default_impl",

@@ -32,7 +32,7 @@ and the final state (B, H, N, N) in float32 (float64 for float64 r).
 
 ``impl``: None (auto), "reference" (step by step, the ground truth) or "chunked" (chunk-parallel). Auto
 picks the step form for T <= AUTO_STEP_MAX_T (faster for one-token inference on CPU) and chunked
-otherwise. ``rwkvkit.wkv.set_default_impl`` / ``use_impl`` override what None means (e.g. in tests).
+otherwise. ``rwkvkit.wkv.use_impl`` overrides what None means in the current context (e.g. in tests).
 ``chunk_size`` (chunked only; ignored by the reference) defaults to DEFAULT_CHUNK_SIZE.
 """
 
@@ -103,7 +103,8 @@ def wkv7(
     Args:
         r, w, k, v, a, b: (B, T, H, N); w is the log of the per-step decay (w <= 0).
         state: initial state (B, H, N, N) as [value, key], or None for zeros.
-        impl: None (auto / the default set by rwkvkit.wkv.set_default_impl), "reference" or "chunked".
+        impl: None (the context's choice, auto unless rwkvkit.wkv.use_impl set it), "auto",
+            "reference" or "chunked".
         chunk_size: chunk length for the chunked form (default DEFAULT_CHUNK_SIZE).
     Returns:
         y (B, T, H, N) in r's dtype, final state (B, H, N, N) float32 (float64 for float64 r).
