@@ -14,8 +14,8 @@ from checkpoints import random_state_dict
 
 from rwkvkit import RwkvkitError, load_model
 from rwkvkit.cli import main as cli_main
-from rwkvkit.models import model_from_state_dict
-from rwkvkit.quant import load_quantized, quantize_model, quantized_names, save_quantized
+from rwkvkit.models import load_quantized, model_from_state_dict
+from rwkvkit.quant import quantize_model, quantized_names, save_quantized
 from rwkvkit.quant.layers import (
     PREFILL_ROWS,
     Int4Linear,

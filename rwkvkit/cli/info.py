@@ -25,8 +25,8 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
     """
     # imported here, not at the top: they import torch, which `rwkvkit info --help` does not need
     from rwkvkit.checkpoint import load_state_dict
-    from rwkvkit.models import check_state_dict
-    from rwkvkit.quant import load_quantized, read_quantized_metadata
+    from rwkvkit.models import check_state_dict, load_quantized
+    from rwkvkit.quant import read_quantized_metadata
 
     quantized = read_quantized_metadata(path)
     state_dict = load_state_dict(path)

@@ -1,174 +1,41 @@
-"""Model registry: build a model from a config, load one from a checkpoint file, save it back.
+"""The RWKV models: one module per version and the shared pieces they are built from.
 
-One module per RWKV version (``rwkv4.py``, ``rwkv5.py`` (5.2), ``rwkv6.py``, ``rwkv7.py``), each
-exporting the same names: the model class, ``new_config(n_layer, n_embd, vocab_size, head_size)`` for a
-model trained from scratch and ``init_official_(model)``. This file maps ``config.version`` to the module
-and owns the checkpoint <-> module plumbing (key and shape checks, dtype and device placement).
+    common.py   RWKVModel (the model loop, state handling), Block, precision and init helpers
+    rwkv4.py .. rwkv7.py   one version each: time mix, channel mix, Model, new_config, init_official_
+    io.py       the registry of versions, building, loading and saving (the public functions below)
+
+This file only re-exports :mod:`rwkvkit.models.io`'s public functions, so ``rwkvkit.models.load_model``
+and friends keep their import path.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
-from pathlib import Path
-from types import ModuleType
-
-import torch
-from torch import nn
-
-from rwkvkit.checkpoint import load_state_dict, save_state_dict
-from rwkvkit.config import ModelConfig, config_from_state_dict
-from rwkvkit.errors import RwkvkitError
-from rwkvkit.models import rwkv4, rwkv5, rwkv6, rwkv7
 from rwkvkit.models.common import RWKVModel
+from rwkvkit.models.io import (
+    VERSIONS,
+    build_model,
+    check_state_dict,
+    export_state_dict,
+    load_model,
+    load_quantized,
+    model_from_state_dict,
+    new_model,
+    return_freed_memory,
+    save_model,
+    version_module,
+)
 
-VERSION_MODULES: dict[str, ModuleType] = {"4": rwkv4, "5.2": rwkv5, "6": rwkv6, "7": rwkv7}
-MODEL_CLASSES: dict[str, type[RWKVModel]] = {
-    "4": rwkv4.RWKV4,
-    "5.2": rwkv5.RWKV5,
-    "6": rwkv6.RWKV6,
-    "7": rwkv7.RWKV7,
-}
-
-
-def _check_version(version: str) -> str:
-    if version not in VERSION_MODULES:
-        supported = ", ".join("RWKV-" + v for v in VERSION_MODULES)
-        raise RwkvkitError(f"RWKV-{version} is not supported (supported: {supported})")
-    return version
-
-
-def version_module(version: str) -> ModuleType:
-    """The module of one RWKV version (``new_config``, ``init_official_``, the model class)."""
-    return VERSION_MODULES[_check_version(version)]
-
-
-def new_model(
-    version: str,
-    n_layer: int,
-    n_embd: int,
-    vocab_size: int,
-    head_size: int = 64,
-    device: torch.device | str = "cpu",
-) -> RWKVModel:
-    """A new model of ``version`` initialised with the official from-scratch recipe (fp32)."""
-    module = version_module(version)
-    config = module.new_config(n_layer, n_embd, vocab_size, head_size)
-    return module.init_official_(build_model(config, device=device))
-
-
-def build_model(
-    config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> RWKVModel:
-    """A model with the given config and uninitialised (zero) parameters."""
-    cls = MODEL_CLASSES[_check_version(config.version)]
-    with torch.device(device):
-        model = cls(config)
-    return model.to(dtype=dtype)
-
-
-def check_state_dict(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> ModelConfig:
-    """The config ``state_dict`` describes, after checking that its keys and shapes are exactly those of
-    that model (cheap: the model is built on the "meta" device). Raises RwkvkitError naming the problem."""
-    config = config_from_state_dict(state_dict)
-    with torch.device("meta"):
-        model = MODEL_CLASSES[config.version](config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing:
-        raise RwkvkitError(f"{source} is missing {len(missing)} RWKV-{config.version} key(s): {missing[:4]}")
-    if unexpected:
-        raise RwkvkitError(
-            f"{source} has {len(unexpected)} key(s) this RWKV-{config.version} model does not use "
-            f"(an unsupported variant?): {unexpected[:4]}"
-        )
-    for key, shape in expected.items():
-        if tuple(state_dict[key].shape) != shape:
-            raise RwkvkitError(
-                f"{source}: '{key}' has shape {tuple(state_dict[key].shape)}, expected {shape} "
-                f"for {config.describe()}"
-            )
-    return config
-
-
-def model_from_state_dict(
-    state_dict: dict[str, torch.Tensor],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    source: str = "checkpoint",
-) -> RWKVModel:
-    """Build the model that ``state_dict`` describes and place its tensors on ``device`` as ``dtype``.
-
-    Tensors already on the CPU in the right dtype are used as they are (no copy: a memory-mapped file
-    stays mapped). Remembers each key's original dtype and the key order so ``save_model`` writes the
-    same layout back.
-    """
-    config = check_state_dict(state_dict, source)
-    with torch.device("meta"):
-        model = MODEL_CLASSES[config.version](config)
-    placed = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
-    model.load_state_dict(placed, assign=True)
-    model.source_dtypes = {k: v.dtype for k, v in state_dict.items()}
-    model.source_key_order = list(state_dict)
-    return model.eval()
-
-
-def load_model(
-    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-):
-    """Load an official RWKV checkpoint (`.pth` or `.safetensors`) as a model on ``device`` in ``dtype``.
-
-    A quantized file (``rwkvkit quantize``) loads with its quantized layers (the rest in ``dtype``).
-    """
-    from rwkvkit.quant import load_quantized, read_quantized_metadata
-
-    if read_quantized_metadata(path) is not None:
-        model = load_quantized(path, device=device, dtype=dtype)
-    else:
-        model = model_from_state_dict(load_state_dict(path), device=device, dtype=dtype, source=str(path))
-    return_freed_memory()
-    return model
-
-
-def return_freed_memory() -> None:
-    """Give the memory freed while loading (conversion and packing temporaries) back to the system.
-
-    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in its heap, where they
-    count in the process's RSS: an L24-D1024 int4 model measured 1.28 GB resident after loading, 0.62 GB
-    after this. Linux with glibc only (``malloc_trim``); elsewhere it does nothing.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        trim = ctypes.CDLL(None).malloc_trim  # the process's own C library
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return
-    trim(0)
-
-
-def export_state_dict(
-    model: nn.Module, dtype: torch.dtype | None = None, tensors: dict[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """The model's tensors under the official keys, in the checkpoint's original key order and dtypes.
-
-    ``dtype`` forces one dtype for every tensor; otherwise each key keeps the dtype it was loaded with
-    (or the model's dtype for a model that was not loaded from a file). ``tensors`` replaces
-    ``model.state_dict()`` (e.g. weights with a LoRA update merged, or gathered from FSDP shards).
-    """
-    if tensors is None:
-        tensors = model.state_dict()
-    order = getattr(model, "source_key_order", None) or list(tensors)
-    source_dtypes = getattr(model, "source_dtypes", {})
-    out = {}
-    for key in order:
-        t = tensors[key].detach()
-        out[key] = t.to(dtype or source_dtypes.get(key, t.dtype))
-    return out
-
-
-def save_model(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-    """Write the model as an official checkpoint (`.pth`, or `.safetensors` by suffix), atomically."""
-    metadata = {"format": "pt", "rwkv_version": model.config.version}
-    save_state_dict(export_state_dict(model, dtype), Path(path), metadata=metadata)
+__all__ = [
+    "VERSIONS",
+    "RWKVModel",
+    "build_model",
+    "check_state_dict",
+    "export_state_dict",
+    "load_model",
+    "load_quantized",
+    "model_from_state_dict",
+    "new_model",
+    "return_freed_memory",
+    "save_model",
+    "version_module",
+]

@@ -190,6 +190,10 @@ class RWKVModel(nn.Module):
     """
 
     version: str = ""
+    # Set by the loaders (rwkvkit.models.io, rwkvkit.quant) and read when saving:
+    quantization: dict | None  # {"scheme", "group_size"} of a quantized model, else None
+    source_dtypes: dict[str, torch.dtype]  # each key's dtype in the file the model was loaded from
+    source_key_order: list[str]  # that file's key order (empty: the model's own order)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -207,9 +211,21 @@ class RWKVModel(nn.Module):
         # Decode fast path (Block.step) for one token without gradients, where every mix has a step
         # method; set False to run the general path instead (tests compare the two).
         self.fast_step = all(hasattr(b.att, "step") and hasattr(b.ffn, "step") for b in self.blocks)
+        self.quantization = None
+        self.source_dtypes = {}
+        self.source_key_order = []
 
     def make_block(self, config: ModelConfig, layer_id: int) -> Block:
         raise NotImplementedError
+
+    def quantizable_layers(self) -> list[str]:
+        """Names of the ``nn.Linear`` modules weight-only quantization may replace (what
+        :mod:`rwkvkit.quant` asks the model): the projections of both mixes and the head."""
+        return [
+            name
+            for name, module in self.named_modules()
+            if isinstance(module, nn.Linear) and (name == "head" or name.endswith(PROJECTION_SUFFIXES))
+        ]
 
     @property
     def dtype(self) -> torch.dtype:

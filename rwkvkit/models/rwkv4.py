@@ -123,6 +123,9 @@ class RWKV4(RWKVModel):
         return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config, layer_id))
 
 
+Model = RWKV4  # the name every version module exports (rwkvkit.models.io.VERSIONS)
+
+
 def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 0) -> ModelConfig:
     """Config for a new RWKV-4 trained from scratch (``head_size`` is ignored: RWKV-4 has no heads)."""
     return ModelConfig(

@@ -167,6 +167,9 @@ class RWKV5(RWKVModel):
         return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config, layer_id))
 
 
+Model = RWKV5  # the name every version module exports (rwkvkit.models.io.VERSIONS)
+
+
 def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:
     """Config for a new RWKV-5.2 trained from scratch (F = int(3.5 C) // 32 * 32, as the trainer picks)."""
     if n_embd % head_size:

@@ -148,6 +148,9 @@ class RWKV6(RWKVModel):
         return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config, layer_id))
 
 
+Model = RWKV6  # the name every version module exports (rwkvkit.models.io.VERSIONS)
+
+
 def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:
     """Config for a new RWKV-6 trained from scratch, with the official trainer's widths.
 

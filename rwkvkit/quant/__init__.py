@@ -1,9 +1,10 @@
 """Weight-only quantization of whole models, and the quantized checkpoint format (``rwkvkit quantize``).
 
 What is quantized: the large projection matrices, which hold nearly all the bytes a decoding step reads:
-every ``nn.Linear`` of both mixes (att receptance/key/value/gate/output, ffn key/value/receptance) and
-the head. What stays as it was: the embedding (one row is read per token), norms, token-shift mixes,
-decays, bonuses and the small low-rank matrices (w1/w2, a1/a2, ... which are tiny and sensitive).
+the layers the model names in ``model.quantizable_layers()`` (every ``nn.Linear`` of both mixes, att
+receptance/key/value/gate/output and ffn key/value/receptance, and the head). What stays as it was: the
+embedding (one row is read per token), norms, token-shift mixes, decays, bonuses and the small low-rank
+matrices (w1/w2, a1/a2, ... which are tiny and sensitive).
 
 File format: one ``.safetensors`` file. Unquantized tensors keep their official names and dtypes; a
 quantized matrix ``K.weight`` is stored as ``K.qweight`` + ``K.scales`` (+ ``K.zeros`` for int4), in the
@@ -12,33 +13,38 @@ portable layout of :mod:`rwkvkit.quant.layers`. The metadata records the scheme:
     rwkvkit_format = "rwkvkit-quantized-1", scheme = "int8" | "int4", group_size, rwkv_version,
     config (the ModelConfig as JSON), quantized (JSON list of the quantized module names)
 
-``rwkvkit.load_model`` recognises such a file and rebuilds the model with quantized layers, so every
-command (generate, chat, serve, eval) runs quantized models.
+This package never imports the models: it works on any model that has ``quantizable_layers()`` and the
+declared fields ``quantization`` / ``source_dtypes``. Loading is composed by the loader
+(:func:`rwkvkit.models.io.load_quantized`): :func:`read_quantized` parses the file, the loader builds the
+model on the "meta" device, and :func:`install_quantized` puts the quantized layers and the remaining
+tensors in. So ``rwkvkit.load_model`` recognises such a file, and every command (generate, chat, serve,
+eval) runs quantized models.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rwkvkit.checkpoint import atomic_write
+from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.models.common import PROJECTION_SUFFIXES
 from rwkvkit.quant.layers import GROUP_SIZES, SCHEMES, Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
 FORMAT = "rwkvkit-quantized-1"
 
 
 def quantizable(model: nn.Module) -> list[str]:
-    """Names of the ``nn.Linear`` modules that quantization replaces (the projections and the head)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (name == "head" or name.endswith(PROJECTION_SUFFIXES))
-    ]
+    """Names of the ``nn.Linear`` modules that quantization replaces (the model's ``quantizable_layers``:
+    the projections and the head)."""
+    return model.quantizable_layers()
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -74,24 +80,19 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 64) -> nn.Mo
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     """Write a quantized model (from :func:`quantize_model`) as a ``.safetensors`` file (atomically)."""
-    from safetensors.torch import save_file
-
-    from rwkvkit.checkpoint import atomic_write
-
-    quant = getattr(model, "quantization", None)
+    quant = model.quantization
     if quant is None:
         raise RwkvkitError("this model is not quantized (see rwkvkit.quant.quantize_model)")
     path = Path(path)
     if path.suffix != ".safetensors":
         raise RwkvkitError(f"a quantized model is written as .safetensors, not {path.suffix or 'no suffix'}")
     names = quantized_names(model)
-    source_dtypes = getattr(model, "source_dtypes", {})
     tensors = {}
     for key, value in model.state_dict().items():
         dtype = (
             value.dtype
             if any(key.startswith(n + ".") for n in names)
-            else source_dtypes.get(key, value.dtype)
+            else model.source_dtypes.get(key, value.dtype)
         )
         tensors[key] = value.detach().to("cpu", dtype).contiguous()
     metadata = {
@@ -110,8 +111,6 @@ def read_quantized_metadata(path: str | os.PathLike) -> dict | None:
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -150,15 +149,21 @@ class _PlainReader:
         self.file.close()
 
 
-def load_quantized(
-    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-):
-    """The model in a quantized file: quantized layers where the file has them, the rest in ``dtype``."""
-    from safetensors.torch import load_file
+@dataclass
+class QuantizedFile:
+    """A quantized file as :func:`read_quantized` parsed it: what the loader builds and what
+    :func:`install_quantized` puts into that model (``tensors`` memory-mapped from the file)."""
 
-    from rwkvkit.config import ModelConfig
-    from rwkvkit.models import MODEL_CLASSES
+    path: Path
+    config: ModelConfig
+    scheme: str
+    group_size: int
+    names: list[str]  # the quantized layers
+    tensors: dict[str, torch.Tensor]
 
+
+def read_quantized(path: str | os.PathLike) -> QuantizedFile:
+    """Parse a quantized file's metadata and map its tensors (nothing is converted yet)."""
     path = Path(path)
     metadata = read_quantized_metadata(path)
     if metadata is None:
@@ -173,17 +178,21 @@ def load_quantized(
         raise
     except Exception as e:  # a damaged header or file
         raise RwkvkitError(f"{path} is a damaged quantized model ({type(e).__name__}: {e})") from None
-    with torch.device("meta"):
-        model = MODEL_CLASSES[config.version](config)
-    take = tensors.pop
+    return QuantizedFile(path, config, scheme, group_size, names, tensors)
+
+
+def _install_layers(model: nn.Module, quantized: QuantizedFile, device: torch.device | str) -> None:
+    """Replace each quantized layer of ``model`` by its int8/int4 layer, taking its tensors out of
+    ``quantized.tensors`` (the quantized weights are read again in plain memory, see _PlainReader)."""
+    take, path, group_size = quantized.tensors.pop, quantized.path, quantized.group_size
     reader = _PlainReader(path)
     try:
-        for name in names:
+        for name in quantized.names:
             try:
                 mapped = take(name + ".qweight")  # left untouched: read again in plain memory
                 qweight = reader.read_bytes(name + ".qweight")
                 qweight = mapped if qweight is None else qweight
-                if scheme == "int8":
+                if quantized.scheme == "int8":
                     layer: nn.Module = Int8Linear(qweight, take(name + ".scales"))
                 else:
                     layer = Int4Linear(qweight, take(name + ".scales"), take(name + ".zeros"), group_size)
@@ -192,17 +201,30 @@ def load_quantized(
             _set_module(model, name, layer.to(device))
     finally:
         reader.close()
+
+
+def install_quantized(
+    model: nn.Module,
+    quantized: QuantizedFile,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Fill ``model`` (built on the "meta" device from ``quantized.config``) from the file: quantized
+    layers where the file has them, the rest in ``dtype`` on ``device``. Sets ``model.quantization``
+    and ``model.source_dtypes``; returns the model."""
+    _install_layers(model, quantized, device)
+    tensors = quantized.tensors
     expected = {k for k, v in model.state_dict().items() if v.device.type == "meta"}
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
         detail = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
-        raise RwkvkitError(f"{path} does not match its recorded model ({detail})")
+        raise RwkvkitError(f"{quantized.path} does not match its recorded model ({detail})")
     model.source_dtypes = {k: v.dtype for k, v in tensors.items()}
     model.load_state_dict(
         {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False, assign=True
     )
-    model.quantization = {"scheme": scheme, "group_size": group_size}
-    return model.eval()
+    model.quantization = {"scheme": quantized.scheme, "group_size": quantized.group_size}
+    return model
 
 
 def quantized_names(model: nn.Module) -> list[str]:
