@@ -1,4 +1,5 @@
-"""User-facing error type: one line that names the problem, shown by the CLI without a traceback."""
+"""User-facing errors: the error type (one line that names the problem, shown by the CLI without a
+traceback) and the argument checks that raise it."""
 
 
 class RwkvkitError(Exception):
@@ -6,3 +7,13 @@ class RwkvkitError(Exception):
 
     The CLI prints ``error: <message>`` and exits with status 2; the Python API raises it as is.
     """
+
+
+def check_int(name: str, value: object, minimum: int = 0, note: str = "") -> int:
+    """``value`` if it is an integer (not a bool) >= ``minimum``; else RwkvkitError naming ``name``.
+
+    ``note`` is added after the bound, e.g. ``" (0 = no limit)"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RwkvkitError(f"{name} must be an integer >= {minimum}{note}, got {value!r}")
+    return value

@@ -544,3 +544,14 @@ def test_end_of_input_leaves_and_bad_flags_are_errors(tmp_path, terminal, capsys
         assert flag in out
     for flag in ("--max-tokens", "--seed", "--system", "/save FILE", "/reset"):
         assert flag in out
+
+
+def test_a_chat_takes_sampling_params(printable_model):
+    from rwkvkit.infer.sampling import SamplingParams
+
+    params = SamplingParams(temperature=1.0, top_p=1.0, seed=7)
+    session = ChatSession(printable_model, BYTE, sampling=params, max_tokens=10)
+    sampled = generate_text(printable_model, BYTE, "User: Hi\n\nAssistant:", max_tokens=10, sampling=params)
+    assert "".join(session.send("Hi")) == sampled.text
+    with pytest.raises(RwkvkitError, match="not both"):
+        ChatSession(printable_model, BYTE, sampling=params, top_p=0.5)

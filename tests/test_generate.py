@@ -345,3 +345,20 @@ def test_bf16_prefill_is_close_to_fp32_and_off_by_default():
     assert (fast - exact).abs().max().item() < 0.05 * scale
     assert fast_state.wkv.dtype == torch.float32
     assert (fast_state.wkv - exact_state.wkv).abs().max().item() < 0.05 * exact_state.wkv.abs().max().item()
+
+
+def test_sampling_params_and_the_older_loose_arguments_agree(model, tok):
+    """generate takes sampling=SamplingParams(...); temperature/top_p/top_k/seed keep working for a
+    release (and mean the same), but not together with it."""
+    from rwkvkit.infer import SamplingParams
+
+    loose = generate_text(
+        model, tok, PROMPT, max_tokens=20, temperature=1.0, top_p=0.9, seed=4, stop_tokens=()
+    )
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=4)
+    given = generate_text(model, tok, PROMPT, max_tokens=20, sampling=params, stop_tokens=())
+    assert given.tokens == loose.tokens and given.text == loose.text
+    with pytest.raises(RwkvkitError, match="not both"):
+        generate(model, tok, PROMPT, temperature=0.5, sampling=params)
+    with pytest.raises(RwkvkitError, match="presence_penalty"):
+        generate(model, tok, PROMPT, sampling=SamplingParams(presence_penalty=5.0))

@@ -1,6 +1,7 @@
-"""Inference: next-token sampling (``sampling.py``), streamed text generation (``generate.py``), the
-continuous-batching engine (``engine.py``), the prefix-state cache (``cache.py``), chat (``chat.py``) and
-the OpenAI-compatible server (``server.py``, needs the ``serve`` extra).
+"""Inference: next-token sampling (``sampling.py``), one sequence's decode core (``decoding.py``),
+streamed text generation (``generate.py``), the continuous-batching engine (``engine.py``), the
+prefix-state cache (``cache.py``), chat (``chat.py``) and the OpenAI-compatible server (``server.py``,
+needs the ``serve`` extra).
 
     from rwkvkit.infer import generate, generate_text, sample_logits
 
@@ -9,6 +10,7 @@ the OpenAI-compatible server (``server.py``, needs the ``serve`` extra).
 
 from __future__ import annotations
 
+from rwkvkit.infer.decoding import SequenceDecoder, StopStringFilter
 from rwkvkit.infer.generate import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_PREFILL_CHUNK,
@@ -17,12 +19,11 @@ from rwkvkit.infer.generate import (
     DEFAULT_TOP_P,
     GenerationResult,
     GenerationStream,
-    StopStringFilter,
     generate,
     generate_text,
     prefill,
 )
-from rwkvkit.infer.sampling import check_sampling_args, sample_logits, sampling_distribution
+from rwkvkit.infer.sampling import SamplingParams, check_sampling_args, sample_logits, sampling_distribution
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -32,6 +33,8 @@ __all__ = [
     "DEFAULT_TOP_P",
     "GenerationResult",
     "GenerationStream",
+    "SamplingParams",
+    "SequenceDecoder",
     "StopStringFilter",
     "check_sampling_args",
     "generate",

@@ -37,9 +37,10 @@ from collections.abc import Sequence
 
 import torch
 
-from rwkvkit.errors import RwkvkitError
-from rwkvkit.infer.generate import DEFAULT_PREFILL_CHUNK, prefill
+from rwkvkit.errors import RwkvkitError, check_int
+from rwkvkit.infer.generate import DEFAULT_PREFILL_CHUNK, prefill, prefill_spans
 from rwkvkit.state import RWKVState
+from rwkvkit.state_io import model_fingerprint
 
 DEFAULT_BLOCK_SIZE = 256  # the default prefill chunk: boundary entries fall at chunk ends
 
@@ -96,11 +97,8 @@ class PrefixCache:
     """
 
     def __init__(self, max_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE):
-        for name, value, low in (("max_bytes", max_bytes, 0), ("block_size", block_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise RwkvkitError(f"prefix cache {name} must be an integer >= {low}, got {value!r}")
-        self.max_bytes = max_bytes
-        self.block_size = block_size
+        self.max_bytes = check_int("prefix cache max_bytes", max_bytes, 0)
+        self.block_size = check_int("prefix cache block_size", block_size, 1)
         self._lock = threading.Lock()
         self._reset()
 
@@ -156,6 +154,14 @@ class PrefixCache:
             while self._bytes > self.max_bytes:
                 self._evict(next(iter(self._lru)))
             return True
+
+    def insert_prefill_point(
+        self, tokens: Sequence[int], end: int, state: RWKVState, logits: torch.Tensor
+    ) -> None:
+        """During a prefill of ``tokens`` that has read ``tokens[:end]``: cache the state and logits there
+        if ``end`` is a block boundary or the end of ``tokens`` (the positions entries live at)."""
+        if end == len(tokens) or end % self.block_size == 0:
+            self.insert(tokens[:end], state, logits)
 
     def longest_prefix(
         self, tokens: Sequence[int] | torch.Tensor
@@ -251,29 +257,19 @@ def prefill_with_cache(
     """Prefill ``tokens`` (one sequence) starting from the longest prefix found in ``cache``.
 
     Runs only the tokens after the cached prefix (at most ``chunk_size`` per model call, split at the
-    cache's block boundaries), and caches the state and logits at each block boundary passed and at the
-    end. A prompt equal to a cached prefix makes no model call. The cache is bound to the model (by
-    ``rwkvkit.state_io.model_fingerprint``): using it with another model raises RwkvkitError.
+    cache's block boundaries: ``prefill_spans``, as the engine does), and caches the state and logits at
+    each block boundary passed and at the end. A prompt equal to a cached prefix makes no model call.
+    The cache is bound to the model (by ``rwkvkit.state_io.model_fingerprint``): using it with another
+    model raises RwkvkitError.
 
     Returns (logits after the last token, float32 (V,), state after all tokens, number of tokens that
     came from the cache).
     """
-    from rwkvkit.state_io import model_fingerprint
-
     ids = _as_tokens(tokens)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise RwkvkitError(f"prefill chunk size must be an integer >= 1, got {chunk_size}")
+    check_int("chunk_size", chunk_size, 1)
     cache.bind_model(model_fingerprint(model))
-    found = cache.longest_prefix(ids)
-    if found is None:
-        n_cached, state, logits = 0, None, None
-    else:
-        n_cached, state, logits = found
-    bs = cache.block_size
-    pos = n_cached
-    while pos < len(ids):
-        end = min(len(ids), (pos // bs + 1) * bs)  # the next block boundary, or the end of the prompt
-        logits, state = prefill(model, ids[pos:end], state, chunk_size)
-        pos = end
-        cache.insert(ids[:pos], state, logits)
+    n_cached, state, logits = cache.longest_prefix(ids) or (0, None, None)
+    for start, end in prefill_spans(n_cached, len(ids), chunk_size, cache.block_size):
+        logits, state = prefill(model, ids[start:end], state, chunk_size)
+        cache.insert_prefill_point(ids, end, state, logits)
     return logits, state, n_cached

@@ -44,12 +44,12 @@ from pathlib import Path
 import torch
 
 from rwkvkit.checkpoint import atomic_write
-from rwkvkit.errors import RwkvkitError
-from rwkvkit.infer.generate import DEFAULT_PREFILL_CHUNK, StopStringFilter, prefill
-from rwkvkit.infer.sampling import check_sampling_args, sample_logits
+from rwkvkit.errors import RwkvkitError, check_int
+from rwkvkit.infer.decoding import SequenceDecoder, check_decoding, default_stop_tokens
+from rwkvkit.infer.generate import DEFAULT_PREFILL_CHUNK, prefill
+from rwkvkit.infer.sampling import SamplingParams, resolve_sampling, seeded_generator
 from rwkvkit.state import RWKVState
 from rwkvkit.state_io import load_state, save_state
-from rwkvkit.tokenizer import IncrementalDecoder
 
 USER_PREFIX = "User: "
 ASSISTANT_PROMPT = "Assistant:"
@@ -62,6 +62,11 @@ DEFAULT_CHAT_TEMPERATURE = 1.0
 DEFAULT_CHAT_TOP_P = 0.3
 DEFAULT_CHAT_TOP_K = 0
 DEFAULT_CHAT_MAX_TOKENS = 500
+CHAT_SAMPLING_DEFAULTS = {
+    "temperature": DEFAULT_CHAT_TEMPERATURE,
+    "top_p": DEFAULT_CHAT_TOP_P,
+    "top_k": DEFAULT_CHAT_TOP_K,
+}
 
 FILE_FORMAT = "rwkvkit-chat"
 FILE_FORMAT_VERSION = 1
@@ -100,9 +105,44 @@ def format_system_turn(text: str) -> str:
 # ---------------------------------------------------------------------------------------------- session
 
 
-def _check_count(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RwkvkitError(f"{name} must be an integer >= {minimum}, got {value}")
+class _Reply:
+    """One reply in progress: what was shown, and the last state whose tokens spell exactly that text.
+
+    ``clean`` is (state, reply chars, reply bytes) at the last point where the generated tokens the state
+    has read spell the text shown so far; the turn is committed from there (``ChatSession._commit``).
+    """
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []  # the pieces handed to the caller
+        self.n_chars = 0
+        self.shown_bytes = bytearray()  # their UTF-8 bytes, as far as the state has read the tokens behind
+        self.read_bytes = bytearray()  # the bytes of the generated tokens the state has read
+        self.clean: tuple[RWKVState, int, int] | None = None
+        self.finish = "closed"  # until the reply ends by itself
+
+    def show(self, text: str) -> None:
+        """``text`` is shown; the state has not read its token yet."""
+        self.shown.append(text)
+        self.n_chars += len(text)
+
+    def read(self, token_bytes: bytes, text: str, state: RWKVState) -> None:
+        """The state has now read the token behind the ``text`` shown last."""
+        self.read_bytes += token_bytes
+        self._agree(text, state)
+
+    def shown_after(self, text: str, state: RWKVState) -> None:
+        """``text`` is shown after the last token the state has read (the flush at the end)."""
+        self.show(text)
+        self._agree(text, state)
+
+    def _agree(self, text: str, state: RWKVState) -> None:
+        self.shown_bytes += text.encode("utf-8")
+        since = self.clean[2]
+        if (
+            len(self.shown_bytes) == len(self.read_bytes)
+            and self.shown_bytes[since:] == self.read_bytes[since:]
+        ):
+            self.clean = (state, self.n_chars, len(self.read_bytes))
 
 
 class ChatSession:
@@ -112,10 +152,13 @@ class ChatSession:
         model: an RWKV model (``logits, state = model(tokens (B, T), state, last_only=True)``, ``config``,
             ``device``, ``dtype`` and ``initial_state(batch_size)``).
         tokenizer: encodes the turns and decodes the replies (see ``rwkvkit.tokenizer``).
-        temperature, top_p, top_k: sampling of every reply (``sample_logits``; temperature 0 = greedy).
+        sampling: how every reply is sampled (``SamplingParams``; temperature 0 = greedy). Its seed seeds
+            a private ``torch.Generator`` (again at every ``reset``), so the same seed and messages give
+            the same conversation; no seed uses torch's global random state.
+        temperature, top_p, top_k, seed: the older spelling of ``sampling`` (kept for a release; not
+            together with it), defaulting to DEFAULT_CHAT_TEMPERATURE, DEFAULT_CHAT_TOP_P,
+            DEFAULT_CHAT_TOP_K and no seed.
         max_tokens: the most tokens of one reply.
-        seed: seeds a private ``torch.Generator`` (again at every ``reset``), so the same seed and messages
-            give the same conversation; None uses torch's global random state.
         system: an optional system prompt, read as the first turn ``System: ...`` (and again after a reset).
         stop_strings: strings that end a reply and are never shown (default: ``"\\n\\nUser:"``).
         prefill_chunk: the most tokens of a turn run through the model at once.
@@ -132,9 +175,10 @@ class ChatSession:
         model,
         tokenizer,
         *,
-        temperature: float = DEFAULT_CHAT_TEMPERATURE,
-        top_p: float = DEFAULT_CHAT_TOP_P,
-        top_k: int = DEFAULT_CHAT_TOP_K,
+        sampling: SamplingParams | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         max_tokens: int = DEFAULT_CHAT_MAX_TOKENS,
         seed: int | None = None,
         system: str | None = None,
@@ -142,26 +186,20 @@ class ChatSession:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         bf16_prefill: bool = False,
     ):
-        check_sampling_args(temperature, top_p, top_k)
-        _check_count("max_tokens", max_tokens, 0)
-        _check_count("prefill_chunk", prefill_chunk, 1)
-        self.stop_strings = list(stop_strings)
-        if any(not isinstance(s, str) or s == "" for s in self.stop_strings):
-            raise RwkvkitError("stop strings must be non-empty strings")
+        loose = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        self.sampling = resolve_sampling(sampling, CHAT_SAMPLING_DEFAULTS, **loose)
+        vocab_size = model.config.vocab_size
+        self.stop_strings = check_decoding(self.sampling, vocab_size, max_tokens, stop_strings)
+        check_int("prefill_chunk", prefill_chunk, 1)
         self.model = model
         self.tokenizer = tokenizer
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
         self.max_tokens = max_tokens
-        self.seed = seed
         self.system = None if system is None else normalize_message(system)
         if self.system == "":
             raise RwkvkitError("empty system prompt")
         self.prefill_chunk = prefill_chunk
         self.bf16_prefill = bf16_prefill
-        eot = getattr(tokenizer, "eot_id", None)
-        self.stop_tokens = frozenset() if eot is None else frozenset({int(eot)})
+        self.stop_tokens = default_stop_tokens(tokenizer, None)
         self.reply = ""
         self.finish_reason: str | None = None
         self._busy = False
@@ -173,7 +211,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation: back to the initial state (and the system turn, if any)."""
         self._check_idle()
-        self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        self.generator = seeded_generator(self.sampling.seed)
         with torch.inference_mode():
             state = self.model.initial_state(1)
         text = ""
@@ -232,82 +270,59 @@ class ChatSession:
         self._busy = True
         self._interrupt = False
         turn = self.format_user_turn(message)
-        tokenizer = self.tokenizer
-        shown: list[str] = []  # the pieces handed to the caller
-        shown_bytes = bytearray()  # their UTF-8 bytes, as far as the state has read the tokens behind them
-        read_bytes = bytearray()  # the bytes of the generated tokens the state has read
-        clean: tuple[RWKVState, int, int] | None = None  # (state, reply chars, reply bytes) that agree
-        finish = "closed"
+        reply = _Reply()
         try:
-            tokens = self._encode(turn)
             logits, state = prefill(
-                self.model, tokens, self.state, self.prefill_chunk, bf16=self.bf16_prefill
+                self.model, self._encode(turn), self.state, self.prefill_chunk, bf16=self.bf16_prefill
             )
-            clean = (state, 0, 0)
-            usable = min(int(tokenizer.vocab_size), logits.shape[-1])
-            decoder = IncrementalDecoder(tokenizer)
-            stops = StopStringFilter(self.stop_strings)
-            n_chars = 0
-            stop_hit: str | None = None
-            reason = "length"
-            for _ in range(self.max_tokens):
-                if self._interrupt:
-                    reason = "interrupted"
-                    break
-                token = sample_logits(
-                    logits[:usable], self.temperature, self.top_p, self.top_k, self.generator
-                )
-                if token in self.stop_tokens:
-                    reason = "stop"
-                    break
-                emit, stop_hit = stops.push(decoder.feed(token))
-                if emit:
-                    shown.append(emit)
-                    n_chars += len(emit)
-                    yield emit
-                if stop_hit is not None:  # the stop string's tokens are not needed in the state
-                    reason = "stop"
-                    break
-                logits, state = prefill(self.model, [token], state)
-                read_bytes += tokenizer.decode_bytes([token])
-                shown_bytes += emit.encode("utf-8")
-                if self._agrees(shown_bytes, read_bytes, clean[2]):
-                    clean = (state, n_chars, len(read_bytes))
-            finish = reason
-            if stop_hit is None:  # release the text held back in case it began a stop string
-                tail, stop_hit = stops.push(decoder.flush())
-                if stop_hit is None:
-                    tail += stops.flush()
-                else:
-                    finish = "stop"
-                if tail:
-                    shown.append(tail)
-                    n_chars += len(tail)
-                    shown_bytes += tail.encode("utf-8")
-                    if self._agrees(shown_bytes, read_bytes, clean[2]):
-                        clean = (state, n_chars, len(read_bytes))
-                    yield tail
+            reply.clean = (state, 0, 0)
+            yield from self._decode(logits, state, reply)
         finally:
             try:
-                if clean is not None:  # the user turn was read: commit it with the reply as shown
-                    self._commit(turn, "".join(shown), clean, finish)
+                if reply.clean is not None:  # the user turn was read: commit it with the reply as shown
+                    self._commit(turn, reply)
             finally:
                 self._busy = False
 
-    @staticmethod
-    def _agrees(shown_bytes: bytearray, read_bytes: bytearray, since: int) -> bool:
-        """Whether the tokens read so far spell exactly the text shown so far (checked from ``since``)."""
-        return len(shown_bytes) == len(read_bytes) and shown_bytes[since:] == read_bytes[since:]
+    def _decode(self, logits: torch.Tensor, state: RWKVState, reply: _Reply) -> Generator[str, None, None]:
+        """Generate the reply after ``logits`` (V,) and ``state``, recording what is shown and read."""
+        decoder = SequenceDecoder(
+            self.tokenizer,
+            self.sampling,
+            vocab_size=self.model.config.vocab_size,
+            max_tokens=self.max_tokens,
+            stop_tokens=self.stop_tokens,
+            stop_strings=self.stop_strings,
+            generator=self.generator,
+        )
+        while True:
+            interrupted = self._interrupt and not decoder.exhausted
+            out = decoder.finish("interrupted") if interrupted else decoder.step(logits)
+            if out.token is None:  # the end (length, stop token, interrupt): the text held back until now
+                reply.finish = out.finish_reason
+                reply.shown_after(out.text, state)
+                if out.text:
+                    yield out.text
+                return
+            reply.show(out.text)
+            if out.text:
+                yield out.text
+            if out.finish_reason is not None:  # a stop string: its tokens are not needed in the state
+                reply.finish = out.finish_reason
+                return
+            logits, state = prefill(self.model, [out.token], state)
+            reply.read(self.tokenizer.decode_bytes([out.token]), out.text, state)
 
-    def _commit(self, turn: str, reply: str, clean: tuple[RWKVState, int, int], finish: str) -> None:
-        state, n_chars, _ = clean
-        rest = reply[n_chars:]  # shown, but not (or not as these bytes) read by ``state``
+    def _commit(self, turn: str, reply: _Reply) -> None:
+        state, n_chars, _ = reply.clean
+        text = "".join(reply.shown)
+        rest = text[n_chars:]  # shown, but not (or not as these bytes) read by ``state``
         if rest:
             state = self._read(state, rest)
         self.state = state
-        self.text += turn + reply
+        self.text += turn + text
         self.turns += 1
-        self.reply, self.finish_reason = reply, finish
+        self.reply, self.finish_reason = text, reply.finish
 
     # -- files --------------------------------------------------------------------------------------
 

@@ -10,14 +10,16 @@ leaves at once and frees its slot. One :meth:`Engine.step`:
    (the states at the cache's block boundaries and at the prompt's end are cached on the way);
 3. prefills ONE chunk (at most ``prefill_chunk`` tokens) of the oldest request still reading its prompt,
    so a long prompt never stalls the running sequences for more than one chunk per step;
-4. samples one token for every decoding sequence (its own temperature, top-p/k, min-p, penalties, bias,
-   bans, seed), handles stop tokens, stop strings (held back across token boundaries, never emitted)
-   and max_tokens, then runs all continuing sequences through the model in ONE batched call (B, 1).
+4. steps every decoding sequence's :class:`~rwkvkit.infer.decoding.SequenceDecoder` on its row of
+   logits (its own temperature, top-p/k, min-p, penalties, bias, bans, seed, stop tokens, stop strings
+   held back across token boundaries, max_tokens), then runs all continuing sequences through the model
+   in ONE batched call (B, 1).
 
 The decoding sequences' states live in one batched :class:`RWKVState` (row i = ``self._decoding[i]``),
-regrouped only when a sequence joins or leaves. Per sequence the order of operations is exactly that of
-:func:`rwkvkit.infer.generate.generate` (sample, stop-token check, emit, feed the token, stop-string
-check), so a greedy sequence produces the same text alone, in a batch, or through ``generate``.
+regrouped only when a sequence joins or leaves. The per-sequence work is the same ``SequenceDecoder``
+that :func:`rwkvkit.infer.generate.generate` uses, and the prompt is prefilled in the same spans as
+:func:`rwkvkit.infer.cache.prefill_with_cache` (``prefill_spans``), so a greedy sequence produces the
+same text alone, in a batch, or through ``generate``.
 
 Threading: :meth:`start` runs the step loop in a background thread that sleeps while there is no work;
 ``submit`` / ``cancel`` may be called from any thread. Each request reports through its
@@ -36,9 +38,11 @@ from dataclasses import dataclass, field
 import torch
 
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.infer.generate import StopStringFilter, prefill_precision
-from rwkvkit.infer.sampling import SamplingParams, TokenPenalty, adjust_logits, sample_logits
+from rwkvkit.infer.decoding import SequenceDecoder
+from rwkvkit.infer.generate import prefill, prefill_spans
+from rwkvkit.infer.sampling import SamplingParams
 from rwkvkit.state import RWKVState
+from rwkvkit.state_io import model_fingerprint
 
 
 class EngineFull(RwkvkitError):
@@ -72,10 +76,7 @@ class Request:
 
     id: int
     prompt: list[int]
-    params: SamplingParams
-    max_tokens: int
-    stop_tokens: frozenset[int]
-    stop_strings: list[str]
+    decoder: SequenceDecoder  # sampling, stops, text: everything per token
     on_event: Callable[[TextEvent | FinishEvent], None]
     initial_state: RWKVState | None = None
     # progress
@@ -83,18 +84,17 @@ class Request:
     prefilled: int = 0
     cached_tokens: int = 0
     logits: torch.Tensor | None = None  # (V,) after the last token fed
-    generated: list[int] = field(default_factory=list)
-    pieces: list[str] = field(default_factory=list)
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
 
-    def __post_init__(self) -> None:
-        self.generator = (
-            torch.Generator().manual_seed(self.params.seed) if self.params.seed is not None else None
-        )
-        self.stops = StopStringFilter(self.stop_strings)
-        self.penalty: TokenPenalty | None = None
-        self.decoder = None
+    @property
+    def params(self) -> SamplingParams:
+        return self.decoder.params
+
+    @property
+    def generated(self) -> list[int]:
+        """The tokens generated so far (stop token excluded)."""
+        return self.decoder.tokens
 
     def cancel(self) -> None:
         """Stop this request at the next engine step (its slot is freed then)."""
@@ -124,12 +124,8 @@ class Engine:
         self.bf16_prefill = bf16_prefill  # prompts' matmuls in bf16 where the CPU has it (generate.prefill)
         self.cache = cache  # a rwkvkit.infer.cache.PrefixCache or None
         if cache is not None:
-            from rwkvkit.state_io import model_fingerprint
-
             cache.bind_model(model_fingerprint(model))  # one cache serves one model
         self.vocab_size = model.config.vocab_size
-        # ids the tokenizer cannot decode (a vocabulary padded past the tokenizer's) are never sampled
-        self.usable_vocab = min(int(getattr(tokenizer, "vocab_size", self.vocab_size)), self.vocab_size)
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Request] = []
@@ -164,30 +160,26 @@ class Engine:
     ) -> Request:
         """Queue a request; returns it (``cancel()`` it to stop early). Checked here, before queueing:
         empty prompt, out-of-vocabulary ids, bad sampling parameters, an incompatible state."""
-        params = params or SamplingParams()
-        params.check(self.vocab_size)
+        decoder = SequenceDecoder(
+            self.tokenizer,
+            params,
+            vocab_size=self.vocab_size,
+            max_tokens=max_tokens,
+            stop_tokens=stop_tokens,
+            stop_strings=stop_strings,
+        )
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise RwkvkitError("empty prompt: at least one token is needed to start generating")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise RwkvkitError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-            raise RwkvkitError(f"max_tokens must be an integer >= 0, got {max_tokens}")
-        if any(not isinstance(s, str) or not s for s in stop_strings):
-            raise RwkvkitError("stop strings must be non-empty strings")
         if state is not None:
             state.check_compatible(self.model.config, 1)
-        if stop_tokens is None:
-            eot = getattr(self.tokenizer, "eot_id", None)
-            stop_tokens = () if eot is None else (eot,)
         request = Request(
             id=next(self._ids),
             prompt=prompt,
-            params=params,
-            max_tokens=max_tokens,
-            stop_tokens=frozenset(int(t) for t in stop_tokens),
-            stop_strings=list(stop_strings),
+            decoder=decoder,
             on_event=on_event or (lambda event: None),
             initial_state=state,
         )
@@ -319,32 +311,22 @@ class Engine:
         if not self._prefilling:
             return
         request = self._prefilling[0]
-        start = request.prefilled
-        end = min(start + self.prefill_chunk, len(request.prompt))
+        prompt = request.prompt
         caching = self.cache is not None and request.initial_state is None
-        if caching:  # end chunks at the cache's block boundaries, and keep the states there
-            block = self.cache.block_size
-            end = min(end, (start // block + 1) * block)
-        x = torch.tensor([request.prompt[start:end]], dtype=torch.long, device=self.model.device)  # (1, T)
-        with prefill_precision(self.model, self.bf16_prefill):
-            logits, request.state = self.model(x, request.state, last_only=True)
-        request.logits = logits[0, -1].float()
+        block = self.cache.block_size if caching else None  # end chunks at the cache's block boundaries
+        start, end = next(prefill_spans(request.prefilled, len(prompt), self.prefill_chunk, block))
+        request.logits, request.state = prefill(
+            self.model, prompt[start:end], request.state, self.prefill_chunk, bf16=self.bf16_prefill
+        )  # logits (V,)
         request.prefilled = end
-        if caching and end % self.cache.block_size == 0 and end < len(request.prompt):
-            self.cache.insert(request.prompt[:end], request.state, request.logits)
-        if request.prefilled >= len(request.prompt):
+        if caching:  # keep the states at block boundaries and at the prompt's end
+            self.cache.insert_prefill_point(prompt, end, request.state, request.logits)
+        if end >= len(prompt):
             with self._lock:
                 self._prefilling.pop(0)
-            if caching:
-                self.cache.insert(request.prompt, request.state, request.logits)
             self._start_decoding(request)
 
     def _start_decoding(self, request: Request) -> None:
-        from rwkvkit.tokenizer import IncrementalDecoder
-
-        request.decoder = IncrementalDecoder(self.tokenizer)
-        if request.params.penalised:
-            request.penalty = TokenPenalty(self.vocab_size, device=request.logits.device)
         with self._lock:
             self._decoding.append(request)
             self._batch_state = (
@@ -361,55 +343,14 @@ class Engine:
         elif self._batch_state is not None and len(rows) != self._batch_state.batch_size:
             self._batch_state = self._batch_state.select(rows)
 
-    def _sample(self, request: Request) -> int:
-        logits = request.logits[: self.usable_vocab]
-        params = request.params
-        if params.logit_bias or params.banned_tokens or request.penalty is not None:
-            logits = adjust_logits(logits, params, request.penalty)
-        return sample_logits(
-            logits, params.temperature, params.top_p, params.top_k, request.generator, min_p=params.min_p
-        )
-
     def _decode_step(self) -> None:
         if not self._decoding:
             return
-        fed_rows, fed_tokens = [], []  # rows whose new token goes through the model this step
-        ending: dict[int, tuple[str, int | str | None]] = {}  # row -> (finish reason, what stopped it)
-        for row, request in enumerate(self._decoding):
-            if len(request.generated) >= request.max_tokens:
-                ending[row] = ("length", None)
-                continue
-            try:
-                token = self._sample(request)
-            except RwkvkitError as e:  # e.g. its bans rule out every token: this request alone fails
-                ending[row] = ("error", str(e))
-                continue
-            if token in request.stop_tokens:
-                ending[row] = ("stop", token)
-                continue
-            request.generated.append(token)
-            if request.penalty is not None:
-                request.penalty.update(token, request.params.penalty_decay)
-            emit, stop_hit = request.stops.push(request.decoder.feed(token))
-            if emit:
-                request.pieces.append(emit)
-                request.on_event(TextEvent(emit))
-            fed_rows.append(row)
-            fed_tokens.append(token)
-            if stop_hit is not None:  # ends after its token is fed: the state covers every token
-                ending[row] = ("stop", stop_hit)
+        fed_rows, fed_tokens, ending = self._step_decoders()
         with self._lock:
             self.counters["generated_tokens"] += len(fed_tokens)
             self._recent.append((time.perf_counter(), len(fed_tokens)))
-
-        new_state = None
-        if fed_rows:
-            all_rows = len(fed_rows) == len(self._decoding)
-            state = self._batch_state if all_rows else self._batch_state.select(fed_rows)
-            x = torch.tensor(fed_tokens, dtype=torch.long, device=self.model.device).view(-1, 1)  # (B, 1)
-            logits, new_state = self.model(x, state)  # logits (B, 1, V)
-            for i, row in enumerate(fed_rows):
-                self._decoding[row].logits = logits[i, -1].float()
+        new_state = self._feed(fed_rows, fed_tokens) if fed_rows else None
         finished = []
         for row, (reason, stop) in ending.items():
             if row in fed_rows:
@@ -427,19 +368,40 @@ class Engine:
         for request, reason, stop, final in finished:  # after the slots are free: a client may resubmit
             self._finish(request, reason, stop, final)
 
+    def _step_decoders(self) -> tuple[list[int], list[int], dict[int, tuple[str, int | str | None]]]:
+        """Step every decoding row's decoder; returns the rows whose new token goes through the model,
+        those tokens, and row -> (finish reason, what stopped it) for the rows that end this step."""
+        fed_rows, fed_tokens = [], []
+        ending: dict[int, tuple[str, int | str | None]] = {}
+        for row, request in enumerate(self._decoding):
+            try:
+                out = request.decoder.step(request.logits)
+            except RwkvkitError as e:  # e.g. its bans rule out every token: this request alone fails
+                ending[row] = ("error", str(e))
+                continue
+            if out.text:
+                request.on_event(TextEvent(out.text))
+            if out.token is not None:  # also the last token of a stop string: the state covers it
+                fed_rows.append(row)
+                fed_tokens.append(out.token)
+            if out.finish_reason is not None:
+                ending[row] = (out.finish_reason, request.decoder.stop)
+        return fed_rows, fed_tokens, ending
+
+    def _feed(self, rows: list[int], tokens: list[int]) -> RWKVState:
+        """Run ``tokens`` (one per row of ``rows``) through the model in one batched call; set each row's
+        logits and return the new states of those rows (in that order)."""
+        state = self._batch_state if len(rows) == len(self._decoding) else self._batch_state.select(rows)
+        x = torch.tensor(tokens, dtype=torch.long, device=self.model.device).view(-1, 1)  # (B, 1)
+        logits, new_state = self.model(x, state)  # logits (B, 1, V)
+        for i, row in enumerate(rows):
+            self._decoding[row].logits = logits[i, -1].float()
+        return new_state
+
     def _finish(
         self, request: Request, reason: str, stop: int | str | None = None, state: RWKVState | None = None
     ) -> None:
-        """Report the end of ``request`` (flushing held-back text unless a stop string ended it)."""
-        if reason in ("length", "stop") and not isinstance(stop, str) and request.decoder is not None:
-            emit, late_stop = request.stops.push(request.decoder.flush())
-            if late_stop is not None:
-                reason, stop = "stop", late_stop
-            else:
-                emit += request.stops.flush()
-            if emit:
-                request.pieces.append(emit)
-                request.on_event(TextEvent(emit))
+        """Report the end of ``request`` (its decoder has shown everything it will)."""
         error = stop if reason == "error" else None
         with self._lock:
             counter = {"stop": "finished", "length": "finished", "error": "failed"}.get(reason, "cancelled")
@@ -450,7 +412,7 @@ class Engine:
                 prompt_tokens=len(request.prompt),
                 completion_tokens=len(request.generated),
                 cached_tokens=request.cached_tokens,
-                text="".join(request.pieces),
+                text=request.decoder.text,
                 tokens=list(request.generated),
                 state=state if state is not None else request.state,
                 stop=None if error else stop,
@@ -470,7 +432,7 @@ class Engine:
                     prompt_tokens=len(request.prompt),
                     completion_tokens=len(request.generated),
                     cached_tokens=request.cached_tokens,
-                    text="".join(request.pieces),
+                    text=request.decoder.text,
                     tokens=list(request.generated),
                     error=message,
                 )

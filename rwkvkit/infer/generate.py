@@ -2,7 +2,10 @@
 
 ``generate(...)`` returns a :class:`GenerationStream`, an iterator of text pieces that can be shown as
 they arrive; when it is exhausted its ``result`` holds a :class:`GenerationResult` (full text, token ids,
-finish reason, final state). ``generate_text(...)`` does both in one call.
+finish reason, final state). ``generate_text(...)`` does both in one call. The per-token work (sampling,
+stop tokens and strings, text) is :class:`rwkvkit.infer.decoding.SequenceDecoder`'s; this module feeds the
+model: the chunked prefill (``prefill``, ``prefill_spans``, shared with the engine and the prefix cache)
+and one token at a time after it.
 
 Guarantees:
 - Every piece is valid UTF-8 text: token bytes go through the tokenizer's ``IncrementalDecoder``, which
@@ -28,13 +31,15 @@ from __future__ import annotations
 import contextlib
 import operator
 import time
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from rwkvkit.errors import RwkvkitError
-from rwkvkit.infer.sampling import check_sampling_args, sample_logits
+from rwkvkit.errors import RwkvkitError, check_int
+from rwkvkit.infer.decoding import SequenceDecoder
+from rwkvkit.infer.decoding import StopStringFilter as StopStringFilter  # re-exported: it lived here
+from rwkvkit.infer.sampling import SamplingParams, resolve_sampling
 from rwkvkit.state import RWKVState
 
 # Generation defaults (the CLI repeats them for its --help without importing torch; a test keeps them equal).
@@ -43,6 +48,8 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 0.85  # the reference package's default
 DEFAULT_TOP_K = 0  # no limit
 DEFAULT_PREFILL_CHUNK = 256  # the reference package's prefill chunk length
+# what generate samples with when neither sampling= nor a loose argument says otherwise
+SAMPLING_DEFAULTS = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P, "top_k": DEFAULT_TOP_K}
 
 
 @dataclass
@@ -129,55 +136,26 @@ def prefill(
     """
     if len(tokens) == 0:
         raise RwkvkitError("empty prompt: at least one token is needed")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise RwkvkitError(f"prefill chunk size must be an integer >= 1, got {chunk_size}")
+    check_int("chunk_size", chunk_size, 1)
     logits = None
     with prefill_precision(model, bf16):
-        for start in range(0, len(tokens), chunk_size):
-            logits, state = _forward(model, list(tokens[start : start + chunk_size]), state)
+        for start, end in prefill_spans(0, len(tokens), chunk_size):
+            logits, state = _forward(model, list(tokens[start:end]), state)
     return logits.float(), state
 
 
-class StopStringFilter:
-    """Holds back text until it is sure it does not begin a stop string; reports the first stop string.
-
-    ``push(text)`` returns (text safe to emit, the stop string found or None). After a stop string is found
-    everything from it on is dropped. ``flush()`` returns what is still held back (call it at the end).
-    """
-
-    def __init__(self, stop_strings: Iterable[str]):
-        self.stop_strings = [s for s in stop_strings]
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, str | None]:
-        self.pending += text
-        first: tuple[int, str] | None = None
-        for stop in self.stop_strings:
-            at = self.pending.find(stop)
-            if at >= 0 and (first is None or at < first[0]):
-                first = (at, stop)
-        if first is not None:
-            emit, self.pending = self.pending[: first[0]], ""
-            return emit, first[1]
-        hold = self._longest_partial_match()
-        emit, self.pending = (
-            self.pending[: len(self.pending) - hold],
-            self.pending[len(self.pending) - hold :],
-        )
-        return emit, None
-
-    def _longest_partial_match(self) -> int:
-        """Length of the longest end of ``pending`` that is the beginning of some stop string."""
-        longest = max((len(s) for s in self.stop_strings), default=0)
-        for size in range(min(len(self.pending), longest - 1), 0, -1):
-            tail = self.pending[-size:]
-            if any(stop.startswith(tail) for stop in self.stop_strings):
-                return size
-        return 0
-
-    def flush(self) -> str:
-        emit, self.pending = self.pending, ""
-        return emit
+def prefill_spans(
+    start: int, stop: int, chunk_size: int, block_size: int | None = None
+) -> Iterator[tuple[int, int]]:
+    """The (start, end) token spans a prefill of positions [start, stop) runs, in order: at most
+    ``chunk_size`` tokens each, and none crossing a multiple of ``block_size`` (a prefix cache's block
+    boundaries, where its states are kept) when one is given."""
+    while start < stop:
+        end = min(stop, start + chunk_size)
+        if block_size is not None:
+            end = min(end, (start // block_size + 1) * block_size)  # the next block boundary
+        yield start, end
+        start = end
 
 
 def _prompt_tokens(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
@@ -201,31 +179,22 @@ def _prompt_tokens(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> l
     return tokens
 
 
-@dataclass
-class _Settings:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    generator: torch.Generator | None
-    stop_tokens: frozenset[int]
-    stop_strings: list[str]
-
-
 def generate(
     model,
     tokenizer,
     prompt: str | Sequence[int],
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_p: float = DEFAULT_TOP_P,
-    top_k: int = DEFAULT_TOP_K,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
     seed: int | None = None,
     stop_tokens: Iterable[int] | None = None,
     stop_strings: Iterable[str] = (),
     state: RWKVState | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     bf16_prefill: bool = False,
+    *,
+    sampling: SamplingParams | None = None,
 ) -> GenerationStream:
     """Generate text after ``prompt``, streamed as pieces of valid text.
 
@@ -234,9 +203,11 @@ def generate(
         tokenizer: encodes the prompt and decodes the generated ids (see ``rwkvkit.tokenizer``).
         prompt: text, or token ids. Must not be empty.
         max_tokens: the most tokens to generate (>= 0).
-        temperature, top_p, top_k: sampling parameters (see ``sample_logits``; temperature 0 = greedy).
-        seed: seeds a private ``torch.Generator`` so the same seed gives the same text; None uses torch's
-            global random state.
+        sampling: how tokens are sampled (``SamplingParams``: temperature 0 = greedy, top-p/k, min-p,
+            penalties, logit bias, bans, seed).
+        temperature, top_p, top_k, seed: the older spelling of ``sampling`` (kept for a release; not
+            together with it): a SamplingParams with these, defaulting to DEFAULT_TEMPERATURE,
+            DEFAULT_TOP_P, DEFAULT_TOP_K and no seed (torch's global random state).
         stop_tokens: ids that end generation without being emitted. None means the tokenizer's
             end-of-text id (0); pass () to disable.
         stop_strings: strings that end generation; they are never emitted, even across tokens.
@@ -248,79 +219,52 @@ def generate(
     Raises RwkvkitError for an empty prompt, out-of-vocabulary ids, an incompatible state or bad parameters
     (checked here, before anything runs).
     """
-    check_sampling_args(temperature, top_p, top_k)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-        raise RwkvkitError(f"max_tokens must be an integer >= 0, got {max_tokens}")
-    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-        raise RwkvkitError(f"prefill chunk size must be an integer >= 1, got {prefill_chunk}")
-    stop_strings = list(stop_strings)
-    if any(not isinstance(s, str) or s == "" for s in stop_strings):
-        raise RwkvkitError("stop strings must be non-empty strings")
-    if stop_tokens is None:
-        eot = getattr(tokenizer, "eot_id", None)
-        stop_tokens = () if eot is None else (eot,)
-    stop_tokens = frozenset(int(t) for t in stop_tokens)
-    tokens = _prompt_tokens(tokenizer, prompt, model.config.vocab_size)
+    params = resolve_sampling(
+        sampling, SAMPLING_DEFAULTS, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+    )
+    vocab_size = model.config.vocab_size
+    decoder = SequenceDecoder(
+        tokenizer,
+        params,
+        vocab_size=vocab_size,
+        max_tokens=max_tokens,
+        stop_tokens=stop_tokens,
+        stop_strings=stop_strings,
+    )
+    check_int("prefill_chunk", prefill_chunk, 1)
+    tokens = _prompt_tokens(tokenizer, prompt, vocab_size)
     if state is not None:
         state.check_compatible(model.config, 1)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    settings = _Settings(max_tokens, temperature, top_p, top_k, generator, stop_tokens, stop_strings)
-    return GenerationStream(_run(model, tokenizer, tokens, state, prefill_chunk, settings, bf16_prefill))
+    return GenerationStream(_run(model, tokens, state, decoder, prefill_chunk, bf16_prefill))
 
 
 def _run(
     model,
-    tokenizer,
     prompt: list[int],
     state: RWKVState | None,
+    decoder: SequenceDecoder,
     prefill_chunk: int,
-    cfg: _Settings,
-    bf16_prefill: bool = False,
+    bf16_prefill: bool,
 ) -> Generator[str, None, GenerationResult]:
-    from rwkvkit.tokenizer import IncrementalDecoder
-
     t0 = time.perf_counter()
     logits, state = prefill(model, prompt, state, prefill_chunk, bf16=bf16_prefill)  # logits (V,)
     t1 = time.perf_counter()
-    # Ids the tokenizer cannot decode (a model vocabulary padded past the tokenizer's) are never sampled.
-    usable = min(int(tokenizer.vocab_size), logits.shape[-1])
-
-    decoder = IncrementalDecoder(tokenizer)
-    stops = StopStringFilter(cfg.stop_strings)
-    pieces: list[str] = []
-    generated: list[int] = []
-    finish, stop_hit = "length", None
-    for _ in range(cfg.max_tokens):
-        token = sample_logits(logits[:usable], cfg.temperature, cfg.top_p, cfg.top_k, cfg.generator)
-        if token in cfg.stop_tokens:
-            finish, stop_hit = "stop", token
+    while True:
+        out = decoder.step(logits)
+        if out.text:
+            yield out.text
+        if out.token is not None:  # the state always covers every generated token
+            logits, state = _forward(model, [out.token], state)
+        if out.finish_reason is not None:
             break
-        generated.append(token)
-        emit, stop_hit = stops.push(decoder.feed(token))
-        if emit:
-            pieces.append(emit)
-            yield emit
-        logits, state = _forward(model, [token], state)  # the state always covers every generated token
-        if stop_hit is not None:
-            finish = "stop"
-            break
-    if not isinstance(stop_hit, str):  # ended by length or a stop token: release what is held back
-        emit, stop_hit_at_end = stops.push(decoder.flush())
-        if stop_hit_at_end is not None:
-            finish, stop_hit = "stop", stop_hit_at_end
-        else:
-            emit += stops.flush()
-        if emit:
-            pieces.append(emit)
-            yield emit
     t2 = time.perf_counter()
     return GenerationResult(
-        text="".join(pieces),
-        tokens=generated,
-        finish_reason=finish,
+        text=decoder.text,
+        tokens=list(decoder.tokens),
+        finish_reason=decoder.finish_reason,
         state=state,
         prompt_tokens=len(prompt),
-        stop=stop_hit,
+        stop=decoder.stop,
         prefill_seconds=t1 - t0,
         decode_seconds=t2 - t1,
     )

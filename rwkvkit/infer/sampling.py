@@ -1,7 +1,8 @@
 """Next-token sampling: turn a logits vector (or a batch of them) into token ids.
 
 Two layers: ``sample_logits`` (temperature, top-p, top-k, min-p on one logits vector or a batch), and
-``SamplingParams`` + ``TokenPenalty`` + ``adjust_logits`` for what a serving request carries on top:
+``SamplingParams`` (the one sampling type that ``generate``, ``ChatSession`` and the engine take) +
+``TokenPenalty`` + ``adjust_logits`` for what a sequence carries on top:
 logit bias, banned tokens, and presence / frequency penalties that decay every step as the reference
 package's ``alpha_decay`` does (a token's count is multiplied by ``penalty_decay`` each step, then the
 new token's count grows by 1; the penalty is ``presence * seen + frequency * count``).
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rwkvkit.errors import RwkvkitError
+from rwkvkit.errors import RwkvkitError, check_int
 
 # Temperatures below this (the smallest normal float32) sample greedily: float32 rounds them to 0.
 GREEDY_BELOW = torch.finfo(torch.float32).tiny
@@ -38,8 +39,7 @@ def check_sampling_args(temperature: float, top_p: float, top_k: int, min_p: flo
         raise RwkvkitError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise RwkvkitError(f"top_p must be in (0, 1], got {top_p}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise RwkvkitError(f"top_k must be an integer >= 0 (0 = no limit), got {top_k}")
+    check_int("top_k", top_k, 0, " (0 = no limit)")
     if not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
         raise RwkvkitError(f"min_p must be in [0, 1], got {min_p}")
 
@@ -188,6 +188,30 @@ class SamplingParams:
     @property
     def penalised(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def resolve_sampling(
+    sampling: SamplingParams | None, defaults: Mapping[str, object], **loose: object
+) -> SamplingParams:
+    """The SamplingParams of a call that takes either ``sampling=`` or the older loose keyword arguments.
+
+    ``loose`` holds those arguments (temperature=..., top_p=..., ...), None where not given; the given
+    ones replace the caller's ``defaults`` (SamplingParams fields). Passing both is an error.
+    """
+    given = {name: value for name, value in loose.items() if value is not None}
+    if sampling is None:
+        return SamplingParams(**{**defaults, **given})
+    if given:
+        raise RwkvkitError(f"pass sampling=SamplingParams(...) or {', '.join(given)}, not both")
+    if not isinstance(sampling, SamplingParams):
+        raise RwkvkitError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    return sampling
+
+
+def seeded_generator(seed: int | None) -> torch.Generator | None:
+    """A private CPU generator seeded with ``seed`` (the same seed, the same draws), or None (torch's global
+    random state) for no seed."""
+    return torch.Generator().manual_seed(seed) if seed is not None else None
 
 
 def _check_token(token: object, vocab_size: int, what: str) -> None:
