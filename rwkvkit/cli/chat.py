@@ -17,6 +17,7 @@ from rwkvkit.cli.common import (
     add_sampling_args,
     load_model_and_tokenizer,
     one_line,
+    sampling_params,
     streaming_stdout,
     unescape,
 )
@@ -32,7 +33,6 @@ from rwkvkit.infer.chat import (
     ChatSession,
     normalize_message,
 )
-from rwkvkit.infer.sampling import check_sampling_args
 
 COMMANDS_HELP = """\
 commands:
@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rwkvkit chat``."""
     # Cheap checks first, before reading a large checkpoint.
-    check_sampling_args(args.temperature, args.top_p, args.top_k)
+    sampling = sampling_params(args)
     if args.max_tokens < 1:
         raise RwkvkitError(f"--max-tokens must be an integer >= 1, got {args.max_tokens}")
     system = None if args.system is None else unescape(args.system)
@@ -92,11 +92,8 @@ def run(args: argparse.Namespace) -> int:
     session = ChatSession(
         model,
         tokenizer,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
+        sampling=sampling,
         max_tokens=args.max_tokens,
-        seed=args.seed,
         system=system,
         bf16_prefill=args.bf16_prefill,
     )

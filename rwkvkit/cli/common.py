@@ -141,6 +141,15 @@ def add_sampling_args(
     parser.add_argument("--seed", type=int, default=None, metavar="N", help=seed_help)
 
 
+def sampling_params(args: argparse.Namespace) -> Any:
+    """The ``SamplingParams`` of the flags of :func:`add_sampling_args`, checked now (before a large
+    checkpoint is read)."""
+    from rwkvkit.infer.sampling import SamplingParams, check_sampling_args  # imports torch: not for --help
+
+    check_sampling_args(args.temperature, args.top_p, args.top_k)
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 

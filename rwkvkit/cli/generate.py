@@ -14,6 +14,7 @@ from rwkvkit.cli.common import (
     load_model_and_tokenizer,
     non_negative_int,
     positive_int,
+    sampling_params,
     streaming_stdout,
     unescape,
 )
@@ -97,10 +98,9 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``rwkvkit generate``."""
     # imported here, not at the top: they import torch, which `rwkvkit generate --help` does not need
     from rwkvkit.infer import generate
-    from rwkvkit.infer.sampling import check_sampling_args
 
     # Cheap checks first, before reading a large checkpoint.
-    check_sampling_args(args.temperature, args.top_p, args.top_k)
+    sampling = sampling_params(args)
     prompt = _read_prompt(args)
     if prompt == "":
         raise RwkvkitError("empty prompt: give some text with --prompt or --prompt-file")
@@ -114,10 +114,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer,
         prompt,
         max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
+        sampling=sampling,
         stop_tokens=() if args.no_eot_stop else None,
         stop_strings=stop_strings,
         prefill_chunk=args.prefill_chunk,
