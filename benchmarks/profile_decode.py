@@ -19,8 +19,9 @@ import time
 import torch
 from torch import nn
 
+from rwkvkit.blas import linear
 from rwkvkit.models import load_model
-from rwkvkit.models.common import _blas_matvecs, _one_torch_thread, project
+from rwkvkit.models.common import _blas_matvecs, _one_torch_thread
 
 
 def projection_layers(model: nn.Module) -> list[nn.Module]:
@@ -60,7 +61,7 @@ def profile_model(path: str, batch: int, ops: bool) -> None:
         def products_ms() -> float:
             t = time.perf_counter()
             for layer, x in zip(layers, inputs, strict=True):
-                project(layer, x)
+                linear(layer, x)
             return (time.perf_counter() - t) * 1e3
 
         step_ms()

@@ -1,6 +1,12 @@
-"""The decode fast path (``Block.step`` and the mixes' ``step`` methods, used for one token without
-gradients) against the general sequence path, for every version, batch size and dtype; and the
-single-token WKV forms against the operators' step-by-step references."""
+"""The decode fast path against plain torch, for every version, batch size and dtype.
+
+The mixes are written once; one token without gradients is made fast by what they call: the products
+of :mod:`rwkvkit.blas` (one fp32 CPU row through numpy), the single-token WKV forms (``wkv*_step``, via
+``rwkvkit.models.layers.run_wkv*``) and the in-place write of each layer's new state into the next
+state. ``rwkvkit.blas.fast_decode(False)`` turns all of that off; the results must not change. Also the
+single-token WKV forms against the operators' step-by-step references, and the helpers on their own
+(gradients included: with a gradient to record they take torch's path).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ import torch
 from checkpoints import random_state_dict
 
 from rwkvkit import blas
-from rwkvkit.models import model_from_state_dict
+from rwkvkit.blas import fast_decode
+from rwkvkit.models import layers, model_from_state_dict
 from rwkvkit.wkv import wkv4, wkv4_step, wkv6, wkv6_step, wkv7, wkv7_step
 
 CASES = {
@@ -18,12 +25,12 @@ CASES = {
     "6": dict(n_layer=3, n_embd=64, head_size=16, vocab_size=97),
     "7": dict(n_layer=8, n_embd=64, head_size=16, vocab_size=97),  # 8 layers: output scales below 1 too
 }
+STEP_FORMS = {"4": "wkv4_step", "5.2": "wkv6_step", "6": "wkv6_step", "7": "wkv7_step"}
 
 
 def decode(model, tokens: torch.Tensor, fast: bool):
     """Prefill 5 tokens, then feed the rest one at a time; all logits and the final state."""
-    model.fast_step = fast
-    with torch.inference_mode():
+    with torch.inference_mode(), fast_decode(fast):
         logits, state = model(tokens[:, :5])
         steps = []
         for t in range(5, tokens.shape[1]):
@@ -32,15 +39,30 @@ def decode(model, tokens: torch.Tensor, fast: bool):
     return torch.cat(steps, dim=1), state
 
 
+def counting(monkeypatch, name: str) -> list[int]:
+    """Count the calls the mixes make to the single-token WKV form ``name``."""
+    calls = []
+    original = getattr(layers, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layers, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("version", list(CASES))
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fast_decode_equals_the_general_path(version, batch):
+def test_fast_decode_equals_the_general_path(version, batch, monkeypatch):
     model = model_from_state_dict(random_state_dict(version, seed=4, **CASES[version]))
-    assert model.fast_step  # every version has the fast path
     tokens = torch.randint(0, 97, (batch, 14), generator=torch.Generator().manual_seed(1))
     threads = torch.get_num_threads()
+    calls = counting(monkeypatch, STEP_FORMS[version])
     general, general_state = decode(model, tokens, fast=False)
+    assert not calls  # plain torch: the operator itself
     fast, fast_state = decode(model, tokens, fast=True)
+    assert len(calls) == 9 * CASES[version]["n_layer"]  # every version has the fast path: 9 tokens
     assert torch.get_num_threads() == threads  # the one-thread context of a one-row step was undone
     assert (fast - general).abs().max().item() <= 2e-5 * general.abs().max().item()
     for a, b in ((fast_state.wkv, general_state.wkv), (fast_state.att_shift, general_state.att_shift)):
@@ -57,6 +79,20 @@ def test_fast_decode_in_bf16_is_as_close_to_fp32_as_the_general_path(version):
     general_err = (decode(model, tokens, fast=False)[0] - exact).abs().max().item()
     fast_err = (decode(model, tokens, fast=True)[0] - exact).abs().max().item()
     assert fast_err <= 1.5 * general_err + 1e-3 * exact.abs().max().item(), (fast_err, general_err)
+
+
+@pytest.mark.parametrize("version", list(CASES))
+def test_one_token_with_gradients_takes_the_plain_path(version):
+    """One token with gradients (training at T = 1) gives the decode path's logits, and a gradient."""
+    model = model_from_state_dict(random_state_dict(version, seed=4, **CASES[version]))
+    tokens = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, state = model(tokens[:, :5])
+        fast, _ = model(tokens[:, 5:], state)
+    logits, _ = model(tokens[:, 5:], state)
+    assert torch.allclose(logits, fast, atol=2e-5 * fast.abs().max().item())
+    logits.square().mean().backward()
+    assert model.head.weight.grad is not None and model.blocks[0].att.key.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("B", [1, 2])  # one sequence takes numpy's products, more take torch's
@@ -94,6 +130,55 @@ def test_single_token_wkv_forms_equal_the_references(B, into_buffer):
     assert torch.allclose(s, torch.stack((aa, bb, pp), dim=1), atol=1e-5)
 
 
+def _wkv_inputs(B: int, T: int, H: int = 3, N: int = 8):
+    g = torch.Generator().manual_seed(B * 10 + T)
+    r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+    w = -torch.exp(torch.randn(B, T, H, N, generator=g) - 1)
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+    a, b = -kk, kk * torch.rand(B, T, H, N, generator=g)
+    u, state = torch.randn(H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+    st4 = torch.stack((torch.randn(B, 24), torch.rand(B, 24) + 0.5, torch.randn(B, 24)), dim=1)
+    return (r, w, k, v, a, b, u, state), st4
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("T", [1, 4])
+def test_the_mixes_wkv_calls_write_the_new_state_in_place(B, T):
+    """``run_wkv*`` with ``out``: the new state is written there (every element), one token or many, and
+    equals what the plain operator gives."""
+    (r, w, k, v, a, b, u, state), st4 = _wkv_inputs(B, T)
+    k4, v4 = r.reshape(B, T, 24), v.reshape(B, T, 24)
+    w4, u4 = -torch.exp(u.reshape(24)), u.reshape(24)
+    calls = [
+        (layers.run_wkv7, (r, w, k, v, a, b, state), lambda: wkv7(r, w, k, v, a, b, state)),
+        (layers.run_wkv6, (r, w, k, v, u, state), lambda: wkv6(r, w, k, v, u, state)),
+        (
+            layers.run_wkv4,
+            (w4, u4, k4, v4, st4),
+            lambda: (lambda y, s: (y, torch.stack(s, dim=1)))(*wkv4(w4, u4, k4, v4, st4.unbind(1))),
+        ),
+    ]
+    with torch.inference_mode():
+        for run, args, plain in calls:
+            with fast_decode(False):
+                y_ref, s_ref = plain()
+            out = torch.full_like(s_ref, float("nan"))
+            y, s = run(*args, out=out)
+            assert s is out and not out.isnan().any()
+            assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(s, s_ref, atol=1e-5)
+
+
+def test_the_wkv_calls_keep_gradients():
+    """With gradients the mixes' WKV calls take the differentiable operator (T = 1 too)."""
+    (r, w, k, v, a, b, _, state), _ = _wkv_inputs(1, 1)
+    r = r.clone().requires_grad_()
+    y, _ = layers.run_wkv7(r, w, k, v, a, b, state)
+    y.sum().backward()
+    r2 = r.detach().clone().requires_grad_()
+    wkv7(r2, w, k, v, a, b, state, impl="reference")[0].sum().backward()
+    assert torch.allclose(r.grad, r2.grad, atol=1e-5)
+
+
 @pytest.mark.parametrize("B", [1, 4])
 def test_decode_products_equal_torch(B):
     g = torch.Generator().manual_seed(0)
@@ -106,9 +191,18 @@ def test_decode_products_equal_torch(B):
     assert torch.allclose(blas.matmul(x, w), x @ w, atol=1e-5)
     assert torch.allclose(blas.linear_row(x, lin), x @ lin.T, atol=1e-5)
     assert torch.allclose(blas.state_matvec(state, vec), (state @ vec.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    # the mixes' (B, T, C) inputs: one row (B = T = 1) through numpy, the same as the module
+    layer = torch.nn.Linear(48, 24, bias=False)
+    x3 = x.unsqueeze(1)  # (B, 1, 48)
+    with torch.no_grad():
+        assert torch.allclose(blas.linear(layer, x3), layer(x3), atol=1e-5)
+        assert torch.allclose(blas.matmul(x3, w), x3 @ w, atol=1e-5)
+        assert blas.linear(layer, x3).shape == (B, 1, 24)
     # with a gradient to record, torch's own product (numpy would drop it)
     wg = w.clone().requires_grad_()
     blas.matmul(x, wg).sum().backward()
     assert torch.allclose(wg.grad, x.sum(0, keepdim=True).T.expand(48, 16), atol=1e-5)
+    blas.linear(layer, x3).sum().backward()
+    assert torch.allclose(layer.weight.grad, x.sum(0, keepdim=True).expand(24, 48), atol=1e-5)
     # other dtypes keep theirs
     assert blas.matmul(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from checkpoints import random_state_dict
 
 from rwkvkit import RwkvkitError, load_model
+from rwkvkit.blas import fast_decode
 from rwkvkit.cli import main as cli_main
 from rwkvkit.models import load_quantized, model_from_state_dict
 from rwkvkit.quant import quantize_model, quantized_names, save_quantized
@@ -98,10 +99,9 @@ def test_a_quantized_model_stays_close_to_fp32():
             rel = ((approx - exact).norm() / exact.norm()).item()
             assert rel < bound, (scheme, rel)
             # the decode fast path (one token) agrees with the sequence path for quantized layers too
-            model.fast_step = False
-            general, state = model(tokens[:, :5])
-            out_general, _ = model(tokens[:, 5:6], state)
-            model.fast_step = True
+            with fast_decode(False):
+                general, state = model(tokens[:, :5])
+                out_general, _ = model(tokens[:, 5:6], state)
             out_fast, _ = model(tokens[:, 5:6], state)
             assert torch.allclose(out_fast, out_general, atol=1e-4 * out_general.abs().max().item())
 

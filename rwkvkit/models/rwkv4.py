@@ -1,7 +1,8 @@
 """RWKV-4 ("Raven", Pile models): time mix, channel mix, model class, config for new models, official init.
 
 Parameters are named exactly like the official checkpoint keys; the shared model loop
-(:class:`rwkvkit.models.common.RWKVModel`) runs them in parallel or RNN mode with the same weights.
+(:class:`rwkvkit.models.common.RWKVModel`) runs them in parallel or RNN mode with the same weights and
+code. The channel mix is :class:`rwkvkit.models.layers.LerpChannelMix` (shared with RWKV-5.2).
 
     TimeMix: x{k,v,r} = x * time_mix_{k,v,r} + x_prev * (1 - time_mix_{k,v,r})
              k = Wk xk, v = Wv xv, r = sigmoid(Wr xr)                    (per channel, no heads)
@@ -20,23 +21,20 @@ import math
 import torch
 from torch import nn
 
+from rwkvkit.blas import linear
 from rwkvkit.config import ModelConfig
-from rwkvkit.models.common import (
-    Block,
-    RWKVModel,
-    channel_mix_key_scale,
-    init_shared_,
-    project,
-    ramps,
+from rwkvkit.models.common import Block, RWKVModel
+from rwkvkit.models.init import init_shared_, ramps
+from rwkvkit.models.layers import (
+    LerpChannelMix,
+    channel_param,
+    lerp_shift,
+    run_wkv4,
     time_mix_output_scale,
     token_shift,
 )
-from rwkvkit.wkv import wkv4, wkv4_step
 
-
-def mix(x: torch.Tensor, x_prev: torch.Tensor, time_mix: torch.Tensor) -> torch.Tensor:
-    """The v4/v5 token shift: x * time_mix + x_prev * (1 - time_mix)."""
-    return x * time_mix + x_prev * (1 - time_mix)
+ChannelMix = LerpChannelMix  # RWKV-4's feed-forward (RWKV-5.2 shares it)
 
 
 class TimeMix(nn.Module):
@@ -47,9 +45,9 @@ class TimeMix(nn.Module):
         C, A = config.n_embd, config.dim_att
         self.time_decay = nn.Parameter(torch.zeros(A))
         self.time_first = nn.Parameter(torch.zeros(A))
-        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
-        self.time_mix_v = nn.Parameter(torch.zeros(1, 1, C))
-        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_k = channel_param(C)
+        self.time_mix_v = channel_param(C)
+        self.time_mix_r = channel_param(C)
         self.key = nn.Linear(C, A, bias=False)
         self.value = nn.Linear(C, A, bias=False)
         self.receptance = nn.Linear(C, A, bias=False)
@@ -57,61 +55,21 @@ class TimeMix(nn.Module):
         self.output_scale = time_mix_output_scale(layer_id)
 
     def forward(
-        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
-    ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """x (B, T, C); shift (B, C); wkv_state (B, 3, A) fp32 (aa, bb, pp). Returns (out, state, carry)."""
-        x_prev = token_shift(x, shift)  # (B, T, C)
-        k = self.key(mix(x, x_prev, self.time_mix_k)).float()  # (B, T, A)
-        v = self.value(mix(x, x_prev, self.time_mix_v)).float()
-        r = torch.sigmoid(self.receptance(mix(x, x_prev, self.time_mix_r)))
-        log_decay = -torch.exp(self.time_decay.float())  # (A,)
-        y, (aa, bb, pp) = wkv4(log_decay, self.time_first.float(), k, v, wkv_state.unbind(1))
-        out = self.output(r * y.to(r.dtype) * self.output_scale)
-        return out, torch.stack((aa, bb, pp), dim=1), carry
-
-    def step(
         self,
         x: torch.Tensor,
         shift: torch.Tensor,
         wkv_state: torch.Tensor,
-        carry: None,
+        v_first: None,
         wkv_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """:meth:`forward` for one token, x and shift (B, C): the decode fast path (the new state is
-        written into ``wkv_out`` when given)."""
-        k = project(self.key, mix(x, shift, self.time_mix_k[0])).float()  # (B, A)
-        v = project(self.value, mix(x, shift, self.time_mix_v[0])).float()
-        r = torch.sigmoid(project(self.receptance, mix(x, shift, self.time_mix_r[0])))
-        log_decay = -torch.exp(self.time_decay.float())
-        y, state = wkv4_step(log_decay, self.time_first.float(), k, v, wkv_state, out=wkv_out)  # y (B, A)
-        return project(self.output, r * y.to(r.dtype) * self.output_scale), state, carry
-
-
-class ChannelMix(nn.Module):
-    """The RWKV-4 (and 5.2) feed-forward: token shift, squared ReLU, sigmoid receptance gate."""
-
-    def __init__(self, config: ModelConfig, layer_id: int):
-        super().__init__()
-        C = config.n_embd
-        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
-        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, config.dim_ffn, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(config.dim_ffn, C, bias=False)
-        self.key_scale = channel_mix_key_scale(layer_id)
-        self.output_scale = self.key_scale**2
-
-    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C); shift (B, C); wkv_state (B, 3, A) fp32 (aa, bb, pp) -> (out, new state, None)."""
         x_prev = token_shift(x, shift)  # (B, T, C)
-        r = torch.sigmoid(self.receptance(mix(x, x_prev, self.time_mix_r)))
-        k = torch.relu(self.key(mix(x, x_prev, self.time_mix_k))) * self.key_scale  # (B, T, F)
-        return r * self.value(k * k)
-
-    def step(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` for one token, x and shift (B, C): the decode fast path."""
-        r = torch.sigmoid(project(self.receptance, mix(x, shift, self.time_mix_r[0])))
-        k = torch.relu_(project(self.key, mix(x, shift, self.time_mix_k[0]))).mul_(self.key_scale)
-        return r * project(self.value, k * k)
+        k = linear(self.key, lerp_shift(x, x_prev, self.time_mix_k)).float()  # (B, T, A)
+        v = linear(self.value, lerp_shift(x, x_prev, self.time_mix_v)).float()
+        r = torch.sigmoid(linear(self.receptance, lerp_shift(x, x_prev, self.time_mix_r)))
+        log_decay = -torch.exp(self.time_decay.float())  # (A,)
+        y, wkv_state = run_wkv4(log_decay, self.time_first.float(), k, v, wkv_state, wkv_out)
+        return linear(self.output, r * y.to(r.dtype) * self.output_scale), wkv_state, v_first
 
 
 class RWKV4(RWKVModel):
@@ -146,15 +104,17 @@ def init_official_(model: RWKV4) -> RWKV4:
     cfg = model.config
     A = cfg.dim_att
     for layer_id, block in enumerate(model.blocks):
-        _, ddd, r01, r10 = ramps(cfg.n_embd, layer_id, cfg.n_layer, model.device)
+        _, fraction, ratio_0_to_1, ratio_1_to_almost_0 = ramps(
+            cfg.n_embd, layer_id, cfg.n_layer, model.device
+        )
         n = torch.arange(A, device=model.device, dtype=torch.float32)
         att, ffn = block.att, block.ffn
-        att.time_decay.copy_(-5 + 8 * (n / max(A - 1, 1)) ** (0.7 + 1.3 * r01))
+        att.time_decay.copy_(-5 + 8 * (n / max(A - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1))
         zigzag = ((n + 1) % 3 - 1) * 0.5
         att.time_first.copy_(math.log(0.3) + zigzag)
-        att.time_mix_k.copy_(ddd**r10)
-        att.time_mix_v.copy_(ddd**r10 + 0.3 * r01)
-        att.time_mix_r.copy_(ddd ** (0.5 * r10))
-        ffn.time_mix_k.copy_(ddd**r10)
-        ffn.time_mix_r.copy_(ddd**r10)
+        att.time_mix_k.copy_(fraction**ratio_1_to_almost_0)
+        att.time_mix_v.copy_(fraction**ratio_1_to_almost_0 + 0.3 * ratio_0_to_1)
+        att.time_mix_r.copy_(fraction ** (0.5 * ratio_1_to_almost_0))
+        ffn.time_mix_k.copy_(fraction**ratio_1_to_almost_0)
+        ffn.time_mix_r.copy_(fraction**ratio_1_to_almost_0)
     return model

@@ -1,7 +1,9 @@
 """RWKV-6 ("Finch", x060): time mix, channel mix, model class, config for new models and official init.
 
 Parameters are named exactly like the official checkpoint keys; the shared model loop
-(:class:`rwkvkit.models.common.RWKVModel`) runs them in parallel or RNN mode with the same weights.
+(:class:`rwkvkit.models.common.RWKVModel`) runs them in parallel or RNN mode with the same weights and
+code. The time mix is built on :class:`rwkvkit.models.layers.MatrixStateTimeMix`, the channel mix on
+:class:`rwkvkit.models.layers.SquaredReluChannelMix`.
 
     TimeMix: xx = x_prev - x; xxx = x + xx * time_maa_x
              (mw, mk, mv, mr, mg) = tanh(xxx W1) W2 per branch   (data-dependent token shift, LoRA D_MIX)
@@ -26,17 +28,9 @@ from torch import nn
 
 from rwkvkit.blas import matmul
 from rwkvkit.config import ModelConfig
-from rwkvkit.errors import RwkvkitError
-from rwkvkit.models.common import (
-    Block,
-    RWKVModel,
-    channel_mix_key_scale,
-    init_shared_,
-    project,
-    ramps,
-    token_shift,
-)
-from rwkvkit.models.rwkv5 import MatrixStateTimeMix, time_decay_init, time_faaaa_init
+from rwkvkit.models.common import Block, RWKVModel
+from rwkvkit.models.init import heads_of, init_shared_, ramps, time_decay_init, time_faaaa_init
+from rwkvkit.models.layers import MatrixStateTimeMix, SquaredReluChannelMix, channel_param, token_shift
 
 
 class TimeMix(MatrixStateTimeMix):
@@ -45,98 +39,53 @@ class TimeMix(MatrixStateTimeMix):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__(config, layer_id)
         C, D, Dd = config.n_embd, config.d_mix, config.d_decay
-
-        def vec() -> nn.Parameter:
-            return nn.Parameter(torch.zeros(1, 1, C))
-
-        self.time_maa_x, self.time_maa_w, self.time_maa_k = vec(), vec(), vec()
-        self.time_maa_v, self.time_maa_r, self.time_maa_g = vec(), vec(), vec()
+        self.time_maa_x, self.time_maa_w, self.time_maa_k = (channel_param(C) for _ in range(3))
+        self.time_maa_v, self.time_maa_r, self.time_maa_g = (channel_param(C) for _ in range(3))
         self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * D))
         self.time_maa_w2 = nn.Parameter(torch.zeros(5, D, C))
-        self.time_decay = vec()
+        self.time_decay = channel_param(C)
         self.time_decay_w1 = nn.Parameter(torch.zeros(C, Dd))
         self.time_decay_w2 = nn.Parameter(torch.zeros(Dd, C))
 
     def forward(
-        self, x: torch.Tensor, shift: torch.Tensor, wkv_state: torch.Tensor, carry: None
-    ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """x (B, T, C); shift (B, C); wkv_state (B, H, N, N) fp32 [value, key] -> (out, state, carry)."""
-        B, T, C = x.shape
-        xx = token_shift(x, shift) - x  # (B, T, C)
-        xxx = x + xx * self.time_maa_x
-        m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)  # (5, B*T, D)
-        mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).view(5, B, T, C).unbind(0)
-        xw = x + xx * (self.time_maa_w + mw)
-        decay_logit = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
-        log_decay = -torch.exp(decay_logit.float()).view(B, T, self.n_head, self.head_size)  # <= 0
-        out, wkv_state = self.attend(
-            x + xx * (self.time_maa_r + mr),
-            x + xx * (self.time_maa_k + mk),
-            x + xx * (self.time_maa_v + mv),
-            x + xx * (self.time_maa_g + mg),
-            log_decay,
-            wkv_state,
-        )
-        return out, wkv_state, carry
-
-    def step(
         self,
         x: torch.Tensor,
         shift: torch.Tensor,
         wkv_state: torch.Tensor,
-        carry: None,
+        v_first: None,
         wkv_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """:meth:`forward` for one token, x and shift (B, C): the decode fast path (the new state is
-        written into ``wkv_out`` when given)."""
-        B, C = x.shape
-        xx = shift - x  # (B, C)
-        xxx = torch.addcmul(x, xx, self.time_maa_x[0])
-        m = torch.tanh(matmul(xxx, self.time_maa_w1)).view(B, 5, -1).transpose(0, 1)  # (5, B, D)
-        mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).unbind(0)  # each (B, C)
-        xw = torch.addcmul(x, xx, self.time_maa_w[0] + mw)
-        decay_logit = self.time_decay[0] + matmul(
-            torch.tanh(matmul(xw, self.time_decay_w1)), self.time_decay_w2
-        )
-        log_decay = -torch.exp(decay_logit.float()).view(B, self.n_head, self.head_size)
-        out, wkv_state = self.attend_step(
-            torch.addcmul(x, xx, self.time_maa_r[0] + mr),
-            torch.addcmul(x, xx, self.time_maa_k[0] + mk),
-            torch.addcmul(x, xx, self.time_maa_v[0] + mv),
-            torch.addcmul(x, xx, self.time_maa_g[0] + mg),
+        """x (B, T, C); shift (B, C); wkv_state (B, H, N, N) fp32 [value, key] -> (out, state, None)."""
+        B, T, C = x.shape
+        xx = token_shift(x, shift) - x  # (B, T, C)
+        xxx = torch.addcmul(x, xx, self.time_maa_x)
+        m = torch.tanh(matmul(xxx, self.time_maa_w1)).view(B * T, 5, -1).transpose(0, 1)  # (5, B*T, D)
+        mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).view(5, B, T, C).unbind(0)
+        xw = torch.addcmul(x, xx, self.time_maa_w + mw)
+        decay_logit = self.time_decay + matmul(torch.tanh(matmul(xw, self.time_decay_w1)), self.time_decay_w2)
+        log_decay = -torch.exp(decay_logit.float()).view(B, T, self.n_head, self.head_size)  # <= 0
+        out, wkv_state = self.project_wkv_output(
+            torch.addcmul(x, xx, self.time_maa_r + mr),
+            torch.addcmul(x, xx, self.time_maa_k + mk),
+            torch.addcmul(x, xx, self.time_maa_v + mv),
+            torch.addcmul(x, xx, self.time_maa_g + mg),
             log_decay,
             wkv_state,
             wkv_out,
         )
-        return out, wkv_state, carry
+        return out, wkv_state, v_first
 
 
-class ChannelMix(nn.Module):
+class ChannelMix(SquaredReluChannelMix):
     """The RWKV-6 feed-forward: RWKV-4's, with the token shift weighted by time_maa (previous token)."""
 
-    def __init__(self, config: ModelConfig, layer_id: int):
-        super().__init__()
-        C = config.n_embd
-        self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
-        self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, config.dim_ffn, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(config.dim_ffn, C, bias=False)
-        self.key_scale = channel_mix_key_scale(layer_id)
-        self.output_scale = self.key_scale**2
+    def add_shift_weights(self, C: int) -> None:
+        self.time_maa_k = channel_param(C)
+        self.time_maa_r = channel_param(C)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        xx = token_shift(x, shift) - x  # (B, T, C)
-        r = torch.sigmoid(self.receptance(x + xx * self.time_maa_r))
-        k = torch.relu(self.key(x + xx * self.time_maa_k)) * self.key_scale  # (B, T, F)
-        return r * self.value(k * k)
-
-    def step(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` for one token, x and shift (B, C): the decode fast path."""
-        xx = shift - x
-        r = torch.sigmoid(project(self.receptance, torch.addcmul(x, xx, self.time_maa_r[0])))
-        k = torch.relu_(project(self.key, torch.addcmul(x, xx, self.time_maa_k[0]))).mul_(self.key_scale)
-        return r * project(self.value, k * k)
+    def shifted(self, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xx = x_prev - x  # (B, T, C)
+        return torch.addcmul(x, xx, self.time_maa_k), torch.addcmul(x, xx, self.time_maa_r)
 
 
 class RWKV6(RWKVModel):
@@ -156,15 +105,13 @@ def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) 
 
     F = int(3.5 C) // 32 * 32; D_MIX = 32 and D_DECAY = 64 (both doubled at C = 4096).
     """
-    if n_embd % head_size:
-        raise RwkvkitError(f"n_embd {n_embd} is not a multiple of head_size {head_size}")
     wide = 2 if n_embd == 4096 else 1
     return ModelConfig(
         version="6",
         n_layer=n_layer,
         n_embd=n_embd,
         vocab_size=vocab_size,
-        n_head=n_embd // head_size,
+        n_head=heads_of(n_embd, head_size),
         head_size=head_size,
         dim_ffn=int(n_embd * 3.5) // 32 * 32,
         d_mix=32 * wide,
@@ -179,22 +126,22 @@ def init_official_(model: RWKV6) -> RWKV6:
     cfg = model.config
     C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
     for layer_id, block in enumerate(model.blocks):
-        n, ddd, r01, r10 = ramps(C, layer_id, cfg.n_layer, model.device)
+        channel, fraction, ratio_0_to_1, ratio_1_to_almost_0 = ramps(C, layer_id, cfg.n_layer, model.device)
         att, ffn = block.att, block.ffn
-        att.time_maa_x.copy_(1 - ddd**r10)
-        att.time_maa_w.copy_(1 - ddd**r10)
-        att.time_maa_k.copy_(1 - ddd**r10)
-        att.time_maa_v.copy_(1 - (ddd**r10 + 0.3 * r01))
-        att.time_maa_r.copy_(1 - ddd ** (0.5 * r10))
-        att.time_maa_g.copy_(1 - ddd ** (0.5 * r10))
+        att.time_maa_x.copy_(1 - fraction**ratio_1_to_almost_0)
+        att.time_maa_w.copy_(1 - fraction**ratio_1_to_almost_0)
+        att.time_maa_k.copy_(1 - fraction**ratio_1_to_almost_0)
+        att.time_maa_v.copy_(1 - (fraction**ratio_1_to_almost_0 + 0.3 * ratio_0_to_1))
+        att.time_maa_r.copy_(1 - fraction ** (0.5 * ratio_1_to_almost_0))
+        att.time_maa_g.copy_(1 - fraction ** (0.5 * ratio_1_to_almost_0))
         att.time_maa_w1.zero_()
         att.time_maa_w2.uniform_(-0.01, 0.01)
-        att.time_decay.copy_(time_decay_init(C, r01, n).view(1, 1, C))
+        att.time_decay.copy_(time_decay_init(C, ratio_0_to_1, channel).view(1, 1, C))
         att.time_decay_w1.zero_()
         att.time_decay_w2.uniform_(-0.01, 0.01)
-        att.time_faaaa.copy_(time_faaaa_init(C, r01, n).view(H, N))
+        att.time_faaaa.copy_(time_faaaa_init(C, ratio_0_to_1, channel).view(H, N))
         if att.time_state is not None:
             att.time_state.zero_()
-        ffn.time_maa_k.copy_(1 - ddd**r10)
-        ffn.time_maa_r.copy_(1 - ddd**r10)
+        ffn.time_maa_k.copy_(1 - fraction**ratio_1_to_almost_0)
+        ffn.time_maa_r.copy_(1 - fraction**ratio_1_to_almost_0)
     return model
