@@ -182,7 +182,9 @@ class SquaredReluChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """x (B, T, C), shift (B, C) -> out (B, T, C) (times ``output_scale``)."""
         xk, xr = self.shifted(x, token_shift(x, shift))
-        k = torch.relu(linear(self.key, xk)) * self.key_scale  # (B, T, F)
+        # in place on the projection's fresh output (saves two (B, T, F) tensors; autograd-safe: the
+        # product keeps no output, and relu's output, which it keeps, is not written afterwards)
+        k = torch.relu_(linear(self.key, xk).mul_(self.key_scale))  # (B, T, F)
         out = linear(self.value, k * k)
         if xr is None:
             return out
