@@ -1,6 +1,9 @@
 """The RWKV models: one module per version and the shared pieces they are built from.
 
-    common.py   RWKVModel (the model loop, state handling), Block, precision and init helpers
+    common.py   RWKVModel (the model loop, state handling), Block, precision
+    layers.py   the building blocks the version files share (token shift, channel mixes, matrix-state
+                time mix, the mixes' WKV calls)
+    init.py     the official init recipes' shared helpers
     rwkv4.py .. rwkv7.py   one version each: time mix, channel mix, Model, new_config, init_official_
     io.py       the registry of versions, building, loading and saving (the public functions below)
 
