@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import fields
 from typing import Any
 
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = train(config_from_args(args))
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, the first process reports
+    if result.rank == 0:  # under torchrun, the first process reports
         print(f"model: {result.model_path}")
         print(f"final training loss: {result.final_loss:.4f}")
         if result.val_loss is not None:

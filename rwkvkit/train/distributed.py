@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from rwkvkit.errors import RwkvkitError
 
@@ -59,25 +60,23 @@ def setup(device: str) -> Distributed:
     return Distributed(rank, world_size, local_rank, dev)
 
 
-def teardown(d: Distributed) -> None:
-    if d.enabled and dist.is_initialized():
+def teardown(world: Distributed) -> None:
+    if world.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, d: Distributed, fsdp: bool) -> nn.Module:
+def wrap(model: nn.Module, world: Distributed, fsdp: bool) -> nn.Module:
     """The module the training loop calls: the model itself, a DDP replica, or FSDP2-sharded in place."""
-    if not d.enabled:
+    if not world.enabled:
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # here: only FSDP runs need it
 
         for block in model.blocks:  # one shard group per layer, then the rest (emb, ln_out, head)
             fully_shard(block)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [d.device.index] if d.device.type == "cuda" else None
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
     # find_unused_parameters: some parameters take no part in a step (layer 0's v0/v1/v2 in RWKV-7)
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
@@ -89,26 +88,29 @@ def no_sync(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     return module.no_sync()
 
 
-def all_reduce_sum(value: torch.Tensor, d: Distributed) -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor, world: Distributed) -> torch.Tensor:
     """The sum over all processes of ``value`` (a tensor on this process's device)."""
-    if d.enabled:
+    if world.enabled:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
 
 
-def barrier(d: Distributed) -> None:
-    if d.enabled:
+def barrier(world: Distributed) -> None:
+    if world.enabled:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, d: Distributed) -> bool:
+def broadcast_flag(flag: bool, world: Distributed) -> bool:
     """Rank 0's value of ``flag`` on every process."""
-    if not d.enabled:
+    if not world.enabled:
         return flag
-    t = torch.tensor([1 if flag else 0], device=d.device)
+    t = torch.tensor([1 if flag else 0], device=world.device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+# torch.distributed.checkpoint is imported where it is used: it adds about half of torch's import time.
 
 
 def _options(**kwargs):
@@ -136,15 +138,15 @@ def load_full_state_dicts(
     optimizer: torch.optim.Optimizer,
     model_sd: dict[str, torch.Tensor],
     optim_sd: dict,
-    d: Distributed,
+    world: Distributed,
 ) -> None:
     """Load complete state dicts (as :func:`full_state_dicts` made them) into every process's model and
     optimizer; under several processes only rank 0's copy is read and the values are broadcast."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    options = _options(broadcast_from_rank0=d.enabled)
+    options = _options(broadcast_from_rank0=world.enabled)
     # A parameter that never had a gradient (RWKV-7 layer 0's unused v0/v1/v2) has no optimizer state.
-    optim_options = _options(broadcast_from_rank0=d.enabled, strict=False)
+    optim_options = _options(broadcast_from_rank0=world.enabled, strict=False)
     try:
         set_model_state_dict(model, model_sd, options=options)
         set_optimizer_state_dict(model, optimizer, optim_sd, options=optim_options)

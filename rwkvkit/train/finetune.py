@@ -25,12 +25,13 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from rwkvkit.checkpoint import SAFETENSORS_SUFFIX, load_state_dict, save_state_dict
 from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.models import load_model, save_model
+from rwkvkit.models import export_state_dict, load_model, save_model
 from rwkvkit.models.common import PROJECTION_SUFFIXES, RWKVModel
 
 # LoRA goes on the projection matrices of both mixes; ``head`` (and ``emb``) are left out on purpose.
@@ -230,8 +231,6 @@ def save_adapter(peft_model, path: str | os.PathLike) -> None:
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(tensors, LoRA settings, base config dict) of an adapter file written by :func:`save_adapter`."""
-    from safetensors import safe_open
-
     tensors = load_state_dict(path)  # checks the file and gives one-line errors
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
@@ -324,8 +323,6 @@ def merge_lora(peft_model) -> RWKVModel:
 def merged_state_dict(peft_model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The official-layout tensors of the base weights plus the LoRA update, computed without changing
     the model (for checkpoints during training); what ``export_state_dict(merge_lora(m))`` would give."""
-    from rwkvkit.models import export_state_dict
-
     lora_layer = _peft().tuners.lora.LoraLayer
     base = _base_of(peft_model)
     tensors = {

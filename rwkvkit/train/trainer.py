@@ -1,4 +1,4 @@
-"""The training loop behind ``rwkvkit train`` and ``torchrun -m rwkvkit.train``.
+"""The training loop behind ``rwkvkit train`` and ``torchrun -m rwkvkit.train``: the ``Trainer``.
 
 Trains any RWKV version in parallel ("GPT") mode with the chunked WKV operators, from scratch (official
 init) or from an official checkpoint (fine-tuning: full, LoRA, or state tuning), on one process or many
@@ -6,12 +6,14 @@ init) or from an official checkpoint (fine-tuning: full, LoRA, or state tuning),
 drawn as a pure function of (seed, step) and split over processes and micro-batches, so the loss curve
 does not depend on how the batch is split and a resumed run sees the data it would have seen.
 
-Per step: AdamW with the official parameter groups, warmup + cosine schedule, gradient accumulation,
-L2Wrap, optional bf16 autocast and gradient checkpointing, gradient clipping. A step whose loss or
-gradient norm is not finite is skipped (logged, weights and optimizer untouched). Rank 0 writes, every
-``save_every`` steps and at the end: ``model.pth`` (official layout, LoRA merged, tuned states as
-``att.time_state``), ``train_state.pt`` (for ``--resume``), ``metrics.jsonl``, ``loss.png``, and for
-LoRA runs ``adapter.safetensors``.
+:class:`Trainer` runs in named phases: ``setup`` (data, model, tuning, optimizer, resume), ``train_step``
+(AdamW with the official parameter groups, warmup + cosine schedule, gradient accumulation, L2Wrap,
+optional bf16 autocast and gradient checkpointing, gradient clipping), ``evaluate`` (validation loss) and
+``save``; ``train`` is the loop over them. A step whose loss or gradient norm is not finite is skipped
+(logged, weights and optimizer untouched). Its components: :mod:`rwkvkit.train.metrics` (``metrics.jsonl``
+and ``loss.png``) and :class:`rwkvkit.train.checkpointing.Checkpointer` (``model.pth``,
+``train_state.pt`` for ``--resume``, and ``adapter.safetensors`` for LoRA runs), written by rank 0 every
+``save_every`` steps and at the end.
 """
 
 from __future__ import annotations
@@ -26,15 +28,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.train import distributed
+from rwkvkit.models import load_model, new_model
+from rwkvkit.models.common import RWKVModel
+from rwkvkit.tokenizer import load_tokenizer
+from rwkvkit.train import distributed, finetune
+from rwkvkit.train.checkpointing import Checkpointer, ModelParts
 from rwkvkit.train.config import TrainConfig, check_config, config_to_json
+from rwkvkit.train.data import eval_windows, load_token_array, sample_batch
+from rwkvkit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog
+from rwkvkit.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
 
 log = logging.getLogger("rwkvkit.train")
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ADAPTER_FILE = "adapter.safetensors"  # LoRA runs: the adapter alone (rwkvkit merge puts it into a base)
 
 
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -55,41 +62,11 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 16) -> f
     total, count = 0.0, 0
     for start in range(0, x.shape[0], batch_size):
         xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
-        logits, _ = model(xb)
+        logits, _ = model(xb)  # (B, T, V)
         total += F.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(), reduction="sum").item()
         count += yb.numel()
     model.train(was_training)
     return total / count
-
-
-def save_loss_plot(metrics: list[dict], path: Path) -> None:
-    """Training and validation loss, and the learning rate, against step, written as a PNG (atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    lrs = [(m["step"], m["lr"]) for m in metrics if "lr" in m]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train", lw=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    if lrs:
-        ax_lr = ax.twinx()
-        ax_lr.plot(*zip(*lrs, strict=True), color="gray", lw=0.8, ls="--", label="lr")
-        ax_lr.set_ylabel("learning rate")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 @dataclass
@@ -100,15 +77,14 @@ class TrainResult:
     seconds: float
     final_loss: float
     val_loss: float | None
+    rank: int = 0  # of the process that trained (under torchrun rank 0 alone wrote the files)
 
 
 # ---------------------------------------------------------------------------------------------- set-up
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> RWKVModel:
     """The model to train: the official checkpoint ``init_from`` (fp32) or a new one (official init)."""
-    from rwkvkit.models import load_model, new_model
-
     if cfg.init_from:
         model = load_model(cfg.init_from, device=device)
         if getattr(model, "quantization", None):
@@ -128,10 +104,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
     return model.train()
 
 
-def prepare_tuning(model, cfg: TrainConfig):
+def prepare_tuning(model: RWKVModel, cfg: TrainConfig) -> torch.nn.Module:
     """Apply --tune / --freeze / --train-only; returns the module to train (a peft wrapper for LoRA)."""
-    from rwkvkit.train import finetune
-
     if cfg.tune == "lora":
         return finetune.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     if cfg.tune == "state":
@@ -143,25 +117,13 @@ def prepare_tuning(model, cfg: TrainConfig):
     return model
 
 
-def official_state_dict(trained, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The official-layout tensors of the trained model (LoRA merged, without changing the model)."""
-    from rwkvkit.models import export_state_dict
-    from rwkvkit.train import finetune
-
-    dtype = DTYPES[cfg.save_dtype]
-    if cfg.tune == "lora":
-        return finetune.merged_state_dict(trained, dtype=dtype)
-    return export_state_dict(trained, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------- the run
-
-
-def _batch_layout(cfg: TrainConfig, d: distributed.Distributed) -> tuple[int, int]:
+def _batch_layout(cfg: TrainConfig, world: distributed.Distributed) -> tuple[int, int]:
     """(rows per process, rows per micro-batch) of the global batch."""
-    if cfg.batch_size % d.world_size:
-        raise RwkvkitError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world_size} processes")
-    local = cfg.batch_size // d.world_size
+    if cfg.batch_size % world.world_size:
+        raise RwkvkitError(
+            f"--batch-size {cfg.batch_size} is not divisible by the {world.world_size} processes"
+        )
+    local = cfg.batch_size // world.world_size
     micro = cfg.micro_batch_size or local
     if local % micro:
         raise RwkvkitError(
@@ -170,200 +132,7 @@ def _batch_layout(cfg: TrainConfig, d: distributed.Distributed) -> tuple[int, in
     return local, micro
 
 
-def train(cfg: TrainConfig, loss_fn: Callable = compute_loss) -> TrainResult:
-    """Run training as ``cfg`` says; returns where the model went and the final losses."""
-    from tqdm import tqdm
-
-    from rwkvkit.checkpoint import save_state_dict
-    from rwkvkit.models import export_state_dict
-    from rwkvkit.tokenizer import load_tokenizer
-    from rwkvkit.train.checkpointing import (
-        TRAIN_STATE,
-        load_training_state,
-        restore_rng,
-        save_training_state,
-    )
-    from rwkvkit.train.data import eval_windows, load_token_array, sample_batch
-    from rwkvkit.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
-
-    check_config(cfg)
-    d = distributed.setup(cfg.device)
-    try:
-        out = Path(cfg.out)
-        state_path = out / TRAIN_STATE
-        metrics_path = out / "metrics.jsonl"
-        model_path = out / "model.pth"
-        local_rows, micro_rows = _batch_layout(cfg, d)
-        tokenizer = load_tokenizer(cfg.tokenizer)
-        tokens = load_token_array(cfg.data, tokenizer)
-        val = None
-        if cfg.val_data:
-            val_tokens = load_token_array(cfg.val_data, tokenizer)
-            if cfg.eval_tokens:
-                val_tokens = val_tokens[: cfg.eval_tokens + 1]
-            val = eval_windows(val_tokens, cfg.ctx_len)
-
-        saved = load_training_state(state_path, cfg) if cfg.resume else None
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, tokenizer.vocab_size, d.device)
-        trained = prepare_tuning(model, cfg)
-        model.grad_checkpoint = cfg.grad_checkpoint
-        module = distributed.wrap(trained, d, cfg.fsdp)
-        optimizer = make_optimizer(trained, cfg.lr, cfg.weight_decay)
-        n_trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-        n_params = sum(p.numel() for p in model.parameters())
-
-        metrics: list[dict] = []
-        start_step, tokens_seen, elapsed_before = 0, 0, 0.0
-        if saved is not None:
-            distributed.load_full_state_dicts(module, optimizer, saved["model"], saved["optimizer"], d)
-            restore_rng(saved)
-            start_step, tokens_seen, elapsed_before = saved["step"], saved["tokens_seen"], saved["elapsed"]
-            if d.is_main:
-                metrics = _truncate_metrics(metrics_path, saved["metrics_bytes"])
-            del saved
-        if d.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "train_config.json").write_text(config_to_json(cfg))
-            log.info(
-                "%s %s, %.2fM parameters (%.2fM trained, --tune %s), %d training tokens, %d process(es)%s",
-                f"resuming at step {start_step}:" if start_step else "model",
-                model.config.describe(),
-                n_params / 1e6,
-                n_trainable / 1e6,
-                cfg.tune,
-                len(tokens),
-                d.world_size,
-                ", FSDP" if cfg.fsdp and d.enabled else "",
-            )
-        metrics_file = open(metrics_path, "a") if d.is_main else None  # noqa: SIM115 (closed in finally)
-
-        def record(entry: dict) -> None:
-            metrics.append(entry)
-            if metrics_file is not None:
-                metrics_file.write(_json_line(entry))
-                metrics_file.flush()
-
-        def save(step: int, elapsed: float) -> None:
-            """model.pth and train_state.pt (collective: full state dicts are gathered on rank 0)."""
-            model_sd, optim_sd = distributed.full_state_dicts(module, optimizer)
-            official = official_state_dict(trained, cfg) if not (cfg.fsdp and d.enabled) else None
-            if d.is_main:
-                if cfg.tune == "lora":
-                    from rwkvkit.train.finetune import save_adapter
-
-                    save_adapter(trained, out / ADAPTER_FILE)
-                if official is None:  # FSDP: the gathered tensors, in the official key order
-                    official = export_state_dict(model, DTYPES[cfg.save_dtype], tensors=model_sd)
-                save_state_dict(official, model_path, metadata={"format": "pt"})
-                save_training_state(
-                    state_path,
-                    step=step,
-                    model_state=model_sd,
-                    optimizer_state=optim_sd,
-                    tokens_seen=tokens_seen,
-                    elapsed=elapsed,
-                    metrics_bytes=metrics_file.tell(),
-                    config=cfg,
-                )
-            distributed.barrier(d)
-
-        autocast = (
-            torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
-        )
-        start = time.perf_counter()
-        by_time = cfg.time_budget > 0
-        bar = tqdm(
-            total=round(cfg.time_budget) if by_time else cfg.steps,
-            initial=min(round(elapsed_before), round(cfg.time_budget)) if by_time else start_step,
-            disable=not (cfg.progress and d.is_main),
-            unit="s" if by_time else "step",
-            dynamic_ncols=True,
-        )
-        step, loss_value, val_loss = start_step, float("nan"), None
-        accumulation = local_rows // micro_rows
-        try:
-            while step < cfg.steps:
-                elapsed = elapsed_before + time.perf_counter() - start
-                progress = step / cfg.steps
-                if by_time:
-                    progress = max(progress, elapsed / cfg.time_budget)
-                    if distributed.broadcast_flag(progress >= 1.0, d):
-                        break
-                lr = lr_at(step, progress, cfg.lr, cfg.lr_final, cfg.warmup_steps)
-                set_lr(optimizer, lr)
-                loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-                for micro in range(accumulation):
-                    first = d.rank * local_rows + micro * micro_rows
-                    rows = slice(first, first + micro_rows)
-                    x, y = sample_batch(tokens, step, cfg.batch_size, cfg.ctx_len, cfg.seed, rows=rows)
-                    x, y = x.to(d.device), y.to(d.device)
-                    share = micro_rows / local_rows  # of this process's mean loss (DDP averages processes)
-                    with distributed.no_sync(module, sync=micro == accumulation - 1), autocast:
-                        logits, _ = module(x)  # (B, T, V)
-                        loss = loss_fn(logits, y)
-                        objective = L2Wrap.apply(loss, logits) if cfg.l2wrap else loss
-                        (objective * share).backward()
-                    loss_sum += loss.detach().double() * share
-                global_loss = (distributed.all_reduce_sum(loss_sum, d) / d.world_size).item()
-                grad_norm = _clip_gradients(trained, cfg.grad_clip)
-                step += 1
-                if not (math.isfinite(global_loss) and math.isfinite(grad_norm)):
-                    optimizer.zero_grad(set_to_none=True)
-                    if d.is_main:
-                        log.warning(
-                            "step %d: non-finite %s, update skipped",
-                            step,
-                            "loss" if not math.isfinite(global_loss) else "gradient norm",
-                        )
-                    record({"step": step, "skipped": True, "loss": None, "lr": lr})
-                    continue
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                tokens_seen += cfg.batch_size * cfg.ctx_len
-                loss_value = global_loss
-                elapsed = elapsed_before + time.perf_counter() - start
-                entry = {
-                    "step": step,
-                    "loss": round(loss_value, 6),
-                    "lr": lr,
-                    "grad_norm": round(grad_norm, 4),
-                    "tokens": tokens_seen,
-                    "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
-                    "elapsed_s": round(elapsed, 2),
-                }
-                if val is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                    val_loss = evaluate(module, *val, batch_size=micro_rows)
-                    entry["val_loss"] = round(val_loss, 6)
-                record(entry)
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    save(step, elapsed)
-                if d.is_main and cfg.plot_every and step % cfg.plot_every == 0:
-                    save_loss_plot(metrics, out / "loss.png")
-                bar.update(min(round(elapsed), bar.total) - bar.n if by_time else 1)
-                bar.set_postfix(
-                    step=step, loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", tok_s=f"{entry['tokens_per_s']:,.0f}"
-                )
-            if val is not None and not (cfg.eval_every and step % cfg.eval_every == 0 and step > start_step):
-                val_loss = evaluate(module, *val, batch_size=micro_rows)
-                record({"step": step, "val_loss": round(val_loss, 6)})
-            elapsed = elapsed_before + time.perf_counter() - start
-            save(step, elapsed)
-        finally:
-            bar.close()
-            if metrics_file is not None:
-                metrics_file.close()
-        if d.is_main:
-            save_loss_plot(metrics, out / "loss.png")
-            log.info(
-                "trained to step %d (%d tokens) in %.1fs; wrote %s", step, tokens_seen, elapsed, model_path
-            )
-        return TrainResult(model_path, step, tokens_seen, elapsed, loss_value, val_loss)
-    finally:
-        distributed.teardown(d)
-
-
-def _clip_gradients(module, max_norm: float) -> float:
+def _clip_gradients(module: torch.nn.Module, max_norm: float) -> float:
     """Clip the total gradient norm to ``max_norm`` (0: only measure it); returns the norm before."""
     params = [p for p in module.parameters() if p.grad is not None]
     if not params:
@@ -372,22 +141,258 @@ def _clip_gradients(module, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def _json_line(entry: dict) -> str:
-    import json
-
-    return json.dumps(entry) + "\n"
+# ---------------------------------------------------------------------------------------------- the run
 
 
-def _truncate_metrics(path: Path, size: int) -> list[dict]:
-    """Cut metrics.jsonl back to its size at the saved step (a killed run may have gone further) and
-    return its entries."""
-    import json
+class Trainer:
+    """One training run as ``cfg`` says: ``setup()``, then ``train()``; ``close()`` leaves the process group.
 
-    if not path.is_file():
-        return []
-    with open(path, "r+b") as f:
-        f.truncate(size)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    Used as a context manager (``with Trainer(cfg) as t: t.setup(); t.train()``), which closes it.
+    """
+
+    def __init__(self, cfg: TrainConfig, loss_fn: Callable = compute_loss) -> None:
+        check_config(cfg)
+        self.cfg = cfg
+        self.loss_fn = loss_fn
+        self.out = Path(cfg.out)
+        self.world = distributed.setup(cfg.device)
+        self.checkpointer = Checkpointer(cfg, self.world)
+        self.metrics = MetricsLog(self.out / METRICS_FILE, write=self.world.is_main)
+        self.step = self.start_step = 0
+        self.tokens_seen = 0
+        self.elapsed_before = 0.0  # training seconds of the run before it was resumed
+        self.started = time.perf_counter()
+        self.loss_value = float("nan")  # the last finite training loss
+        self.val_loss: float | None = None
+        self.val: tuple[torch.Tensor, torch.Tensor] | None = None  # validation windows (W, T)
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        distributed.teardown(self.world)
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Data, model, tuning and optimizer; the saved state under --resume; the run's config file."""
+        self.local_rows, self.micro_rows = _batch_layout(self.cfg, self.world)
+        self._load_data()
+        saved = self.checkpointer.load() if self.cfg.resume else None
+        self._build()
+        if saved is not None:
+            self._resume(saved)
+        if self.world.is_main:
+            self._announce()
+        self.metrics.open()
+
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        self.vocab_size = tokenizer.vocab_size
+        self.tokens = load_token_array(cfg.data, tokenizer)
+        if cfg.val_data:
+            val_tokens = load_token_array(cfg.val_data, tokenizer)
+            if cfg.eval_tokens:
+                val_tokens = val_tokens[: cfg.eval_tokens + 1]
+            self.val = eval_windows(val_tokens, cfg.ctx_len)
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, self.vocab_size, self.world.device)
+        trained = prepare_tuning(model, cfg)
+        model.grad_checkpoint = cfg.grad_checkpoint
+        module = distributed.wrap(trained, self.world, cfg.fsdp)
+        self.parts = ModelParts(model, trained, module)
+        self.optimizer = make_optimizer(trained, cfg.lr, cfg.weight_decay)
+        bf16 = cfg.precision == "bf16"
+        self.autocast = (
+            torch.autocast(self.world.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        )
+
+    def _resume(self, saved: dict) -> None:
+        self.checkpointer.restore(saved, self.parts, self.optimizer)
+        self.step = self.start_step = saved["step"]
+        self.tokens_seen, self.elapsed_before = saved["tokens_seen"], saved["elapsed"]
+        self.metrics.truncate(saved["metrics_bytes"])
+
+    def _announce(self) -> None:
+        """Create the output folder, write train_config.json and log what is trained (rank 0)."""
+        cfg, parts = self.cfg, self.parts
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "train_config.json").write_text(config_to_json(cfg))
+        log.info(
+            "%s %s, %.2fM parameters (%.2fM trained, --tune %s), %d training tokens, %d process(es)%s",
+            f"resuming at step {self.start_step}:" if self.start_step else "model",
+            parts.model.config.describe(),
+            sum(p.numel() for p in parts.model.parameters()) / 1e6,
+            sum(p.numel() for p in parts.trained.parameters() if p.requires_grad) / 1e6,
+            cfg.tune,
+            len(self.tokens),
+            self.world.world_size,
+            ", FSDP" if cfg.fsdp and self.world.enabled else "",
+        )
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run so far (resumed runs included)."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def progress(self) -> float | None:
+        """How far the run is, 0 to 1, by steps or by the time budget; None once the time budget is spent."""
+        cfg = self.cfg
+        progress = self.step / cfg.steps
+        if cfg.time_budget > 0:
+            progress = max(progress, self.elapsed() / cfg.time_budget)
+            if distributed.broadcast_flag(progress >= 1.0, self.world):
+                return None
+        return progress
+
+    def forward_backward(self) -> float:
+        """Gradients of this step's batch, summed over micro-batches; returns the loss (mean of processes)."""
+        cfg, world, module, autocast = self.cfg, self.world, self.parts.module, self.autocast
+        accumulation = self.local_rows // self.micro_rows
+        share = self.micro_rows / self.local_rows  # of this process's mean loss (DDP averages processes)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
+        for micro in range(accumulation):
+            first = world.rank * self.local_rows + micro * self.micro_rows
+            rows = slice(first, first + self.micro_rows)
+            x, y = sample_batch(self.tokens, self.step, cfg.batch_size, cfg.ctx_len, cfg.seed, rows=rows)
+            x, y = x.to(world.device), y.to(world.device)  # (B, T)
+            with distributed.no_sync(module, sync=micro == accumulation - 1), autocast:
+                logits, _ = module(x)  # (B, T, V)
+                loss = self.loss_fn(logits, y)
+                objective = L2Wrap.apply(loss, logits) if cfg.l2wrap else loss
+                (objective * share).backward()
+            loss_sum += loss.detach().double() * share
+        return (distributed.all_reduce_sum(loss_sum, world) / world.world_size).item()
+
+    def train_step(self, progress: float) -> tuple[dict, float]:
+        """One optimizer step (skipped when the loss or gradient norm is not finite).
+
+        Returns the step's metrics entry (``skipped`` for a skipped step) and the elapsed seconds.
+        """
+        cfg, optimizer = self.cfg, self.optimizer
+        lr = lr_at(self.step, progress, cfg.lr, cfg.lr_final, cfg.warmup_steps)
+        set_lr(optimizer, lr)
+        loss = self.forward_backward()
+        grad_norm = _clip_gradients(self.parts.trained, cfg.grad_clip)
+        self.step += 1
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            if self.world.is_main:
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                log.warning("step %d: non-finite %s, update skipped", self.step, what)
+            return {"step": self.step, "skipped": True, "loss": None, "lr": lr}, self.elapsed()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.tokens_seen += cfg.batch_size * cfg.ctx_len
+        self.loss_value = loss
+        elapsed = self.elapsed()
+        entry = {
+            "step": self.step,
+            "loss": round(loss, 6),
+            "lr": lr,
+            "grad_norm": round(grad_norm, 4),
+            "tokens": self.tokens_seen,
+            "tokens_per_s": round(self.tokens_seen / max(elapsed, 1e-9), 1),
+            "elapsed_s": round(elapsed, 2),
+        }
+        return entry, elapsed
+
+    def evaluate(self) -> float:
+        """The validation loss now (every process evaluates every window)."""
+        self.val_loss = evaluate(self.parts.module, *self.val, batch_size=self.micro_rows)
+        return self.val_loss
+
+    def save(self, elapsed: float) -> None:
+        """model.pth, train_state.pt (and the adapter) at the current step; collective."""
+        self.checkpointer.save(
+            self.parts,
+            self.optimizer,
+            step=self.step,
+            tokens_seen=self.tokens_seen,
+            elapsed=elapsed,
+            metrics_bytes=self.metrics.tell(),
+        )
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        """Steps until ``cfg.steps`` (or the time budget); a last evaluation and save; the result."""
+        cfg = self.cfg
+        self.started = time.perf_counter()
+        bar = self._progress_bar()
+        try:
+            while self.step < cfg.steps:
+                progress = self.progress()
+                if progress is None:
+                    break
+                entry, elapsed = self.train_step(progress)
+                if entry.get("skipped"):
+                    self.metrics.record(entry)
+                    continue
+                self._after_step(entry, elapsed, bar)
+            if self.val is not None and not (self._eval_due() and self.step > self.start_step):
+                self.metrics.record({"step": self.step, "val_loss": round(self.evaluate(), 6)})
+            elapsed = self.elapsed()
+            self.save(elapsed)
+        finally:
+            bar.close()
+            self.metrics.close()
+        model_path = self.checkpointer.model_path
+        if self.world.is_main:
+            self.metrics.plot(self.out / PLOT_FILE)
+            log.info(
+                "trained to step %d (%d tokens) in %.1fs; wrote %s",
+                self.step,
+                self.tokens_seen,
+                elapsed,
+                model_path,
+            )
+        return TrainResult(
+            model_path, self.step, self.tokens_seen, elapsed, self.loss_value, self.val_loss, self.world.rank
+        )
+
+    def _eval_due(self) -> bool:
+        return bool(self.cfg.eval_every) and self.step % self.cfg.eval_every == 0
+
+    def _after_step(self, entry: dict, elapsed: float, bar: tqdm) -> None:
+        """Evaluate, record, save and plot as due after a completed step; move the progress bar."""
+        cfg, step = self.cfg, self.step
+        if self.val is not None and self._eval_due():
+            entry["val_loss"] = round(self.evaluate(), 6)
+        self.metrics.record(entry)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            self.save(elapsed)
+        if cfg.plot_every and step % cfg.plot_every == 0:
+            self.metrics.plot(self.out / PLOT_FILE)
+        bar.update(min(round(elapsed), bar.total) - bar.n if cfg.time_budget > 0 else 1)
+        lr, tok_s = f"{entry['lr']:.1e}", f"{entry['tokens_per_s']:,.0f}"
+        bar.set_postfix(step=step, loss=f"{self.loss_value:.3f}", lr=lr, tok_s=tok_s)
+
+    def _progress_bar(self) -> tqdm:
+        cfg = self.cfg
+        by_time = cfg.time_budget > 0
+        return tqdm(
+            total=round(cfg.time_budget) if by_time else cfg.steps,
+            initial=min(round(self.elapsed_before), round(cfg.time_budget)) if by_time else self.start_step,
+            disable=not (cfg.progress and self.world.is_main),
+            unit="s" if by_time else "step",
+            dynamic_ncols=True,
+        )
 
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "train"]
+def train(cfg: TrainConfig, loss_fn: Callable = compute_loss) -> TrainResult:
+    """Run training as ``cfg`` says; returns where the model went and the final losses."""
+    with Trainer(cfg, loss_fn) as trainer:
+        trainer.setup()
+        return trainer.train()
+
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "evaluate", "train"]
