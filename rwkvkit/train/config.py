@@ -162,11 +162,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
     """``value`` as the type of the field's default; RwkvkitError naming the option otherwise."""
     if name in LIST_FIELDS:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise RwkvkitError(f"{source}: '{name}' must be a list of name patterns, got {value!r}")
+        return _coerce_patterns(name, value, source)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise RwkvkitError(f"{source}: '{name}' must be true or false, got {value!r}")
@@ -183,6 +179,15 @@ def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
     if not isinstance(value, type(default)) or isinstance(value, bool):
         raise RwkvkitError(f"{source}: '{name}' must be a {type(default).__name__}, got {value!r}")
     return value
+
+
+def _coerce_patterns(name: str, value: Any, source: str) -> list[str]:
+    """A list field (``freeze``, ``train_only``): one pattern or a list of them."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise RwkvkitError(f"{source}: '{name}' must be a list of name patterns, got {value!r}")
 
 
 def config_from_settings(given: Mapping[str, Any], config_file: str | Path | None = None) -> TrainConfig:
@@ -204,15 +209,7 @@ def config_from_settings(given: Mapping[str, Any], config_file: str | Path | Non
 
 def check_config(cfg: TrainConfig) -> None:
     """Reject nonsensical settings with a one-line error before any work starts (normalises version)."""
-    positive = ["ctx_len", "batch_size", "steps"]
-    if not cfg.init_from:
-        positive += ["n_layer", "n_embd", "head_size"]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise RwkvkitError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("micro_batch_size", "save_every", "eval_every", "eval_tokens", "plot_every", "warmup_steps"):
-        if getattr(cfg, name) < 0:
-            raise RwkvkitError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    _check_counts(cfg)
     if cfg.version not in VERSION_ALIASES:
         raise RwkvkitError(f"--version must be one of 4, 5.2, 6, 7, got {cfg.version}")
     cfg.version = VERSION_ALIASES[cfg.version]
@@ -222,9 +219,29 @@ def check_config(cfg: TrainConfig) -> None:
         raise RwkvkitError("--lr must be > 0 and --lr-final >= 0")
     for name, allowed in (("save_dtype", SAVE_DTYPES), ("tune", TUNE_MODES), ("precision", PRECISIONS)):
         if getattr(cfg, name) not in allowed:
-            raise RwkvkitError(
-                f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)}"
-            )
+            raise RwkvkitError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)}")
+    _check_tuning(cfg)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_counts(cfg: TrainConfig) -> None:
+    """Sizes and step counts: positive, or >= 0 where 0 means "off"."""
+    positive = ["ctx_len", "batch_size", "steps"]
+    if not cfg.init_from:
+        positive += ["n_layer", "n_embd", "head_size"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise RwkvkitError(f"{_flag(name)} must be positive, got {getattr(cfg, name)}")
+    for name in ("micro_batch_size", "save_every", "eval_every", "eval_tokens", "plot_every", "warmup_steps"):
+        if getattr(cfg, name) < 0:
+            raise RwkvkitError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+
+
+def _check_tuning(cfg: TrainConfig) -> None:
+    """The LoRA settings, and the options that only go with some --tune modes."""
     if cfg.tune == "lora" and (cfg.lora_r <= 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1):
         raise RwkvkitError("--lora-r and --lora-alpha must be positive and --lora-dropout in [0, 1)")
     if cfg.tune == "lora" and cfg.fsdp:
