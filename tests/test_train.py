@@ -16,8 +16,9 @@ from rwkvkit import RwkvkitError, load_model
 from rwkvkit.models import build_model, new_model
 from rwkvkit.models.rwkv7 import init_official_, new_config
 from rwkvkit.train.data import eval_windows, sample_batch
+from rwkvkit.train.metrics import MetricsLog
 from rwkvkit.train.optim import L2Wrap, lr_at, param_groups
-from rwkvkit.train.trainer import TrainConfig, evaluate, train
+from rwkvkit.train.trainer import TrainConfig, Trainer, evaluate, train
 
 
 def test_new_config_reproduces_released_lora_widths():
@@ -138,6 +139,43 @@ def test_bad_settings_are_refused(tmp_path):
         train(TrainConfig(n_embd=100, head_size=32, out=str(tmp_path)))
     with pytest.raises(RwkvkitError, match="no such data file"):
         train(TrainConfig(data=str(tmp_path / "nope.txt"), out=str(tmp_path)))
+
+
+def test_metrics_log_appends_and_a_resume_cuts_it_back(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, write=True)
+    log.open()
+    log.record({"step": 1, "loss": 2.0})
+    size = log.tell()
+    log.record({"step": 2, "loss": 1.5})
+    log.close()
+    assert len(path.read_text().splitlines()) == 2
+    resumed = MetricsLog(path, write=True)
+    resumed.truncate(size)
+    assert resumed.entries == [{"step": 1, "loss": 2.0}]
+    assert path.read_text() == json.dumps({"step": 1, "loss": 2.0}) + "\n"
+    silent = MetricsLog(tmp_path / "other.jsonl", write=False)  # ranks other than 0 write nothing
+    silent.open()
+    silent.record({"step": 1})
+    silent.close()
+    assert silent.tell() == 0 and not (tmp_path / "other.jsonl").exists()
+
+
+def test_trainer_phases_one_by_one_give_the_run_of_train(tmp_path):
+    (tmp_path / "train.txt").write_text("To be, or not to be, that is the question. " * 40)
+    settings = dict(data=str(tmp_path / "train.txt"), n_layer=1, n_embd=32, head_size=16, ctx_len=16)
+    settings.update(batch_size=2, steps=2, progress=False, plot_every=0)
+    result = train(TrainConfig(**settings, out=str(tmp_path / "whole")))
+    with Trainer(TrainConfig(**settings, out=str(tmp_path / "phases"))) as trainer:
+        trainer.setup()
+        entries = [trainer.train_step(progress=step / 2)[0] for step in range(2)]
+        trainer.save(trainer.elapsed())
+    assert entries[-1]["loss"] == round(result.final_loss, 6)
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["loss"] for e in entries] == [e["loss"] for e in whole]
+    a = load_model(tmp_path / "whole" / "model.pth").state_dict()
+    b = load_model(tmp_path / "phases" / "model.pth").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_short_training_run_lowers_loss_and_writes_a_reference_loadable_pth(tmp_path):
