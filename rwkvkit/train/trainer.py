@@ -87,7 +87,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> RWKV
     """The model to train: the official checkpoint ``init_from`` (fp32) or a new one (official init)."""
     if cfg.init_from:
         model = load_model(cfg.init_from, device=device)
-        if getattr(model, "quantization", None):
+        if model.quantization:
             raise RwkvkitError(
                 f"{cfg.init_from} is a quantized model ({model.quantization['scheme']}): training needs the "
                 "full-precision checkpoint it was made from"
