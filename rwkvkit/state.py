@@ -78,7 +78,8 @@ class RWKVState:
             config.n_embd,
         ):
             raise RwkvkitError(
-                f"state does not fit this model and batch: wkv {tuple(self.wkv.shape)}, expected {want}"
+                f"state does not fit this model and batch: wkv {tuple(self.wkv.shape)}, expected {want}",
+                param="state",
             )
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> RWKVState:

@@ -23,16 +23,13 @@ from rwkvkit.cli.common import (
 )
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer.chat import (
-    ASSISTANT_PROMPT,
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_CHAT_TEMPERATURE,
     DEFAULT_CHAT_TOP_K,
     DEFAULT_CHAT_TOP_P,
-    SYSTEM_PREFIX,
-    USER_PREFIX,
     ChatSession,
-    normalize_message,
 )
+from rwkvkit.infer.chat_format import ASSISTANT_PROMPT, SYSTEM_PREFIX, USER_PREFIX, normalize_message
 
 COMMANDS_HELP = """\
 commands:

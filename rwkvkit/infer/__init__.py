@@ -1,7 +1,7 @@
 """Inference: next-token sampling (``sampling.py``), one sequence's decode core (``decoding.py``),
 streamed text generation (``generate.py``), the continuous-batching engine (``engine.py``), the
-prefix-state cache (``cache.py``), chat (``chat.py``) and the OpenAI-compatible server (``server.py``,
-needs the ``serve`` extra).
+prefix-state cache (``cache.py``), the World chat format (``chat_format.py``), chat sessions (``chat.py``)
+and the OpenAI-compatible server (``server/``, needs the ``serve`` extra).
 
     from rwkvkit.infer import generate, generate_text, sample_logits
 

@@ -1,24 +1,12 @@
-"""Chat with an RWKV World model: the conversation format and a session that carries its state.
+"""Chat with an RWKV World model: a session that carries its state.
 
-This module owns:
-
-* the World chat format: ``normalize_message``, ``format_user_turn`` and ``format_system_turn``;
-* ``ChatSession``: one conversation held as the recurrent state after everything said so far, usable from
-  Python without a terminal (``send`` streams a reply; ``reset``, ``save`` / ``load``, ``interrupt``).
-
-The terminal command ``rwkvkit chat`` is a thin loop over ``ChatSession`` (in the command-line package).
-
-The text the model reads (the convention of the reference chat for World models)::
-
-    System: {system}\\n\\nUser: {message 1}\\n\\nAssistant:{reply 1}\\n\\nUser: {message 2}\\n\\nAssistant:...
-
-* The system turn is optional (``--system``); without it the conversation starts at ``User: ``.
-* The first turn has no leading ``\\n\\n``; every later turn (and the first user turn after a system turn)
-  is preceded by ``\\n\\n``. There is no space after ``Assistant:``: the model writes its own.
-* A message is normalised first: ``\\r\\n`` and ``\\r`` become ``\\n``, the ends are stripped, and blank
-  lines inside it collapse to one ``\\n`` (a ``\\n\\n`` inside a message would read as a new turn).
-* A reply ends at ``\\n\\nUser:`` (the model starting the next user turn; never shown), at the end-of-text
-  token, after ``max_tokens`` tokens, or when interrupted.
+This module owns ``ChatSession``: one conversation held as the recurrent state after everything said so
+far, usable from Python without a terminal (``send`` streams a reply; ``reset``, ``save`` / ``load``,
+``interrupt``). The text the model reads is the World chat format of :mod:`rwkvkit.infer.chat_format`
+(its names are re-exported here): an optional system turn, then ``User: ...\\n\\nAssistant:`` turns; a
+reply ends at ``\\n\\nUser:`` (the model starting the next user turn; never shown), at the end-of-text
+token, after ``max_tokens`` tokens, or when interrupted. The terminal command ``rwkvkit chat`` is a thin
+loop over ``ChatSession`` (in the command-line package).
 
 After a reply the state has read exactly the conversation text above up to the end of the shown reply
 (``ChatSession.text``), so the next turn continues as if the whole conversation were read afresh. The
@@ -37,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Generator, Sequence
 from pathlib import Path
 
@@ -45,17 +32,37 @@ import torch
 
 from rwkvkit.checkpoint import atomic_write
 from rwkvkit.errors import RwkvkitError, check_int
+from rwkvkit.infer.chat_format import (
+    ASSISTANT_PROMPT,
+    STOP_STRING,
+    SYSTEM_PREFIX,
+    TURN_SEPARATOR,
+    USER_PREFIX,
+    format_system_turn,
+    format_user_turn,
+    normalize_message,
+)
 from rwkvkit.infer.decoding import SequenceDecoder, check_decoding, default_stop_tokens
 from rwkvkit.infer.generate import DEFAULT_PREFILL_CHUNK, prefill
 from rwkvkit.infer.sampling import SamplingParams, resolve_sampling, seeded_generator
 from rwkvkit.state import RWKVState
 from rwkvkit.state_io import load_state, save_state
 
-USER_PREFIX = "User: "
-ASSISTANT_PROMPT = "Assistant:"
-SYSTEM_PREFIX = "System: "
-TURN_SEPARATOR = "\n\n"
-STOP_STRING = "\n\nUser:"
+__all__ = [
+    "ASSISTANT_PROMPT",
+    "DEFAULT_CHAT_MAX_TOKENS",
+    "DEFAULT_CHAT_TEMPERATURE",
+    "DEFAULT_CHAT_TOP_K",
+    "DEFAULT_CHAT_TOP_P",
+    "STOP_STRING",
+    "SYSTEM_PREFIX",
+    "TURN_SEPARATOR",
+    "USER_PREFIX",
+    "ChatSession",
+    "format_system_turn",
+    "format_user_turn",
+    "normalize_message",
+]
 
 # ChatRWKV's chat settings: a low top-p keeps a chat model on topic.
 DEFAULT_CHAT_TEMPERATURE = 1.0
@@ -70,36 +77,6 @@ CHAT_SAMPLING_DEFAULTS = {
 
 FILE_FORMAT = "rwkvkit-chat"
 FILE_FORMAT_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------- format
-
-
-def normalize_message(text: str) -> str:
-    """A message as the model should read it: newlines normalised, ends stripped, blank lines collapsed."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
-    return re.sub(r"\n(?:[ \t]*\n)+", "\n", text)
-
-
-def format_user_turn(text: str, first: bool = True) -> str:
-    """The text of one user turn up to the point where the assistant answers.
-
-    ``first``: nothing has been said yet (no system turn either), so no ``\\n\\n`` goes before it.
-    ``format_user_turn("Hi")`` is ``"User: Hi\\n\\nAssistant:"``; with ``first=False`` it starts with
-    ``"\\n\\n"``. Raises RwkvkitError for a message that is empty after normalising.
-    """
-    message = normalize_message(text)
-    if not message:
-        raise RwkvkitError("empty message: there is nothing to send")
-    return ("" if first else TURN_SEPARATOR) + USER_PREFIX + message + TURN_SEPARATOR + ASSISTANT_PROMPT
-
-
-def format_system_turn(text: str) -> str:
-    """The system turn that opens a conversation: ``"System: {text}"`` (normalised like a message)."""
-    message = normalize_message(text)
-    if not message:
-        raise RwkvkitError("empty system prompt")
-    return SYSTEM_PREFIX + message
 
 
 # ---------------------------------------------------------------------------------------------- session

@@ -170,10 +170,14 @@ class Engine:
         )
         prompt = [int(t) for t in prompt]
         if not prompt:
-            raise RwkvkitError("empty prompt: at least one token is needed to start generating")
+            raise RwkvkitError(
+                "empty prompt: at least one token is needed to start generating", param="prompt"
+            )
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
-            raise RwkvkitError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise RwkvkitError(
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param="prompt"
+            )
         if state is not None:
             state.check_compatible(self.model.config, 1)
         request = Request(

@@ -36,12 +36,12 @@ GREEDY_BELOW = torch.finfo(torch.float32).tiny
 def check_sampling_args(temperature: float, top_p: float, top_k: int, min_p: float = 0.0) -> None:
     """Raise RwkvkitError unless temperature >= 0, 0 < top_p <= 1, top_k is an int >= 0, 0 <= min_p <= 1."""
     if not (isinstance(temperature, (int, float)) and temperature >= 0):  # also rejects NaN
-        raise RwkvkitError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise RwkvkitError(f"temperature must be >= 0 (0 = greedy), got {temperature}", param="temperature")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise RwkvkitError(f"top_p must be in (0, 1], got {top_p}")
+        raise RwkvkitError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
     check_int("top_k", top_k, 0, " (0 = no limit)")
     if not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
-        raise RwkvkitError(f"min_p must be in [0, 1], got {min_p}")
+        raise RwkvkitError(f"min_p must be in [0, 1], got {min_p}", param="min_p")
 
 
 def candidate_mask(
@@ -173,17 +173,24 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and -MAX_PENALTY <= value <= MAX_PENALTY):
-                raise RwkvkitError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
+                raise RwkvkitError(
+                    f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}", param=name
+                )
         if not (isinstance(self.penalty_decay, (int, float)) and 0 <= self.penalty_decay <= 1):
-            raise RwkvkitError(f"penalty_decay must be in [0, 1], got {self.penalty_decay}")
+            raise RwkvkitError(
+                f"penalty_decay must be in [0, 1], got {self.penalty_decay}", param="penalty_decay"
+            )
         for token, bias in self.logit_bias.items():
             _check_token(token, vocab_size, "logit_bias")
             if not (isinstance(bias, (int, float)) and math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
-                raise RwkvkitError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+                raise RwkvkitError(
+                    f"logit_bias values must be in [-100, 100], got {bias} for token {token}",
+                    param="logit_bias",
+                )
         for token in self.banned_tokens:
             _check_token(token, vocab_size, "banned_tokens")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise RwkvkitError(f"seed must be an integer, got {self.seed!r}")
+            raise RwkvkitError(f"seed must be an integer, got {self.seed!r}", param="seed")
 
     @property
     def penalised(self) -> bool:
@@ -216,7 +223,9 @@ def seeded_generator(seed: int | None) -> torch.Generator | None:
 
 def _check_token(token: object, vocab_size: int, what: str) -> None:
     if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
-        raise RwkvkitError(f"{what}: token id {token!r} is not in the vocabulary [0, {vocab_size})")
+        raise RwkvkitError(
+            f"{what}: token id {token!r} is not in the vocabulary [0, {vocab_size})", param=what
+        )
 
 
 class TokenPenalty:

@@ -1,0 +1,134 @@
+"""The HTTP API's request and response schemas (pydantic) and :class:`ApiError`, the error it answers in
+OpenAI's shape. Schemas check types and ranges; what needs the model (token ids, limits) is checked in
+:mod:`.serving`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+MAX_STOP_STRINGS = 4
+
+
+class ApiError(Exception):
+    """An error answered with ``status`` in OpenAI's shape (see :func:`.errors.error_body`)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+
+Temperature = Annotated[StrictFloat, Field(ge=0, le=2, allow_inf_nan=False)]
+TopP = Annotated[StrictFloat, Field(gt=0, le=1, allow_inf_nan=False)]
+Fraction = Annotated[StrictFloat, Field(ge=0, le=1, allow_inf_nan=False)]
+Penalty = Annotated[StrictFloat, Field(ge=-2, le=2, allow_inf_nan=False)]
+Bias = Annotated[StrictFloat, Field(ge=-100, le=100, allow_inf_nan=False)]
+Count = Annotated[StrictInt, Field(ge=0)]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)]  # what torch.Generator.manual_seed accepts
+TokenIds = list[StrictInt]
+
+
+class RequestBody(BaseModel):
+    """Base of the request bodies: fields this server does not know are ignored (clients send newer
+    OpenAI fields)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(RequestBody):
+    include_usage: StrictBool = False
+
+
+class SamplingRequest(RequestBody):
+    """The fields /v1/completions and /v1/chat/completions share."""
+
+    model: StrictStr
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: Count | None = Field(None, description="rwkvkit extra: keep the K most likely tokens (0 = all)")
+    min_p: Fraction | None = Field(None, description="rwkvkit extra: min-p filtering")
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    penalty_decay: Fraction | None = Field(
+        None, description="rwkvkit extra: the penalty counts decay by this factor every token (0.996)"
+    )
+    logit_bias: dict[str, Bias] | None = Field(None, description="token id (as a string) -> bias")
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Seed | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt | None = Field(1, description="only 1 is supported")
+    user: StrictStr | None = Field(None, description="ignored")
+    state: StrictStr | None = Field(
+        None, description="rwkvkit extra: a state file in --state-dir to start from"
+    )
+    save_state: StrictStr | None = Field(
+        None, description="rwkvkit extra: a state file in --state-dir to write the final state to"
+    )
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: StrictStr | TokenIds | list[StrictStr] | list[TokenIds] = Field(
+        description="one string or one list of token ids (arrays of prompts are not supported)"
+    )
+    max_tokens: Count | None = None
+    logprobs: StrictInt | None = Field(None, description="not supported")
+    echo: StrictBool | None = Field(False, description="not supported")
+    best_of: StrictInt | None = Field(None, description="only 1 is supported")
+    suffix: StrictStr | None = Field(None, description="not supported")
+
+
+class ContentPart(RequestBody):
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class ChatMessage(RequestBody):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = Field(None, description="ignored")
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
+    logprobs: StrictBool | None = Field(False, description="not supported")
+
+
+class EmbeddingRequest(RequestBody):
+    model: StrictStr
+    input: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: StrictInt | None = Field(None, description="must be n_embd when given")
+    user: StrictStr | None = Field(None, description="ignored")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def documented_errors(*statuses: int) -> dict:
+    """The ``responses`` of a route: these error statuses, documented with the ErrorResponse schema."""
+    return {status: {"model": ErrorResponse} for status in statuses}
