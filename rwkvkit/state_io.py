@@ -182,6 +182,19 @@ def load_state(path: str | os.PathLike, model: nn.Module) -> RWKVState:
     """
     path = Path(path)
     metadata, tensors = _read_file(path)
+    saved_config = _saved_config(path, metadata)
+    _check_same_model(path, metadata, saved_config, model)
+    state = _state_from_tensors(path, metadata, tensors)
+    state.check_compatible(model.config, state.batch_size)
+    if state.wkv.dtype != torch.float32:
+        raise RwkvkitError(f"{path} is a damaged state file: wkv is {state.wkv.dtype}, expected float32")
+    if not (state.att_shift.is_floating_point() and state.ffn_shift.is_floating_point()):
+        raise RwkvkitError(f"{path} is a damaged state file: the shifts are not floating point")
+    return state.to(device=model.device, dtype=model.dtype)
+
+
+def _saved_config(path: Path, metadata: dict[str, str]) -> dict:
+    """The config a state file records, once its metadata is checked to be that of a state file."""
     if metadata.get("format") != STATE_FORMAT:
         raise RwkvkitError(
             f"{path} is not an rwkvkit state file (no '{STATE_FORMAT}' format in its metadata)"
@@ -195,9 +208,13 @@ def load_state(path: str | os.PathLike, model: nn.Module) -> RWKVState:
     if missing:
         raise RwkvkitError(f"{path} is a damaged state file: its metadata lacks {missing}")
     try:
-        saved_config = json.loads(metadata["config"])
+        return json.loads(metadata["config"])
     except json.JSONDecodeError:
         raise RwkvkitError(f"{path} is a damaged state file: its config metadata is not JSON") from None
+
+
+def _check_same_model(path: Path, metadata: dict[str, str], saved_config: dict, model: nn.Module) -> None:
+    """RwkvkitError unless the file was made by this model: same config, dtype and weight fingerprint."""
     current_config = model.config.to_dict()
     if saved_config != current_config:
         raise RwkvkitError(
@@ -213,6 +230,10 @@ def load_state(path: str | os.PathLike, model: nn.Module) -> RWKVState:
         raise RwkvkitError(
             f"{path} is a state of another model with the same shapes (its weight fingerprint differs)"
         )
+
+
+def _state_from_tensors(path: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> RWKVState:
+    """The RWKVState of the file's tensors, once their names, checksum and shift shapes are checked."""
     if sorted(tensors) != sorted(STATE_TENSORS):
         raise RwkvkitError(
             f"{path} is a damaged state file: tensors {sorted(tensors)}, expected {list(STATE_TENSORS)}"
@@ -225,9 +246,4 @@ def load_state(path: str | os.PathLike, model: nn.Module) -> RWKVState:
             f"{path} is a damaged state file: att_shift {tuple(state.att_shift.shape)}, "
             f"ffn_shift {tuple(state.ffn_shift.shape)}"
         )
-    state.check_compatible(model.config, state.batch_size)
-    if state.wkv.dtype != torch.float32:
-        raise RwkvkitError(f"{path} is a damaged state file: wkv is {state.wkv.dtype}, expected float32")
-    if not (state.att_shift.is_floating_point() and state.ffn_shift.is_floating_point()):
-        raise RwkvkitError(f"{path} is a damaged state file: the shifts are not floating point")
-    return state.to(device=model.device, dtype=model.dtype)
+    return state
