@@ -4,11 +4,10 @@ Measures encode and decode throughput (MB of UTF-8 per second and tokens per sec
 (Shakespeare, data/shakespeare/train.txt), on a Chinese / Japanese / emoji / English mix generated here
 from a fixed seed, and on its Chinese part alone; checks that both give identical ids; prints a markdown
 table with the speedup, for both encode backends of rwkvkit: "aho-corasick" (the default, Rust via
-ahocorasick-rs, no cache) and "python" (the pure-Python fallback). The python backend caches the ids of
-text pieces (words with their leading space), so encode is timed twice: "cold" empties that cache before
-every run (text never seen before), "warm" keeps it (text made of pieces seen before, as in a large
-corpus). Runs alternate between the tokenizers and the best of --repeats is kept, so a busy machine skews
-them alike. Also reports load and build times.
+ahocorasick-rs) and "python" (the pure-Python byte-level walk: the reference the fast path is tested
+against, and the fallback where ahocorasick-rs cannot be imported). Neither caches anything, so each text
+is encoded as if never seen before. Runs alternate between the tokenizers and the best of --repeats is
+kept, so a busy machine skews them alike. Also reports load and build times.
 
     python benchmarks/bench_tokenizer.py                  # the table for benchmarks/RESULTS.md
     python benchmarks/bench_tokenizer.py --repeats 5 --mixed-chars 200000
@@ -65,19 +64,15 @@ def mixed_text(n_chars: int, seed: int = 0, chinese_only: bool = False) -> str:
     return "".join(parts)
 
 
-def best_times(
-    fns: dict[str, Callable[[], object]], repeats: int, before: dict[str, Callable[[], None]]
-) -> dict:
+def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict:
     """Best wall time in seconds of each function over `repeats` rounds.
 
     The functions run in turn within each round, so a busy machine slows them alike and the ratios stay
-    meaningful; ``before[name]`` runs untimed before each call of ``fns[name]``.
+    meaningful.
     """
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
         for name, fn in fns.items():
-            if name in before:
-                before[name]()
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
@@ -122,14 +117,11 @@ def main() -> None:
     py = WorldTokenizer(backend="python")
     prompt = "User: hi! What is RWKV?\n\nAssistant:"
     start = time.perf_counter()
-    py.encode(prompt)  # short text: the byte walk, no build needed
+    py.encode(prompt)  # the first encode builds the byte trie's prefix set
     py_first = time.perf_counter() - start
     start = time.perf_counter()
     ac.encode(prompt)  # the first encode builds the automaton
     ac_first = time.perf_counter() - start
-    start = time.perf_counter()
-    py._vocab.regex_encoder()  # normally built once ~50k characters have been encoded
-    py_build = time.perf_counter() - start
     start = time.perf_counter()
     WorldTokenizer()
     our_second = time.perf_counter() - start
@@ -149,31 +141,20 @@ def main() -> None:
                 raise SystemExit(f"{name}: rwkvkit ({backend}) and the reference disagree")
         n_tok = len(expected)
         fns: dict[str, Callable[[], object]] = {"ref": lambda t=text: ref.encode(t)}
-        before: dict[str, Callable[[], None]] = {}
         for backend, tok in backends.items():
-            fns[f"{backend} cold"] = lambda t=text, k=tok: k.encode(t)
-            fns[f"{backend} warm"] = lambda t=text, k=tok: k.encode(t)
-            before[f"{backend} cold"] = tok.clear_cache
-            before[f"{backend} warm"] = lambda t=text, k=tok: k.encode(t)
+            fns[backend] = lambda t=text, k=tok: k.encode(t)
         fns["ref_dec"] = lambda i=expected: ref.decodeBytes(i).decode("utf-8", errors="replace")
         fns["dec"] = lambda i=expected: ac.decode(i)
-        t = best_times(fns, args.repeats, before=before)
+        t = best_times(fns, args.repeats)
         for backend in backends:
-            for op in ("cold", "warm"):
-                rows.append(
-                    table_row(
-                        name, f"encode, {op} cache", backend, size_mb, n_tok, t[f"{backend} {op}"], t["ref"]
-                    )
-                )
+            rows.append(table_row(name, "encode", backend, size_mb, n_tok, t[backend], t["ref"]))
         rows.append(table_row(name, "decode", "(shared)", size_mb, n_tok, t["dec"], t["ref_dec"]))
 
     print(f"vocab load: reference TRIE_TOKENIZER {ref_load:.2f} s; rwkvkit WorldTokenizer() {our_load:.2f} s")
     print(f"  another WorldTokenizer() (cached vocab) {our_second * 1e3:.2f} ms")
     print(f"  aho-corasick: first encode (builds the automaton) {ac_first:.2f} s")
-    print(f"  python: first encode of a short prompt {py_first * 1e3:.1f} ms (byte walk, nothing to build)")
-    print(f"  python: building the trie regex (after ~50k characters) {py_build:.2f} s")
-    print("ids identical to the reference on every corpus, both backends: yes")
-    print("the aho-corasick backend has no cache: cold and warm are the same code\n")
+    print(f"  python: first encode (builds the prefix set of the byte trie) {py_first:.2f} s")
+    print("ids identical to the reference on every corpus, both backends: yes\n")
     print(
         "| text | operation | backend | MB | tokens | reference MB/s | rwkvkit MB/s | rwkvkit Mtok/s "
         "| speedup |"

@@ -34,10 +34,7 @@ def tok() -> WorldTokenizer:
 
 @pytest.fixture(scope="module")
 def py_tok() -> WorldTokenizer:
-    tokenizer = WorldTokenizer(backend="python")
-    # Build the trie regex now: otherwise the first 50k characters would use the byte walk.
-    assert tokenizer._vocab.regex_encoder() is not None
-    return tokenizer
+    return WorldTokenizer(backend="python")  # the pure-Python reference the fast path is tested against
 
 
 @pytest.fixture(scope="module", params=["aho-corasick", "python"])
@@ -78,7 +75,7 @@ SAMPLES = {
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 def test_encode_matches_reference(any_tok: WorldTokenizer, ref: TRIE_TOKENIZER, name: str) -> None:
     assert_same(any_tok, ref, SAMPLES[name])
-    assert_same(any_tok, ref, SAMPLES[name] * 3)  # again, now partly from the piece cache
+    assert_same(any_tok, ref, SAMPLES[name] * 3)  # a repeat must not change the longest matches
 
 
 def test_encode_matches_reference_on_shakespeare(any_tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
@@ -130,7 +127,7 @@ def test_random_unicode_matches_reference(any_tok: WorldTokenizer, ref: TRIE_TOK
     texts = [_random_text(rng) for _ in range(3000)]
     for text in texts:
         assert_same(any_tok, ref, text)
-    assert_same(any_tok, ref, "".join(texts))  # one long text: many pieces, batch-encoded
+    assert_same(any_tok, ref, "".join(texts))  # and all of them as one long text
 
 
 def test_random_bytes_decoded_with_replace_match_reference(
@@ -162,41 +159,13 @@ def test_random_token_concatenations_match_reference(any_tok: WorldTokenizer, re
 
 
 def test_text_containing_the_batch_separator(any_tok: WorldTokenizer, ref: TRIE_TOKENIZER) -> None:
-    # NUL joins new pieces for one regex call; text that contains NUL takes the piece-by-piece path.
+    # NUL is a token of its own next to longer tokens on both sides.
     text = "".join(f"w{i}\x00 x{i * 7} 你{i}" for i in range(300))
     assert_same(any_tok, ref, text)
 
 
-def test_piece_cache_overflow_stays_exact(
-    py_tok: WorldTokenizer, ref: TRIE_TOKENIZER, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(world_module, "_PIECE_CACHE_ENTRIES", 50)
-    monkeypatch.setattr(world_module, "_PIECE_CACHE_MAX_CHARS", 4)
-    rng = random.Random(3)
-    words = [" " + "".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 7))) for _ in range(400)]
-    for _ in range(5):
-        assert_same(py_tok, ref, "".join(rng.choices(words, k=300)))
-
-
-def test_first_characters_use_the_byte_walk(tmp_path: Path, ref: TRIE_TOKENIZER) -> None:
-    # With the pure-Python backend, a fresh vocab (another path) starts with the byte walk, ready at once,
-    # then builds the regex.
-    path = tmp_path / "copy_of_vocab.txt"
-    path.write_bytes(REF_VOCAB.read_bytes())
-    tokenizer = WorldTokenizer(path, backend="python")
-    texts = [SAMPLES[name] for name in sorted(SAMPLES)]
-    for text in texts:
-        assert_same(tokenizer, ref, text)
-    assert tokenizer._vocab._regex_encoder is None
-    long_text = SHAKESPEARE.read_text(encoding="utf-8")[:60_000]
-    assert_same(tokenizer, ref, long_text)
-    assert tokenizer._vocab._regex_encoder is not None
-    for text in texts:
-        assert_same(tokenizer, ref, text)
-
-
 # ------------------------------------------------------------------------------------------------
-# The two backends: aho-corasick (Rust, default) vs the pure-Python encoder
+# The two backends: aho-corasick (Rust, default) vs the pure-Python reference
 # ------------------------------------------------------------------------------------------------
 
 
@@ -231,6 +200,7 @@ def test_backends_agree_on_long_runs(tok: WorldTokenizer, py_tok: WorldTokenizer
         assert tok.encode(text) == py_tok.encode(text)
 
 
+@pytest.mark.filterwarnings("ignore:ahocorasick-rs cannot be imported:RuntimeWarning")
 def test_backend_option(tmp_path: Path, ref: TRIE_TOKENIZER, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RwkvkitError, match="unknown tokenizer backend 'rust'"):
         WorldTokenizer(backend="rust")
@@ -242,6 +212,21 @@ def test_backend_option(tmp_path: Path, ref: TRIE_TOKENIZER, monkeypatch: pytest
     auto = WorldTokenizer(path)
     assert_same(auto, ref, SAMPLES["mixed"])
     assert auto._vocab.ac_encoder() is None
+    with pytest.raises(RwkvkitError, match="needs the ahocorasick-rs package"):
+        WorldTokenizer(path, backend="aho-corasick").encode("x")
+
+
+def test_missing_ahocorasick_warns_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(world_module, "_import_ahocorasick", lambda: None)
+    monkeypatch.setattr(world_module, "_warned_no_ahocorasick", False)
+    path = tmp_path / "copy_of_vocab.txt"
+    path.write_bytes(REF_VOCAB.read_bytes())
+    with pytest.warns(RuntimeWarning, match="ahocorasick-rs cannot be imported") as caught:
+        auto = WorldTokenizer(path)
+        ids = auto.encode("hello world")
+        assert auto.encode_bytes(b"hello world") == ids
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)  # one warning, one line
+    assert ids == WorldTokenizer(path, backend="python").encode("hello world")
     with pytest.raises(RwkvkitError, match="needs the ahocorasick-rs package"):
         WorldTokenizer(path, backend="aho-corasick").encode("x")
 
@@ -484,7 +469,7 @@ def _small_vocab(extra: list[bytes | str]) -> list[bytes | str]:
 @pytest.mark.parametrize(
     "extra",
     [
-        # "\x00a" makes NUL unfit to join pieces for the batch regex call (it would merge with "a").
+        # "\x00a": a token that starts with NUL.
         [
             "ab",
             "abc",
@@ -501,8 +486,7 @@ def _small_vocab(extra: list[bytes | str]) -> list[bytes | str]:
             "   ",
             "\x00a",
         ],
-        # A token that crosses characters as partial UTF-8: the fast path is not exact for it, so the
-        # tokenizer must fall back to the plain byte walk.
+        # A token that crosses characters as partial UTF-8.
         ["ab", b"a\xe4", b"\xb8\xad\xe6", "中", " a"],
     ],
 )
@@ -510,9 +494,8 @@ def _small_vocab(extra: list[bytes | str]) -> list[bytes | str]:
 def test_custom_vocab_matches_reference(tmp_path: Path, extra: list[bytes | str], backend: str) -> None:
     path = _write_vocab(tmp_path / "vocab.txt", _small_vocab(extra))
     mine, theirs = WorldTokenizer(path, backend=backend), TRIE_TOKENIZER(str(path))
-    mine._vocab.regex_encoder()  # use the regex encoder (where the vocab allows it) from the start
     assert mine.vocab_size == 320  # 256 + len(extra) rounded up to a multiple of 64
-    # Text without NUL, so that pieces are joined for one regex call when the vocab allows it.
+    # Text without NUL.
     assert mine.encode("ab abc abcd bc 中文 a") == theirs.encode("ab abc abcd bc 中文 a")
     rng = random.Random(2)
     alphabet = ["a", "b", "c", "d", " ", "中", "文", "😀", "é", "\n", "\x00"]

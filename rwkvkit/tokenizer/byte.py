@@ -15,7 +15,7 @@ import operator
 from collections.abc import Iterable
 
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.tokenizer.world import as_id_list
+from rwkvkit.tokenizer.common import as_id_list
 
 
 class ByteTokenizer:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.tokenizer.world import as_id_list
+from rwkvkit.tokenizer.common import as_id_list, read_text_file
 
 if TYPE_CHECKING:
     import tokenizers
@@ -79,14 +79,7 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
         hint = path / "tokenizer.json"
         more = f" (did you mean {hint}?)" if hint.is_file() else ""
         raise RwkvkitError(f"tokenizer path {path} is a directory, not a tokenizer.json file{more}")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RwkvkitError(f"cannot read the tokenizer file {path}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RwkvkitError(f"tokenizer file {path} is not valid UTF-8 ({exc})") from None
+    text = read_text_file(path, "tokenizer file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
