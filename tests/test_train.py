@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import reference_logits, reference_model
+from tiny_training import tiny_config
 
 from rwkvkit import RwkvkitError, load_model
 from rwkvkit.models import build_model, new_model
@@ -186,20 +187,15 @@ def test_short_training_run_lowers_loss_and_writes_a_reference_loadable_pth(tmp_
     ) * 40
     (tmp_path / "train.txt").write_text(text)
     (tmp_path / "val.txt").write_text(text[:1500])
-    cfg = TrainConfig(
-        data=str(tmp_path / "train.txt"),
-        val_data=str(tmp_path / "val.txt"),
-        out=str(tmp_path / "run"),
-        n_layer=2,
+    cfg = tiny_config(
+        tmp_path / "train.txt",
+        tmp_path / "val.txt",
+        tmp_path / "run",
         n_embd=32,
-        head_size=16,
         ctx_len=64,
-        batch_size=8,
         steps=60,
-        lr=3e-3,
         warmup_steps=5,
         eval_every=30,
-        progress=False,
     )
     result = train(cfg)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -236,21 +232,16 @@ def test_every_version_trains_on_shakespeare_and_the_reference_runs_it(tmp_path,
     fp16 and bf16 the model picks the same top-1 token as in fp32 on at least 95% of a text."""
     train_text = (SHAKESPEARE / "train.txt").read_text(encoding="utf-8")[:300_000]
     (tmp_path / "train.txt").write_text(train_text, encoding="utf-8")
-    cfg = TrainConfig(
-        data=str(tmp_path / "train.txt"),
-        val_data=str(SHAKESPEARE / "val.txt"),
+    cfg = tiny_config(
+        tmp_path / "train.txt",
+        SHAKESPEARE / "val.txt",
+        tmp_path / "run",
         eval_tokens=8192,
-        out=str(tmp_path / "run"),
         version=version,
-        n_layer=2,
         n_embd=64,
-        head_size=16,
         ctx_len=64,
-        batch_size=8,
         steps=80,
-        lr=3e-3,
         warmup_steps=5,
-        progress=False,
         seed=1,
     )
     torch.manual_seed(cfg.seed)  # the trainer's own initialisation, evaluated before any step

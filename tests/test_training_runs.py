@@ -23,6 +23,7 @@ import pytest
 import torch
 from checkpoints import random_state_dict
 from reference import reference_logits, reference_model
+from tiny_training import tiny_config
 
 from rwkvkit import RwkvkitError, load_model
 from rwkvkit.cli import main as cli_main
@@ -48,23 +49,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny(corpus, out: Path, **overrides) -> TrainConfig:
-    settings = dict(
-        data=str(corpus["train"]),
-        val_data=str(corpus["val"]),
-        out=str(out),
-        n_layer=2,
-        n_embd=32,
-        head_size=16,
-        ctx_len=32,
-        batch_size=8,
-        steps=6,
-        lr=3e-3,
-        warmup_steps=2,
-        progress=False,
-        plot_every=0,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    settings = dict(n_embd=32, ctx_len=32, steps=6, warmup_steps=2, plot_every=0)
+    return tiny_config(corpus["train"], corpus["val"], out, **{**settings, **overrides})
 
 
 def losses(out: Path) -> list[float]:

@@ -10,6 +10,7 @@ This package owns the tokenizer API shared by training and inference:
 * ``IncrementalDecoder``: turns a stream of ids into text without ever splitting a UTF-8 character.
 * ``load_tokenizer(name_or_path)``: "world", "byte", the path of a ``.json`` tokenizer file, or the path
   of a World-format vocab file.
+* common.py: what the tokenizer modules share (reading a tokenizer file with one-line errors, id lists).
 
 Importing this package is cheap: the World vocab is read on the first ``WorldTokenizer()``, and
 ``tokenizers`` is imported on the first ``HFTokenizer()``.
