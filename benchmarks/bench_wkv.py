@@ -31,12 +31,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.wkv.wkv4 import DEFAULT_CHUNK_SIZE as WKV4_CHUNK_SIZE
-from rwkvkit.wkv.wkv4 import wkv4, wkv4_log_decay
-from rwkvkit.wkv.wkv6 import DEFAULT_CHUNK_SIZE as WKV6_CHUNK_SIZE
-from rwkvkit.wkv.wkv6 import wkv6
-from rwkvkit.wkv.wkv7 import DEFAULT_CHUNK_SIZE as WKV7_CHUNK_SIZE
-from rwkvkit.wkv.wkv7 import wkv7
+from rwkvkit.wkv import wkv4, wkv6, wkv7
+from rwkvkit.wkv.v4 import DEFAULT_CHUNK_SIZE as WKV4_CHUNK_SIZE
+from rwkvkit.wkv.v4 import wkv4_log_decay
+from rwkvkit.wkv.v6 import DEFAULT_CHUNK_SIZE as WKV6_CHUNK_SIZE
+from rwkvkit.wkv.v7 import DEFAULT_CHUNK_SIZE as WKV7_CHUNK_SIZE
 
 Tensors = list[torch.Tensor]
 

@@ -1,5 +1,5 @@
-"""Tests for the WKV-4 operator (rwkvkit.wkv.wkv4): chunked vs step-by-step reference, a direct formula,
-extreme values, carried state, dispatch and validation."""
+"""Tests for the WKV-4 operator (rwkvkit.wkv.wkv4, rwkvkit/wkv/v4/): chunked vs step-by-step reference,
+a direct formula, extreme values, carried state, dispatch and validation."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from rwkvkit.wkv.wkv4 import (
+from rwkvkit.wkv import wkv4
+from rwkvkit.wkv.v4 import (
     PP_INIT,
-    wkv4,
     wkv4_chunked,
     wkv4_log_decay,
     wkv4_reference,

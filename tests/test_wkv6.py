@@ -1,11 +1,13 @@
-"""Tests for the RWKV-5.2/6 WKV operator (rwkvkit.wkv.wkv6): chunked vs step-by-step reference."""
+"""Tests for the RWKV-5.2/6 WKV operator (rwkvkit.wkv.wkv6, rwkvkit/wkv/v6/): chunked vs step-by-step
+reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rwkvkit.wkv.wkv6 import wkv6, wkv6_reference
+from rwkvkit.wkv import wkv6
+from rwkvkit.wkv.v6 import wkv6_reference
 
 RTOL = 1e-4  # norm-based relative tolerance, fp32
 

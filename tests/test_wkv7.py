@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -11,8 +12,7 @@ import torch.nn.functional as F
 
 import rwkvkit.wkv as wkv
 from rwkvkit.wkv import IMPLEMENTATIONS, wkv7
-from rwkvkit.wkv.wkv7_chunked import wkv7_chunked
-from rwkvkit.wkv.wkv7_reference import wkv7_reference
+from rwkvkit.wkv.v7 import wkv7_chunked, wkv7_reference
 
 W_MIN = -math.exp(-0.5)  # the strongest log-decay RWKV-7 produces, -0.6065...
 
@@ -170,11 +170,13 @@ def test_auto_choice_matches_reference(T: int) -> None:
 
 def test_default_impl_override(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    entry = importlib.import_module("rwkvkit.wkv.wkv7")  # the module (the package attribute is the function)
-    monkeypatch.setattr(
-        entry, "wkv7_chunked", lambda *x, **kw: calls.append("chunked") or wkv7_chunked(*x, **kw)
+    table = importlib.import_module("rwkvkit.wkv.ops")  # the op records the entry points run
+    spied = dataclasses.replace(
+        table.WKV7,
+        chunked=lambda *x, **kw: calls.append("chunked") or wkv7_chunked(*x, **kw),
+        reference=lambda *x: calls.append("reference") or wkv7_reference(*x),
     )
-    monkeypatch.setattr(entry, "wkv7_reference", lambda *x: calls.append("reference") or wkv7_reference(*x))
+    monkeypatch.setattr(table, "WKV7", spied)
     inputs = make_inputs(1, 20, 2, 8)
     wkv7(*inputs)
     assert calls == ["chunked"]  # auto: chunked for T > AUTO_STEP_MAX_T

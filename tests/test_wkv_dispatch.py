@@ -6,6 +6,9 @@ runs its model in its own thread while a test or a caller switches implementatio
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import math
 import threading
 
 import pytest
@@ -99,3 +102,86 @@ def test_set_default_impl_is_deprecated_and_per_context() -> None:
     thread.join(timeout=30)
     assert seen == {"previous": None, "impl": "reference"}
     assert wkv.get_default_impl() is None  # the worker's setting stayed in the worker
+
+
+# ---------------------------------------------------------------------------------------------------
+# The op table: every op's recurrent form (its step kernel per token) against its reference, and the
+# rule for "auto".
+# ---------------------------------------------------------------------------------------------------
+
+
+def _op_inputs(name: str, B: int, T: int, seed: int = 0) -> tuple[list[torch.Tensor], object]:
+    """Float64 tensors in the op's argument order, and a carried state."""
+    gen = torch.Generator().manual_seed(seed)
+    H, N = 2, 8
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    if name == "wkv4":
+        C = H * N
+        w = -torch.exp(torch.linspace(-5.0, 3.0, C, dtype=torch.float64))
+        state = [randn(B, C), torch.rand(B, C, generator=gen, dtype=torch.float64) + 0.5, randn(B, C)]
+        return [w, randn(C) * 0.5, randn(B, T, C), randn(B, T, C)], state
+    state = randn(B, H, N, N) * 0.5
+    w = -torch.rand(B, T, H, N, generator=gen, dtype=torch.float64)
+    if name == "wkv6":
+        return [randn(B, T, H, N), w, randn(B, T, H, N), randn(B, T, H, N), randn(H, N)], state
+    kk = torch.nn.functional.normalize(randn(B, T, H, N), dim=-1)
+    return [randn(B, T, H, N), w * 0.6, randn(B, T, H, N), randn(B, T, H, N), -kk, kk * 0.5], state
+
+
+def _forward_backward(form, tensors: list[torch.Tensor], state) -> list[torch.Tensor]:
+    leaves = [x.clone().requires_grad_() for x in tensors]
+    s = (
+        [x.clone().requires_grad_() for x in state]
+        if isinstance(state, list)
+        else state.clone().requires_grad_()
+    )
+    y, s_out = form(*leaves, s)
+    s_out = torch.stack(list(s_out)) if isinstance(s_out, tuple) else s_out
+    loss = (y * torch.cos(y)).sum() + (s_out * torch.sin(s_out)).sum()
+    inputs = leaves + (s if isinstance(s, list) else [s])
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)  # T = 0: zeros
+    return [y.detach(), s_out.detach(), *grads]
+
+
+@pytest.mark.parametrize("T", [0, 1, 3, 9])
+@pytest.mark.parametrize("op", wkv.OPS, ids=lambda op: op.name)
+def test_recurrent_matches_reference(op: wkv.WKVOp, T: int) -> None:
+    """The recurrent form (the step kernel once per token, the short-T production path) gives the
+    reference's outputs, final state and gradients of every input and of the state."""
+    tensors, state = _op_inputs(op.name, 2, T)
+    got = _forward_backward(op.recurrent, tensors, state)
+    want = _forward_backward(op.reference, tensors, state)
+    for x, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("op", wkv.OPS, ids=lambda op: op.name)
+def test_auto_rule(op: wkv.WKVOp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Auto: "recurrent" for T <= AUTO_STEP_MAX_T, "chunked" above; the WKV-4 record says "recurrent" at
+    any T when no input needs a gradient. The reference runs only when asked for."""
+    calls: list[str] = []
+
+    def spy(name: str, form):
+        return lambda *x, **kw: calls.append(name) or form(*x, **kw)
+
+    table = importlib.import_module("rwkvkit.wkv.ops")
+    key = op.name.upper()
+    spied = dataclasses.replace(
+        op, **{name: spy(name, getattr(op, name)) for name in ("reference", "recurrent", "chunked")}
+    )
+    monkeypatch.setattr(table, key, spied)
+    entry = getattr(wkv, op.name)
+    short, _ = _op_inputs(op.name, 1, wkv.AUTO_STEP_MAX_T)
+    long, _ = _op_inputs(op.name, 1, 20)
+    entry(*short)
+    entry(*long, impl="auto")
+    entry(*[x.requires_grad_() for x in long])
+    with torch.no_grad():
+        entry(*long)
+    no_grad_rule = "recurrent" if op.recurrent_max_t_no_grad == math.inf else "chunked"
+    assert calls == ["recurrent", no_grad_rule, "chunked", no_grad_rule]
+    entry(*short, impl="reference")
+    assert calls[-1] == "reference"

@@ -1,19 +1,22 @@
-"""The one dispatch point of the WKV operators: which implementation ``impl=None`` means.
+"""The one entry path of the WKV operators: the op record, which implementation runs, and ``run``.
 
-Also the conventions every operator shares: argument checks for ``impl`` / ``chunk_size`` and the
-dtype the state is computed in (:func:`compute_dtype`).
+Every operator (``wkv4``, ``wkv6``, ``wkv7``) is one :class:`WKVOp` record in :mod:`rwkvkit.wkv.ops`
+(its argument layout, its three forms, its default chunk size and its rule for "auto") and one call of
+:func:`run`, which validates the arguments from the record, resolves ``impl``, checks the chunk size,
+switches autocast off and calls the chosen form. The model code never calls an implementation directly.
 
-Every operator (``wkv4``, ``wkv6``, ``wkv7``) takes ``impl=`` and resolves it here. ``impl=None`` means
-the value of a context variable (:data:`WKV_IMPL`, "auto" unless set), which :func:`use_impl` switches
-for the code running in the current context only: a ``with use_impl("reference"):`` in one thread (or
-asyncio task) never changes the implementation another thread's model runs. A model that must always
-run one implementation passes ``impl=`` explicitly. The model code never calls an implementation
-directly.
+Implementations (``impl=``):
+  "reference"  step by step, written for clarity: the ground truth the other forms are tested against;
+  "recurrent"  the op's single-token step kernel (``wkv*_step``, the decode fast path) once per token:
+               the production form for short sequences;
+  "chunked"    chunk-parallel, pure PyTorch, any device: the production form for long sequences;
+  "auto"       "recurrent" for T <= the op's bound (AUTO_STEP_MAX_T; WKV-4 without gradients: any T,
+               its per-channel step is faster than its chunked form there), "chunked" above.
 
-Implementations: "reference" (step by step, the ground truth) and "chunked" (chunk-parallel, pure
-PyTorch, any device). "auto" resolves to "reference" for T <= AUTO_STEP_MAX_T (one-token inference,
-where it is faster) and "chunked" above (WKV-4 without gradients always takes its step form: per
-channel, it is faster than its chunked form).
+``impl=None`` means the value of the context variable :data:`WKV_IMPL` ("auto" unless set), which
+:func:`use_impl` switches for the code running in the current context only: a
+``with use_impl("reference"):`` in one thread (or asyncio task) never changes the implementation
+another thread's model runs. A model that must run one implementation passes ``impl=`` explicitly.
 """
 
 from __future__ import annotations
@@ -21,36 +24,67 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+
+from rwkvkit.wkv.common import check_chunk_size, check_tensors, full_precision
 
 __all__ = [
     "AUTO",
     "AUTO_STEP_MAX_T",
     "IMPLEMENTATIONS",
     "WKV_IMPL",
-    "check_chunk_size",
-    "check_matrix_state",
-    "check_tensors",
-    "compute_dtype",
-    "full_precision",
+    "WKVOp",
     "get_default_impl",
     "resolve_impl",
+    "run",
     "set_default_impl",
     "use_impl",
 ]
 
 # Names accepted by `impl=` besides "auto" (None means the context's choice, see WKV_IMPL).
-IMPLEMENTATIONS: tuple[str, ...] = ("reference", "chunked")
+IMPLEMENTATIONS: tuple[str, ...] = ("reference", "recurrent", "chunked")
 
-AUTO = "auto"  # the choice by T (and, for WKV-4, by whether gradients are needed)
+AUTO = "auto"  # the choice by T (and by whether gradients are needed, for an op whose rule says so)
 
-# Auto uses the step form up to this T: on CPU (B=1, H=12, N=64) it is faster than chunked for T <= 3.
+# Auto uses the recurrent form up to this T: on CPU (B=1, H=12, N=64) it is faster than chunked for T <= 3.
 AUTO_STEP_MAX_T = 3
 
 # What impl=None means in the current context (thread / asyncio task): "auto" unless use_impl set it.
 WKV_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar("rwkvkit_wkv_impl", default=AUTO)
+
+State = torch.Tensor | Sequence[torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class WKVOp:
+    """One WKV operator: how its arguments are laid out, its three forms and its rule for "auto".
+
+    The tensors come in the order of ``args``; ``lead`` (one of them) has shape ``dims`` and fixes B, T
+    and the device; the ``per_step`` tensors have the lead's shape and the ``per_channel`` ones its
+    trailing shape (``dims[2:]``). ``check_state(op_name, state, lead)`` validates the state. The forms
+    take ``(*tensors, state)``, the chunked one also ``chunk_size=``; ``check_chunked(tensors,
+    chunk_len)`` is a precondition of the chunked form (None: none). ``step`` is the one-token kernel the
+    models' decode fast path calls directly (listed here, not dispatched).
+    """
+
+    name: str
+    args: tuple[str, ...]
+    lead: str
+    dims: tuple[str, ...]
+    per_step: tuple[str, ...]
+    per_channel: tuple[str, ...]
+    check_state: Callable[[str, State, torch.Tensor], None]
+    reference: Callable[..., tuple]
+    recurrent: Callable[..., tuple]
+    chunked: Callable[..., tuple]
+    step: Callable[..., tuple]
+    default_chunk_size: int
+    recurrent_max_t: float = AUTO_STEP_MAX_T  # auto: "recurrent" for T <= this, "chunked" above
+    recurrent_max_t_no_grad: float | None = None  # the bound when no input needs a gradient (None: same)
+    check_chunked: Callable[[Sequence[torch.Tensor], int], None] | None = None
 
 
 def _check_impl(impl: str | None, op: str = "wkv") -> None:
@@ -97,64 +131,76 @@ def set_default_impl(impl: str | None) -> str | None:
     return previous
 
 
-def resolve_impl(op: str, impl: str | None, T: int, step_max_t: float = AUTO_STEP_MAX_T) -> str:
-    """The implementation an operator named `op` runs for a sequence of length T.
+def _needs_grad(tensors: Sequence[torch.Tensor], state: State) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    parts = () if state is None else (state,) if isinstance(state, torch.Tensor) else tuple(state)
+    return any(x.requires_grad for x in (*tensors, *parts))
 
-    None means the context's choice (:data:`WKV_IMPL`). Auto picks "reference" for T <= ``step_max_t``
-    (an operator whose step form is the faster one for some use passes a larger bound there) and
-    "chunked" above.
-    """
-    _check_impl(impl, op)
+
+def resolve_impl(op: WKVOp, impl: str | None, T: int, tensors: Sequence[torch.Tensor], state: State) -> str:
+    """The implementation `op` runs for a sequence of length T: `impl`, the context's choice for None,
+    and for "auto" the op's rule."""
+    _check_impl(impl, op.name)
     if impl is None:
         impl = WKV_IMPL.get()
-    if impl == AUTO:
-        impl = "reference" if T <= step_max_t else "chunked"
-    return impl
+    if impl != AUTO:
+        return impl
+    bound = op.recurrent_max_t
+    if op.recurrent_max_t_no_grad is not None and not _needs_grad(tensors, state):
+        bound = op.recurrent_max_t_no_grad
+    return "recurrent" if T <= bound else "chunked"
 
 
-def check_chunk_size(op: str, chunk_size: int | None, default: int) -> int:
-    """``chunk_size`` validated (a positive int), or ``default`` for None."""
-    if chunk_size is None:
-        return default
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
-    return chunk_size
+def _shape_text(dims: Sequence[str]) -> str:
+    """("C",) -> "(C,)", ("H", "N") -> "(H, N)"."""
+    return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the state is computed in: float64 for float64 inputs (to verify), otherwise float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_tensors(op: str, tensors: dict[str, object]) -> None:
-    """Raise ValueError unless every value is a floating-point tensor on the device of the first one."""
-    first_name, first = next(iter(tensors.items()))
-    for name, x in tensors.items():
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"{op}: {name} must have a floating dtype, got {x.dtype}")
-        if x.device != first.device:
-            raise ValueError(f"{op}: {name} is on {x.device}, but {first_name} is on {first.device}")
-
-
-def check_matrix_state(op: str, state: torch.Tensor | None, r: torch.Tensor) -> None:
-    """Raise ValueError unless ``state`` is None or a (B, H, N, N) float tensor on r's device."""
-    if state is None:
-        return
-    B, _, H, N = r.shape
-    if not isinstance(state, torch.Tensor) or not state.is_floating_point():
-        raise ValueError(f"{op}: state must be a floating-point torch.Tensor (B, H, N, N) or None")
-    if state.shape != (B, H, N, N):
+def validate(op: WKVOp, tensors: Sequence[torch.Tensor], state: State) -> None:
+    """Raise ValueError unless the arguments fit the layout `op` declares."""
+    named = dict(zip(op.args, tensors, strict=True))
+    lead = named[op.lead]
+    check_tensors(op.name, {n: named[n] for n in (op.lead, *op.per_step, *op.per_channel)})
+    if lead.dim() != len(op.dims):
         raise ValueError(
-            f"{op}: state has shape {tuple(state.shape)}, expected (B, H, N, N) = {(B, H, N, N)} "
-            "laid out as [value, key]"
+            f"{op.name}: {op.lead} must have shape {_shape_text(op.dims)}, got {tuple(lead.shape)}"
         )
-    if state.device != r.device:
-        raise ValueError(f"{op}: state is on {state.device}, but r is on {r.device}")
+    for name in op.per_step:
+        if named[name].shape != lead.shape:
+            raise ValueError(
+                f"{op.name}: {name} has shape {tuple(named[name].shape)}, "
+                f"expected {op.lead}'s shape {tuple(lead.shape)}"
+            )
+    channel = tuple(lead.shape[2:])
+    for name in op.per_channel:
+        if named[name].shape != channel:
+            raise ValueError(
+                f"{op.name}: {name} has shape {tuple(named[name].shape)}, "
+                f"expected {_shape_text(op.dims[2:])} = {channel}"
+            )
+    op.check_state(op.name, state, lead)
 
 
-def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast switched off: the operators run in fp32 inside even under ``torch.autocast`` (bf16
-    training), which would otherwise lower their matmuls to bf16."""
-    return torch.autocast(device_type=device.type, enabled=False)
+def run(
+    op: WKVOp,
+    tensors: Sequence[torch.Tensor],
+    state: State,
+    *,
+    impl: str | None,
+    chunk_size: int | None,
+) -> tuple:
+    """Run `op` on `tensors` (in the order of ``op.args``) from `state`: validate, resolve the
+    implementation, check the chunk size, switch autocast off, call the chosen form."""
+    validate(op, tensors, state)
+    lead = tensors[op.args.index(op.lead)]
+    T = lead.shape[1]
+    impl = resolve_impl(op, impl, T, tensors, state)
+    chunk_size = check_chunk_size(op.name, chunk_size, op.default_chunk_size)
+    if impl == "chunked" and op.check_chunked is not None:
+        op.check_chunked(tensors, min(chunk_size, max(T, 1)))
+    with full_precision(lead.device):
+        if impl == "chunked":
+            return op.chunked(*tensors, state, chunk_size=chunk_size)
+        form = op.reference if impl == "reference" else op.recurrent
+        return form(*tensors, state)

@@ -1,4 +1,4 @@
-"""Step-by-step RWKV-7 WKV recurrence: the ground truth every other implementation is checked against.
+"""The WKV-7 reference: the recurrence step by step, the ground truth every other form is checked against.
 
 This module owns the plain, loop-over-time form of the v7 "generalized delta rule". It is short on
 purpose, has no tricks, and is autograd friendly (no in-place writes on tensors that need grad).
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from rwkvkit.wkv.dispatch import compute_dtype
+from rwkvkit.wkv.common import compute_dtype
+
+__all__ = ["wkv7_reference"]
 
 
 def wkv7_reference(

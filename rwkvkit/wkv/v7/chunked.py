@@ -42,8 +42,8 @@ Valid range of w: the factors exp(+-(g - m)) reach exp(max|w| * n / 2), and the 
 triangle of a~ b~^T reaches exp(max|w| * n). To keep every intermediate finite in float32 the
 precondition is ``max(-w) * chunk_size <= W_CHUNK_LIMIT`` (80; exp(80) ~ 5.5e34 < 3.4e38). RWKV-7
 passes w = -exp(-0.5) * sigmoid(z) in [-0.6066, 0], so chunk sizes up to 131 are safe (64 has a 2x
-margin). The dispatcher :func:`rwkvkit.wkv.wkv7` checks this on CPU tensors; on accelerators it is a
-documented precondition (no device sync in the hot path).
+margin). The entry :func:`rwkvkit.wkv.wkv7` checks this on CPU tensors (:func:`check_w_range`); on
+accelerators it is a documented precondition (no device sync in the hot path).
 
 Any T works: the tail is zero-padded (w = 0, k = v = a = b = r = 0 leave the state unchanged), and a
 sequence shorter than the chunk size uses one chunk of length T.
@@ -52,11 +52,14 @@ sequence shorter than the chunk size uses one chunk of length T.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.wkv.dispatch import compute_dtype, full_precision
+from rwkvkit.wkv.common import compute_dtype, full_precision
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "W_CHUNK_LIMIT", "check_w_range", "wkv7_chunked"]
 
 # Measured on CPU (2 cores, B=1, H=12, N=64, forward+backward): see benchmarks/RESULTS.md.
 DEFAULT_CHUNK_SIZE = 32
@@ -256,6 +259,21 @@ class _ChunkedWKV7(torch.autograd.Function):
         return dr, dw, dk, dv, da, db, dS[0].clone(), None  # (clone: do not pin the whole dS buffer)
 
 
+def check_w_range(tensors: Sequence[torch.Tensor], chunk_size: int) -> None:
+    """Raise if the chunked form could overflow in float32 for r, w, k, v, a, b = `tensors` and this
+    chunk length. Only on CPU, where it costs no device sync."""
+    w = tensors[1]
+    if w.device.type != "cpu" or w.numel() == 0:
+        return
+    max_neg = -float(w.detach().amin())
+    if max_neg * chunk_size > W_CHUNK_LIMIT:
+        safe = int(W_CHUNK_LIMIT // max_neg) if max_neg > 0 else chunk_size
+        raise ValueError(
+            f"wkv7: w reaches {-max_neg:.4g}; the chunked form needs max(-w) * chunk_size <= "
+            f"{W_CHUNK_LIMIT:g} (chunk_size={chunk_size}). Use chunk_size <= {safe} or impl='reference'."
+        )
+
+
 def wkv7_chunked(
     r: torch.Tensor,
     w: torch.Tensor,
@@ -266,7 +284,8 @@ def wkv7_chunked(
     state: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunk-parallel evaluation; same contract as :func:`wkv7_reference` plus `chunk_size`.
+    """Chunk-parallel evaluation; same contract as :func:`rwkvkit.wkv.v7.reference.wkv7_reference` plus
+    `chunk_size`.
 
     Precondition (not checked here): max(-w) * chunk_size <= W_CHUNK_LIMIT.
     """

@@ -1,33 +1,8 @@
-"""The RWKV-5.2 / RWKV-6 WKV operator: multi-head matrix state with diagonal decay and a ``u`` bonus.
+"""The chunk-parallel WKV-5.2/6 (pure PyTorch, any device, backward by autograd).
 
-This module owns the v5.2/v6 time-mix recurrence: its public entry point :func:`wkv6`, argument
-validation, a step-by-step reference and a chunk-parallel form (pure PyTorch, any device, backward by
-autograd).
-
-    y, final_state = wkv6(r, w, k, v, u, state=None, *, impl=None, chunk_size=None)
-
-Inputs r, w, k, v are tensors (B, T, H, N) of any float dtype, u is (H, N) (``time_faaaa``), all on
-one device. Per batch element and head, with the state S laid out as S[value_i, key_j] ("[value, key]",
-the layout of WKV-7 in this package; the architecture notes write v5/v6 as [key, value], the transpose):
-
-    y_t[i]    = sum_j r_t[j] (u[j] k_t[j] v_t[i] + S[i, j])           (the output reads the OLD state)
-    S[i, j] <- exp(w_t[j]) S[i, j] + v_t[i] k_t[j]
-
-i.e. y_t = S_{t-1} r_t + (r_t . (u * k_t)) v_t and S_t = S_{t-1} diag(exp(w_t)) + v_t k_t^T.
-
-``w`` is the LOG of the per-step decay (w <= 0, w = 0 means no decay), per key channel. RWKV-6 passes
-w = -exp(time_decay + lora(x)) (time-varying); RWKV-5.2 passes its constant w = -exp(time_decay) (H, N)
-broadcast over B and T (``w.expand(B, T, H, N)`` is fine, no copy needed). The chunked form is exact for
-any w <= 0, from decays near 0 (w = -20 and below) to decays near 1 (w = -1e-6): see
-:func:`wkv6_chunked`. w > 0 (growth) is outside the contract; the reference still computes it.
-
-``state`` is the initial state (B, H, N, N) as [value, key], or None for zeros. The state is computed in
-float32 (in float64 when r is float64, to verify implementations). Returns y (B, T, H, N) in r's dtype
-and the final state (B, H, N, N) in float32 (float64 for float64 r).
-
-``impl``: None (auto), "reference" (step by step, the ground truth) or "chunked" (chunk-parallel).
-Auto picks the step form for T <= AUTO_STEP_MAX_T and chunked otherwise. ``chunk_size`` (chunked only;
-ignored by the reference) defaults to DEFAULT_CHUNK_SIZE.
+Exact for any w <= 0, from decays near 0 (w = -20 and below) to decays near 1 (w = -1e-6): every
+exponent is a range sum of log-decays (see :func:`wkv6_chunked`). Same contract as
+:func:`rwkvkit.wkv.v6.reference.wkv6_reference` plus ``chunk_size``.
 """
 
 from __future__ import annotations
@@ -37,24 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.blas import state_matvec
-from rwkvkit.wkv.dispatch import (
-    check_chunk_size,
-    check_matrix_state,
-    check_tensors,
-    compute_dtype,
-    full_precision,
-    resolve_impl,
-)
+from rwkvkit.wkv.common import compute_dtype
 
-__all__ = [
-    "DEFAULT_CHUNK_SIZE",
-    "SUB_CHUNK",
-    "wkv6",
-    "wkv6_chunked",
-    "wkv6_reference",
-    "wkv6_step",
-]
+__all__ = ["DEFAULT_CHUNK_SIZE", "FAST_LIMIT", "SUB_CHUNK", "wkv6_chunked"]
 
 # Chunk length of the chunked form (state passed sequentially between chunks); benchmarks/bench_wkv.py.
 DEFAULT_CHUNK_SIZE = 64
@@ -65,50 +25,6 @@ FAST_LIMIT = 60.0
 
 # Largest sub-chunk inside a chunk; pairs within one sub-chunk use an exact (s, s, N) exponent tensor.
 SUB_CHUNK = 16
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference
-# --------------------------------------------------------------------------------------------------
-
-
-def wkv6_reference(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the recurrence one time step at a time (autograd friendly, no in-place writes).
-
-    Args: r, w, k, v of shape (B, T, H, N); u (H, N); state (B, H, N, N) as [value, key] or None.
-    Returns: y (B, T, H, N) in r's dtype and the final state (B, H, N, N) in the compute dtype.
-    """
-    B, T, H, N = r.shape
-    out_dtype = r.dtype
-    dt = compute_dtype(r.dtype)
-    r, w, k, v = (x.to(dt) for x in (r, w, k, v))  # (B, T, H, N)
-    u = u.to(dt)  # (H, N)
-    decay = torch.exp(w)  # (B, T, H, N)
-    if state is None:
-        S = torch.zeros(B, H, N, N, dtype=dt, device=r.device)  # (B, H, V, K)
-    else:
-        S = state.to(dt)  # (B, H, V, K)
-
-    ys = []
-    for r_t, d_t, k_t, v_t in zip(*(x.unbind(dim=1) for x in (r, decay, k, v)), strict=True):  # (B, H, N)
-        bonus = (r_t * u * k_t).sum(-1, keepdim=True)  # (B, H, 1): r_t . (u * k_t)
-        ys.append((S @ r_t.unsqueeze(-1)).squeeze(-1) + bonus * v_t)  # (B, H, V), OLD state
-        S = S * d_t.unsqueeze(-2) + v_t.unsqueeze(-1) * k_t.unsqueeze(-2)  # (B, H, V, K)
-
-    y = torch.stack(ys, dim=1) if T > 0 else r.new_zeros(B, 0, H, N)  # (B, T, H, V)
-    return y.to(out_dtype), S
-
-
-# --------------------------------------------------------------------------------------------------
-# Chunked
-# --------------------------------------------------------------------------------------------------
 
 
 def _sub_chunk_size(n: int) -> int:
@@ -270,84 +186,3 @@ def wkv6_chunked(
         y = y + _intra_pairwise(r_, w_, k_, v_, s)
     y = y.flatten(2, 3)[:, :, :T].transpose(1, 2)  # (B, T, H, V)
     return y.to(out_dtype), S
-
-
-# --------------------------------------------------------------------------------------------------
-# Public entry point
-# --------------------------------------------------------------------------------------------------
-
-
-def _validate(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None,
-) -> None:
-    named = {"r": r, "w": w, "k": k, "v": v, "u": u}
-    check_tensors("wkv6", named)
-    if r.dim() != 4:
-        raise ValueError(f"wkv6: r must have shape (B, T, H, N), got {tuple(r.shape)}")
-    for name in ("w", "k", "v"):
-        if named[name].shape != r.shape:
-            raise ValueError(
-                f"wkv6: {name} has shape {tuple(named[name].shape)}, expected r's shape {tuple(r.shape)}"
-            )
-    _, _, H, N = r.shape
-    if u.shape != (H, N):
-        raise ValueError(f"wkv6: u has shape {tuple(u.shape)}, expected (H, N) = {(H, N)}")
-    check_matrix_state("wkv6", state, r)
-
-
-def wkv6(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
-    *,
-    impl: str | None = None,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the RWKV-5.2/6 WKV recurrence (see the module docstring for the exact contract).
-
-    Args:
-        r, w, k, v: (B, T, H, N); w is the log of the per-step decay (w <= 0).
-        u: (H, N) the bonus of the current token (time_faaaa).
-        state: initial state (B, H, N, N) as [value, key], or None for zeros.
-        impl: None (auto: reference for T <= AUTO_STEP_MAX_T, else chunked), "reference" or "chunked".
-        chunk_size: chunk length for the chunked form (default DEFAULT_CHUNK_SIZE).
-    Returns:
-        y (B, T, H, N) in r's dtype, final state (B, H, N, N) float32 (float64 for float64 r).
-    """
-    _validate(r, w, k, v, u, state)
-    impl = resolve_impl("wkv6", impl, r.shape[1])
-    chunk_size = check_chunk_size("wkv6", chunk_size, DEFAULT_CHUNK_SIZE)
-    with full_precision(r.device):
-        if impl == "reference":
-            return wkv6_reference(r, w, k, v, u, state)
-        return wkv6_chunked(r, w, k, v, u, state, chunk_size=chunk_size)
-
-
-def wkv6_step(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the recurrence for B sequences (the decode fast path): r, w, k, v (B, H, N), u (H, N),
-    state (B, H, N, N) fp32 [value, key]; returns y (B, H, N) fp32 and the new state, written into ``out``
-    (B, H, N, N) when given (a slice of the whole model's next state: no copy afterwards).
-
-    The same computation as ``wkv6(..., impl="reference")`` with T = 1, without the argument checks and
-    the time loop (callers pass well-formed fp32 tensors; tests compare the two).
-    """
-    bonus = (r * u * k).sum(-1, keepdim=True)  # (B, H, 1)
-    y = state_matvec(state, r) + bonus * v  # (B, H, V): reads the OLD state
-    new = torch.mul(state, torch.exp(w).unsqueeze(-2), out=out).addcmul_(v.unsqueeze(-1), k.unsqueeze(-2))
-    return y, new

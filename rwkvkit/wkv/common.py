@@ -1,0 +1,67 @@
+"""The conventions every WKV operator shares: the compute dtype, autocast off, and argument checks.
+
+Used by the implementations (reference, chunked, step forms of every op) and by the table-driven entry
+(:mod:`rwkvkit.wkv.dispatch`); it imports nothing else from the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = [
+    "check_chunk_size",
+    "check_matrix_state",
+    "check_tensors",
+    "compute_dtype",
+    "full_precision",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the state is computed in: float64 for float64 inputs (to verify), otherwise float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off: the operators run in fp32 inside even under ``torch.autocast`` (bf16
+    training), which would otherwise lower their matmuls to bf16."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def check_chunk_size(op: str, chunk_size: int | None, default: int) -> int:
+    """``chunk_size`` validated (a positive int), or ``default`` for None."""
+    if chunk_size is None:
+        return default
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def check_tensors(op: str, tensors: dict[str, object]) -> None:
+    """Raise ValueError unless every value is a floating-point tensor on the device of the first one."""
+    first_name, first = next(iter(tensors.items()))
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{op}: {name} must have a floating dtype, got {x.dtype}")
+        if x.device != first.device:
+            raise ValueError(f"{op}: {name} is on {x.device}, but {first_name} is on {first.device}")
+
+
+def check_matrix_state(op: str, state: torch.Tensor | None, r: torch.Tensor) -> None:
+    """Raise ValueError unless ``state`` is None or a (B, H, N, N) float tensor on r's device."""
+    if state is None:
+        return
+    B, _, H, N = r.shape
+    if not isinstance(state, torch.Tensor) or not state.is_floating_point():
+        raise ValueError(f"{op}: state must be a floating-point torch.Tensor (B, H, N, N) or None")
+    if state.shape != (B, H, N, N):
+        raise ValueError(
+            f"{op}: state has shape {tuple(state.shape)}, expected (B, H, N, N) = {(B, H, N, N)} "
+            "laid out as [value, key]"
+        )
+    if state.device != r.device:
+        raise ValueError(f"{op}: state is on {state.device}, but r is on {r.device}")

@@ -1,0 +1,61 @@
+"""The WKV-5.2/6 step: one token for B sequences, and the recurrent form that runs it once per token.
+
+:func:`wkv6_step` is the decode kernel the RWKV-5.2/6 models' fast path calls (no checks, written into
+``out``); :func:`wkv6_recurrent` runs it over T tokens, the production form for short sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rwkvkit.blas import state_matvec
+from rwkvkit.wkv.common import compute_dtype
+
+__all__ = ["wkv6_recurrent", "wkv6_step"]
+
+
+def wkv6_step(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    state: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the recurrence for B sequences (the decode fast path): r, w, k, v (B, H, N), u (H, N),
+    state (B, H, N, N) fp32 [value, key]; returns y (B, H, N) fp32 and the new state, written into ``out``
+    (B, H, N, N) when given (a slice of the whole model's next state: no copy afterwards).
+
+    The same computation as ``wkv6(..., impl="reference")`` with T = 1, without the argument checks and
+    the time loop (callers pass well-formed fp32 tensors; tests compare the two).
+    """
+    bonus = (r * u * k).sum(-1, keepdim=True)  # (B, H, 1)
+    y = state_matvec(state, r) + bonus * v  # (B, H, V): reads the OLD state
+    new = torch.mul(state, torch.exp(w).unsqueeze(-2), out=out).addcmul_(v.unsqueeze(-1), k.unsqueeze(-2))
+    return y, new
+
+
+def wkv6_recurrent(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`wkv6_step` once per token; the contract of :func:`rwkvkit.wkv.v6.reference.wkv6_reference`.
+
+    Args: r, w, k, v of shape (B, T, H, N); u (H, N); state (B, H, N, N) as [value, key] or None.
+    Returns: y (B, T, H, N) in r's dtype and the final state (B, H, N, N) in the compute dtype.
+    """
+    B, T, H, N = r.shape
+    dt = compute_dtype(r.dtype)
+    S = torch.zeros(B, H, N, N, dtype=dt, device=r.device) if state is None else state.to(dt)  # (B, H, V, K)
+    u = u.to(dt)  # (H, N)
+    ys = []
+    for r_t, w_t, k_t, v_t in zip(*(x.to(dt).unbind(1) for x in (r, w, k, v)), strict=True):  # (B, H, N)
+        y_t, S = wkv6_step(r_t, w_t, k_t, v_t, u, S)
+        ys.append(y_t)
+    y = torch.stack(ys, dim=1) if T > 0 else r.new_zeros(B, 0, H, N)  # (B, T, H, V)
+    return y.to(r.dtype), S

@@ -1,0 +1,62 @@
+"""The WKV-7 step: one token for B sequences, and the recurrent form that runs it once per token.
+
+:func:`wkv7_step` is the decode kernel the RWKV-7 model's fast path calls (no checks, written into
+``out``); :func:`wkv7_recurrent` runs it over T tokens, the production form for short sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rwkvkit.blas import state_matvec
+from rwkvkit.wkv.common import compute_dtype
+
+__all__ = ["wkv7_recurrent", "wkv7_step"]
+
+
+def wkv7_step(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the recurrence for B sequences (the decode fast path): inputs (B, H, N), state
+    (B, H, N, N) fp32 [value, key]; returns y (B, H, N) fp32 and the new state, written into ``out``
+    (B, H, N, N) when given (a slice of the whole model's next state: no copy afterwards).
+
+    The same computation as ``wkv7(..., impl="reference")`` with T = 1, without the argument checks and
+    the time loop (callers pass well-formed fp32 tensors; tests compare the two).
+    """
+    sa = state_matvec(state, a)  # (B, H, V): S a
+    new = torch.mul(state, torch.exp(w).unsqueeze(-2), out=out)
+    new.addcmul_(sa.unsqueeze(-1), b.unsqueeze(-2)).addcmul_(v.unsqueeze(-1), k.unsqueeze(-2))
+    return state_matvec(new, r), new  # new = S diag(exp(w)) + (S a) b^T + v k^T
+
+
+def wkv7_recurrent(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`wkv7_step` once per token; the contract of :func:`rwkvkit.wkv.v7.reference.wkv7_reference`.
+
+    Args: r, w, k, v, a, b of shape (B, T, H, N); state (B, H, N, N) as [value, key] or None (zeros).
+    Returns: y (B, T, H, N) in r's dtype and the final state (B, H, N, N) in the compute dtype.
+    """
+    B, T, H, N = r.shape
+    dt = compute_dtype(r.dtype)
+    S = torch.zeros(B, H, N, N, dtype=dt, device=r.device) if state is None else state.to(dt)  # (B, H, V, K)
+    ys = []
+    for xs in zip(*(x.to(dt).unbind(1) for x in (r, w, k, v, a, b)), strict=True):  # each (B, H, N)
+        y_t, S = wkv7_step(*xs, S)
+        ys.append(y_t)
+    y = torch.stack(ys, dim=1) if T > 0 else r.new_zeros(B, 0, H, N)  # (B, T, H, V)
+    return y.to(r.dtype), S
