@@ -75,6 +75,50 @@ def reset_peak_rss() -> None:
 # ---------------------------------------------------------------------------------------------- workers
 
 
+def reference_runners(args: argparse.Namespace, tokens: list[int]):
+    """(prefill, decode, batched decoders) over the reference package's model."""
+    from reference import reference_model
+
+    model = reference_model(args.path, args.version)
+
+    def run_prefill(n):
+        model.forward(tokens[:n], None)
+
+    def decode(n):
+        _, state = model.forward(tokens[:8], None)
+        t = time.perf_counter()
+        for i in range(n):
+            _, state = model.forward([tokens[8 + i]], state)
+        return n / (time.perf_counter() - t)
+
+    return run_prefill, decode, {}
+
+
+def rwkvkit_runners(args: argparse.Namespace, tokens: list[int]):
+    """(prefill, decode, batched decoders) over rwkvkit's model."""
+    import torch
+
+    from rwkvkit.infer.generate import prefill_precision
+    from rwkvkit.models import load_model
+
+    model = load_model(args.path)
+
+    def run_prefill(n, bf16=False):
+        with torch.inference_mode(), prefill_precision(model, bf16):
+            model(torch.tensor([tokens[:n]]), last_only=True)
+
+    def decode(n, batch=1):
+        with torch.inference_mode():
+            x = torch.tensor([tokens[: 8 + n]] * batch)
+            _, state = model(x[:, :8])
+            t = time.perf_counter()
+            for i in range(n):
+                _, state = model(x[:, 8 + i : 9 + i], state)
+            return n * batch / (time.perf_counter() - t)
+
+    return run_prefill, decode, {b: decode for b in args.batches if b > 0}
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process; prints a JSON line."""
     import torch
@@ -85,44 +129,9 @@ def worker(args: argparse.Namespace) -> dict:
     tokens = torch.randint(0, 65536, (max(args.prefill) + args.decode_tokens + 1,), generator=g).tolist()
     out: dict = {}
     t0 = time.perf_counter()
-    if args.impl == "reference":
-        from reference import reference_model
-
-        model = reference_model(args.path, args.version)
-        out["load_s"] = time.perf_counter() - t0
-
-        def run_prefill(n):
-            model.forward(tokens[:n], None)
-
-        def decode(n):
-            _, state = model.forward(tokens[:8], None)
-            t = time.perf_counter()
-            for i in range(n):
-                _, state = model.forward([tokens[8 + i]], state)
-            return n / (time.perf_counter() - t)
-
-        batched = {}
-    else:
-        from rwkvkit.infer.generate import prefill_precision
-        from rwkvkit.models import load_model
-
-        model = load_model(args.path)
-        out["load_s"] = time.perf_counter() - t0
-
-        def run_prefill(n, bf16=False):
-            with torch.inference_mode(), prefill_precision(model, bf16):
-                model(torch.tensor([tokens[:n]]), last_only=True)
-
-        def decode(n, batch=1):
-            with torch.inference_mode():
-                x = torch.tensor([tokens[: 8 + n]] * batch)
-                _, state = model(x[:, :8])
-                t = time.perf_counter()
-                for i in range(n):
-                    _, state = model(x[:, 8 + i : 9 + i], state)
-                return n * batch / (time.perf_counter() - t)
-
-        batched = {b: decode for b in args.batches if b > 0}
+    runners = reference_runners if args.impl == "reference" else rwkvkit_runners
+    run_prefill, decode, batched = runners(args, tokens)
+    out["load_s"] = time.perf_counter() - t0
 
     decode(2)  # warm-up
     reset_peak_rss()  # the peak RSS while decoding (loading's transient copies excluded)
