@@ -1,0 +1,66 @@
+"""The native CPU decode path: a small C++ library compiled for this machine, loaded with ctypes.
+
+What it owns: building the library from the sources in ``src/`` (:mod:`rwkvkit.native.build`: on first
+use, into a per-user cache keyed by the sources, the compiler, the flags and the CPU), loading it, and
+the reason it is off when it is (``RWKVKIT_NATIVE=0``, no compiler, a failed build, not a CPU).
+:mod:`rwkvkit.native.matrix` describes weights to it, :mod:`rwkvkit.native.step` runs a model's
+one-token step through it. Everything works without it, on the pure-torch path it is tested against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}  # "lib": the loaded CDLL or None, "reason": why it is off
+
+
+def disabled_by_env() -> bool:
+    """Whether ``RWKVKIT_NATIVE=0`` (or ``off`` / ``false`` / ``no``) turns the native path off."""
+    return os.environ.get("RWKVKIT_NATIVE", "1").strip().lower() in ("0", "off", "false", "no")
+
+
+def load() -> ctypes.CDLL | None:
+    """The native library (built on first use), or None where it is off; says why once on stderr."""
+    with _LOCK:
+        if "lib" not in _STATE:
+            lib, reason = _load()
+            _STATE["lib"], _STATE["reason"] = lib, reason
+            if lib is None and reason and not disabled_by_env():
+                print(
+                    f"rwkvkit: native CPU decode off ({reason}); using the pure-torch path", file=sys.stderr
+                )
+        return _STATE["lib"]  # type: ignore[return-value]
+
+
+def status() -> str:
+    """One line: which decode path a CPU model uses and why."""
+    lib = load()
+    if lib is None:
+        return f"pure torch ({_STATE['reason']})"
+    return f"native ({lib.rk_build_info().decode()})"
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    if disabled_by_env():
+        return None, "RWKVKIT_NATIVE=0"
+    import torch  # noqa: F401  (loaded first: the library then shares torch's OpenMP runtime)
+
+    from rwkvkit.native.build import NativeBuildError, build_library  # lazy: only where it is used
+
+    try:
+        path = build_library()
+        lib = ctypes.CDLL(str(path))
+    except (NativeBuildError, OSError) as exc:
+        return None, str(exc)
+    lib.rk_build_info.restype = ctypes.c_char_p
+    return lib, None
+
+
+def _reset_for_tests() -> None:
+    """Forget the loaded library so the next :func:`load` reads the environment again."""
+    with _LOCK:
+        _STATE.clear()
