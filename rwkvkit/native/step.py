@@ -20,14 +20,51 @@ MAX_ROWS = 64  # batches up to this many rows decode natively; larger ones stay 
 
 
 class NativeStep:
-    """Base of a version's native step: holds the library, the packed weights and the C model struct."""
+    """Base of a version's native step: the library, the packed weights and the C model struct.
 
-    def __init__(self, lib: ctypes.CDLL, keep: list):
+    A version's C entry point (``src/step_v*.cpp``) has one signature for all versions::
+
+        int32_t rk_vX_step(const void* model, int32_t B, const float* x,   // x (B, C): emb(tokens), fp32
+                           const float* att_in, const float* wkv_in, const float* ffn_in,
+                           float* att_out, float* wkv_out, float* ffn_out, float* logits)
+        // shifts (L, B, C) fp32, wkv (L, B, ...) fp32 in rwkvkit.state's layout, logits (B, V) fp32;
+        // ``*_out`` may equal ``*_in`` (in place); returns 0, or nonzero on a bad argument.
+
+    It runs every layer (ln0, ln1, time mix with the WKV update, ln2, channel mix), then ln_out and the
+    head. The subclass sets ``fn`` (the C function) and ``model_struct`` (a ctypes structure).
+    """
+
+    def __init__(self, lib: ctypes.CDLL, model, fn, model_struct: ctypes.Structure, keep: list):
         self.lib = lib
-        self.keep = keep  # the PackedMatrix / tensors / ctypes structs the C side points into
+        self.model = model
+        self.fn = fn
+        self.fn.restype = ctypes.c_int32
+        self.fn.argtypes = [ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * 8
+        self.model_struct = model_struct
+        self.keep = keep  # the PackedMatrix / tensors / ctypes arrays the C side points into
 
-    def step(self, tokens: torch.Tensor, state):  # -> (logits, RWKVState)
-        raise NotImplementedError
+    def step(self, tokens: torch.Tensor, state):
+        """tokens (B,) int64, state (RWKVState) -> (logits (B, V) fp32, new RWKVState)."""
+        from rwkvkit.state import RWKVState  # here: keeps this module free of the model-side imports
+
+        dtype = state.att_shift.dtype
+        x = self.model.emb(tokens).float().contiguous()  # (B, C)
+        att_in = state.att_shift.float().contiguous()  # (L, B, C)
+        ffn_in = state.ffn_shift.float().contiguous()
+        wkv_in = state.wkv.contiguous()  # fp32
+        att_out, ffn_out, wkv_out = (
+            torch.empty_like(att_in),
+            torch.empty_like(ffn_in),
+            torch.empty_like(wkv_in),
+        )
+        logits = torch.empty(x.shape[0], self.model.config.vocab_size)  # (B, V)
+        rc = self.fn(
+            ctypes.addressof(self.model_struct), x.shape[0],
+            *(t.data_ptr() for t in (x, att_in, wkv_in, ffn_in, att_out, wkv_out, ffn_out, logits)),
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"native step failed with code {rc}")
+        return logits, RWKVState(att_out.to(dtype), wkv_out, ffn_out.to(dtype))
 
 
 VERSION_MODULES = {"4": "v4", "5.2": "v5", "6": "v6", "7": "v7"}
