@@ -171,9 +171,9 @@ MEMORY_PROBE = textwrap.dedent(
     import sys, torch
     from rwkvkit import load_model
     from rwkvkit.models import build_model
-    from rwkvkit.models.rwkv7 import new_config
+    from rwkvkit.models import new_config
 
-    build_model(new_config(1, 64, 10, 32), device="meta")  # one-time torch set-up (~70 MB), not weights
+    build_model(new_config("7", 1, 64, 10, 32), device="meta")  # one-time torch set-up (~70 MB), not weights
 
     def rss_anon_mb():
         for line in open("/proc/self/status"):

@@ -14,8 +14,8 @@ from reference import reference_logits, reference_model
 from tiny_training import tiny_config
 
 from rwkvkit import RwkvkitError, load_model
-from rwkvkit.models import build_model, new_model
-from rwkvkit.models.rwkv7 import init_official_, new_config
+from rwkvkit.models import build_model, new_config, new_model
+from rwkvkit.models.rwkv7 import init_official_
 from rwkvkit.train.data import eval_windows, sample_batch
 from rwkvkit.train.metrics import MetricsLog
 from rwkvkit.train.optim import L2Wrap, lr_at, param_groups
@@ -23,16 +23,16 @@ from rwkvkit.train.trainer import TrainConfig, Trainer, evaluate, train
 
 
 def test_new_config_reproduces_released_lora_widths():
-    c768 = new_config(12, 768, 65536)
+    c768 = new_config("7", 12, 768, 65536)
     assert (c768.d_decay, c768.d_iclr, c768.d_value, c768.d_gate) == (64, 64, 32, 128)
-    c2048 = new_config(24, 2048, 65536)
+    c2048 = new_config("7", 24, 2048, 65536)
     assert (c2048.d_decay, c2048.d_iclr, c2048.d_value, c2048.d_gate) == (96, 96, 64, 256)
     assert c768.dim_ffn == 4 * 768 and c768.n_head == 12
 
 
 def test_official_init_values_by_hand():
     L, C, N = 4, 64, 16
-    model = init_official_(build_model(new_config(L, C, 300, N)))
+    model = init_official_(build_model(new_config("7", L, C, 300, N)))
     b1 = model.blocks[1].att
     r10, r01 = 1 - 1 / L, 1 / (L - 1)
     n = 5
@@ -95,7 +95,7 @@ def test_official_init_values_of_v4_v5_v6_by_hand():
 
 
 def test_param_groups_decay_only_2d_weights_and_double_lr_w0():
-    model = build_model(new_config(2, 64, 100, 16))
+    model = build_model(new_config("7", 2, 64, 100, 16))
     groups = {g["name"]: g for g in param_groups(model, weight_decay=0.1)}
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in groups["decay"]["params"]}

@@ -4,7 +4,7 @@
     layers.py   the building blocks the version files share (token shift, channel mixes, matrix-state
                 time mix, the mixes' WKV calls)
     init.py     the official init recipes' shared helpers
-    rwkv4.py .. rwkv7.py   one version each: time mix, channel mix, Model, new_config, init_official_
+    rwkv4.py .. rwkv7.py   one version each: time mix, channel mix, Model, new_shape, init_official_
     io.py       the registry of versions, building, loading and saving (the public functions below)
 
 This file only re-exports :mod:`rwkvkit.models.io`'s public functions, so ``rwkvkit.models.load_model``
@@ -22,6 +22,7 @@ from rwkvkit.models.io import (
     load_model,
     load_quantized,
     model_from_state_dict,
+    new_config,
     new_model,
     return_freed_memory,
     save_model,
@@ -37,6 +38,7 @@ __all__ = [
     "load_model",
     "load_quantized",
     "model_from_state_dict",
+    "new_config",
     "new_model",
     "return_freed_memory",
     "save_model",

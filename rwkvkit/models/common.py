@@ -134,10 +134,12 @@ class RWKVModel(nn.Module):
     """An RWKV language model. ``logits, state = model(tokens, state=None)``.
 
     tokens: LongTensor (B, T); logits: float32 (B, T, V); state: RWKVState continuing the sequences.
-    Subclasses set ``version`` and implement :meth:`make_block`.
+    Subclasses set ``version`` and the two mix classes every block is built from.
     """
 
     version: str = ""
+    time_mix: type[nn.Module]  # called as time_mix(config, layer_id)
+    channel_mix: type[nn.Module]  # called as channel_mix(config, layer_id)
     # Set by the loaders (rwkvkit.models.io, rwkvkit.quant) and read when saving:
     quantization: dict | None  # {"scheme", "group_size"} of a quantized model, else None
     source_dtypes: dict[str, torch.dtype]  # each key's dtype in the file the model was loaded from
@@ -151,7 +153,10 @@ class RWKVModel(nn.Module):
             )
         self.config = config
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(self.make_block(config, i) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(
+            Block(config, i, self.time_mix(config, i), self.channel_mix(config, i))
+            for i in range(config.n_layer)
+        )
         self.ln_out = nn.LayerNorm(config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Training option: recompute each block in the backward instead of keeping its activations.
@@ -159,9 +164,6 @@ class RWKVModel(nn.Module):
         self.quantization = None
         self.source_dtypes = {}
         self.source_key_order = []
-
-    def make_block(self, config: ModelConfig, layer_id: int) -> Block:
-        raise NotImplementedError
 
     def quantizable_layers(self) -> list[str]:
         """Names of the ``nn.Linear`` modules weight-only quantization may replace (what

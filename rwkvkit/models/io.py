@@ -1,8 +1,9 @@
 """Building, loading and saving models: the one registry of versions and the checkpoint <-> model plumbing.
 
 ``VERSIONS`` maps ``config.version`` to its module (``rwkv4.py``, ``rwkv5.py`` (5.2), ``rwkv6.py``,
-``rwkv7.py``), each exporting the same names: ``Model`` (the model class), ``new_config(n_layer, n_embd,
-vocab_size, head_size)`` for a model trained from scratch and ``init_official_(model)``.
+``rwkv7.py``), each exporting the same names: ``Model`` (the model class), ``new_shape(n_embd,
+head_size)`` (the heads and widths of a model trained from scratch, which :func:`new_config` completes)
+and ``init_official_(model)``.
 
 This module owns key and shape checks, dtype and device placement, and the loader that composes the model
 with :mod:`rwkvkit.quant` (as gpt-fast's loader applies its quantization handler): a quantized file is
@@ -31,11 +32,18 @@ VERSIONS: dict[str, ModuleType] = {"4": rwkv4, "5.2": rwkv5, "6": rwkv6, "7": rw
 
 
 def version_module(version: str) -> ModuleType:
-    """The module of one RWKV version (``Model``, ``new_config``, ``init_official_``)."""
+    """The module of one RWKV version (``Model``, ``new_shape``, ``init_official_``)."""
     if version not in VERSIONS:
         supported = ", ".join("RWKV-" + v for v in VERSIONS)
         raise RwkvkitError(f"RWKV-{version} is not supported (supported: {supported})")
     return VERSIONS[version]
+
+
+def new_config(version: str, n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:
+    """The config of a new ``version`` model trained from scratch, with the official trainer's widths
+    (``head_size`` is ignored for RWKV-4, which has no heads)."""
+    shape = version_module(version).new_shape(n_embd, head_size)
+    return ModelConfig(version=version, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, **shape)
 
 
 def build_model(
@@ -59,7 +67,7 @@ def new_model(
 ) -> RWKVModel:
     """A new model of ``version`` initialised with the official from-scratch recipe (fp32)."""
     module = version_module(version)
-    config = module.new_config(n_layer, n_embd, vocab_size, head_size)
+    config = new_config(version, n_layer, n_embd, vocab_size, head_size)
     return module.init_official_(build_model(config, device=device))
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from rwkvkit.blas import linear
 from rwkvkit.config import ModelConfig
-from rwkvkit.models.common import Block, RWKVModel
+from rwkvkit.models.common import RWKVModel
 from rwkvkit.models.init import init_shared_, ramps
 from rwkvkit.models.layers import (
     LerpChannelMix,
@@ -77,20 +77,16 @@ class RWKV4(RWKVModel):
 
     version = "4"
 
-    def make_block(self, config: ModelConfig, layer_id: int) -> Block:
-        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config, layer_id))
+    time_mix = TimeMix
+    channel_mix = ChannelMix
 
 
 Model = RWKV4  # the name every version module exports (rwkvkit.models.io.VERSIONS)
 
 
-def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 0) -> ModelConfig:
-    """Config for a new RWKV-4 trained from scratch (``head_size`` is ignored: RWKV-4 has no heads)."""
-    return ModelConfig(
-        version="4",
-        n_layer=n_layer,
-        n_embd=n_embd,
-        vocab_size=vocab_size,
+def new_shape(n_embd: int, head_size: int) -> dict[str, int | bool]:
+    """Heads and widths of a new RWKV-4 (``head_size`` ignored: no heads); ``io.new_config`` adds the rest."""
+    return dict(
         n_head=0,
         head_size=0,
         dim_ffn=4 * n_embd,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from rwkvkit.config import ModelConfig
-from rwkvkit.models.common import Block, RWKVModel
+from rwkvkit.models.common import RWKVModel
 from rwkvkit.models.init import heads_of, init_shared_, ramps, time_decay_init, time_faaaa_init
 from rwkvkit.models.layers import (
     LerpChannelMix,
@@ -77,20 +77,16 @@ class RWKV5(RWKVModel):
 
     version = "5.2"
 
-    def make_block(self, config: ModelConfig, layer_id: int) -> Block:
-        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config, layer_id))
+    time_mix = TimeMix
+    channel_mix = ChannelMix
 
 
 Model = RWKV5  # the name every version module exports (rwkvkit.models.io.VERSIONS)
 
 
-def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:
-    """Config for a new RWKV-5.2 trained from scratch (F = int(3.5 C) // 32 * 32, as the trainer picks)."""
-    return ModelConfig(
-        version="5.2",
-        n_layer=n_layer,
-        n_embd=n_embd,
-        vocab_size=vocab_size,
+def new_shape(n_embd: int, head_size: int) -> dict[str, int | bool]:
+    """Heads and widths of a new RWKV-5.2 (F = int(3.5 C) // 32 * 32); ``io.new_config`` adds the rest."""
+    return dict(
         n_head=heads_of(n_embd, head_size),
         head_size=head_size,
         dim_ffn=int(n_embd * 3.5) // 32 * 32,

@@ -28,7 +28,7 @@ from torch import nn
 
 from rwkvkit.blas import matmul
 from rwkvkit.config import ModelConfig
-from rwkvkit.models.common import Block, RWKVModel
+from rwkvkit.models.common import RWKVModel
 from rwkvkit.models.init import heads_of, init_shared_, ramps, time_decay_init, time_faaaa_init
 from rwkvkit.models.layers import MatrixStateTimeMix, SquaredReluChannelMix, channel_param, token_shift
 
@@ -93,24 +93,20 @@ class RWKV6(RWKVModel):
 
     version = "6"
 
-    def make_block(self, config: ModelConfig, layer_id: int) -> Block:
-        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config, layer_id))
+    time_mix = TimeMix
+    channel_mix = ChannelMix
 
 
 Model = RWKV6  # the name every version module exports (rwkvkit.models.io.VERSIONS)
 
 
-def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:
-    """Config for a new RWKV-6 trained from scratch, with the official trainer's widths.
+def new_shape(n_embd: int, head_size: int) -> dict[str, int | bool]:
+    """Heads and widths of a new RWKV-6, the official trainer's (``io.new_config`` adds the rest).
 
     F = int(3.5 C) // 32 * 32; D_MIX = 32 and D_DECAY = 64 (both doubled at C = 4096).
     """
     wide = 2 if n_embd == 4096 else 1
-    return ModelConfig(
-        version="6",
-        n_layer=n_layer,
-        n_embd=n_embd,
-        vocab_size=vocab_size,
+    return dict(
         n_head=heads_of(n_embd, head_size),
         head_size=head_size,
         dim_ffn=int(n_embd * 3.5) // 32 * 32,

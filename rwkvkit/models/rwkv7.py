@@ -27,7 +27,7 @@ from torch import nn
 
 from rwkvkit.blas import linear, matmul
 from rwkvkit.config import ModelConfig
-from rwkvkit.models.common import Block, RWKVModel
+from rwkvkit.models.common import RWKVModel
 from rwkvkit.models.init import heads_of, init_shared_, lora_width, orthogonal_, ramps
 from rwkvkit.models.layers import (
     SquaredReluChannelMix,
@@ -126,23 +126,19 @@ class RWKV7(RWKVModel):
 
     version = "7"
 
-    def make_block(self, config: ModelConfig, layer_id: int) -> Block:
-        return Block(config, layer_id, TimeMix(config, layer_id), ChannelMix(config, layer_id))
+    time_mix = TimeMix
+    channel_mix = ChannelMix
 
 
 Model = RWKV7  # the name every version module exports (rwkvkit.models.io.VERSIONS)
 
 
-def new_config(n_layer: int, n_embd: int, vocab_size: int, head_size: int = 64) -> ModelConfig:
-    """Config for a new RWKV-7 trained from scratch, with the official trainer's low-rank widths.
+def new_shape(n_embd: int, head_size: int) -> dict[str, int | bool]:
+    """Heads and widths of a new RWKV-7, the official trainer's (``io.new_config`` adds the rest).
 
     The formulas reproduce the released models (C=768: 64/64/32/128; C=2048: 96/96/64/256).
     """
-    return ModelConfig(
-        version="7",
-        n_layer=n_layer,
-        n_embd=n_embd,
-        vocab_size=vocab_size,
+    return dict(
         n_head=heads_of(n_embd, head_size),
         head_size=head_size,
         dim_ffn=4 * n_embd,

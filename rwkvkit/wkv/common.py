@@ -7,6 +7,7 @@ Used by the implementations (reference, chunked, step forms of every op) and by 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -16,12 +17,48 @@ __all__ = [
     "check_tensors",
     "compute_dtype",
     "full_precision",
+    "run_steps",
+    "start_state",
 ]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the state is computed in: float64 for float64 inputs (to verify), otherwise float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def start_state(state: torch.Tensor | None, r: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """The matrix state a recurrence starts from, in the compute dtype ``dt``: ``state`` (B, H, N, N) as
+    [value, key], or zeros of that shape for None (B, H, N read off r (B, T, H, N))."""
+    if state is not None:
+        return state.to(dt)
+    B, _, H, N = r.shape
+    return torch.zeros(B, H, N, N, dtype=dt, device=r.device)  # (B, H, V, K)
+
+
+def run_steps(
+    step: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    per_token: tuple[torch.Tensor, ...],
+    constants: tuple[torch.Tensor, ...],
+    state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-token ``step(*x_t, *constants, S) -> (y_t, S)`` run over T tokens (the recurrent form).
+
+    per_token: tensors (B, T, H, N), the first one r; constants: per-head tensors such as u (H, N);
+    state: (B, H, N, N) or None. Returns y (B, T, H, N) in r's dtype and the final state in the compute
+    dtype.
+    """
+    r = per_token[0]
+    B, T, H, N = r.shape
+    dt = compute_dtype(r.dtype)
+    S = start_state(state, r, dt)  # (B, H, V, K)
+    constants = tuple(c.to(dt) for c in constants)
+    ys = []
+    for x_t in zip(*(x.to(dt).unbind(1) for x in per_token), strict=True):  # each (B, H, N)
+        y_t, S = step(*x_t, *constants, S)
+        ys.append(y_t)
+    y = torch.stack(ys, dim=1) if T > 0 else r.new_zeros(B, 0, H, N)  # (B, T, H, V)
+    return y.to(r.dtype), S
 
 
 def full_precision(device: torch.device) -> contextlib.AbstractContextManager:

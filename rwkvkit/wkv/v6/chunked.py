@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.wkv.common import compute_dtype
+from rwkvkit.wkv.common import compute_dtype, start_state
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "FAST_LIMIT", "SUB_CHUNK", "wkv6_chunked"]
 
@@ -128,8 +128,7 @@ def wkv6_chunked(
     B, T, H, N = r.shape
     out_dtype = r.dtype
     dt = compute_dtype(r.dtype)
-    dev = r.device
-    S = torch.zeros(B, H, N, N, dtype=dt, device=dev) if state is None else state.to(dt)  # (B, H, V, K)
+    S = start_state(state, r, dt)  # (B, H, V, K)
     if T == 0:
         return r.new_zeros(B, 0, H, N), S
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rwkvkit.wkv.common import compute_dtype
+from rwkvkit.wkv.common import compute_dtype, start_state
 
 __all__ = ["wkv6_reference"]
 
@@ -32,10 +32,7 @@ def wkv6_reference(
     r, w, k, v = (x.to(dt) for x in (r, w, k, v))  # (B, T, H, N)
     u = u.to(dt)  # (H, N)
     decay = torch.exp(w)  # (B, T, H, N)
-    if state is None:
-        S = torch.zeros(B, H, N, N, dtype=dt, device=r.device)  # (B, H, V, K)
-    else:
-        S = state.to(dt)  # (B, H, V, K)
+    S = start_state(state, r, dt)  # (B, H, V, K)
 
     ys = []
     for r_t, d_t, k_t, v_t in zip(*(x.unbind(dim=1) for x in (r, decay, k, v)), strict=True):  # (B, H, N)

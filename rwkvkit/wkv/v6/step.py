@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from rwkvkit.blas import state_matvec
-from rwkvkit.wkv.common import compute_dtype
+from rwkvkit.wkv.common import run_steps
 
 __all__ = ["wkv6_recurrent", "wkv6_step"]
 
@@ -49,13 +49,4 @@ def wkv6_recurrent(
     Args: r, w, k, v of shape (B, T, H, N); u (H, N); state (B, H, N, N) as [value, key] or None.
     Returns: y (B, T, H, N) in r's dtype and the final state (B, H, N, N) in the compute dtype.
     """
-    B, T, H, N = r.shape
-    dt = compute_dtype(r.dtype)
-    S = torch.zeros(B, H, N, N, dtype=dt, device=r.device) if state is None else state.to(dt)  # (B, H, V, K)
-    u = u.to(dt)  # (H, N)
-    ys = []
-    for r_t, w_t, k_t, v_t in zip(*(x.to(dt).unbind(1) for x in (r, w, k, v)), strict=True):  # (B, H, N)
-        y_t, S = wkv6_step(r_t, w_t, k_t, v_t, u, S)
-        ys.append(y_t)
-    y = torch.stack(ys, dim=1) if T > 0 else r.new_zeros(B, 0, H, N)  # (B, T, H, V)
-    return y.to(r.dtype), S
+    return run_steps(wkv6_step, (r, w, k, v), (u,), state)

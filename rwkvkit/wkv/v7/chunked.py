@@ -57,7 +57,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.wkv.common import compute_dtype, full_precision
+from rwkvkit.wkv.common import compute_dtype, full_precision, start_state
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "W_CHUNK_LIMIT", "check_w_range", "wkv7_chunked"]
 
@@ -292,10 +292,7 @@ def wkv7_chunked(
     B, T, H, N = r.shape
     out_dtype = r.dtype
     dt = compute_dtype(r.dtype)
-    if state is None:
-        S = torch.zeros(B * H, N, N, dtype=dt, device=r.device)  # (BH, V, K)
-    else:
-        S = state.to(dt).reshape(B * H, N, N)  # (BH, V, K)
+    S = start_state(state, r, dt).reshape(B * H, N, N)  # (BH, V, K)
     if T == 0:
         return r.new_zeros(B, 0, H, N), S.view(B, H, N, N)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from rwkvkit.wkv.common import compute_dtype
+from rwkvkit.wkv.common import compute_dtype, start_state
 
 __all__ = ["wkv7_reference"]
 
@@ -42,10 +42,7 @@ def wkv7_reference(
     dt = compute_dtype(r.dtype)
     r, w, k, v, a, b = (x.to(dt) for x in (r, w, k, v, a, b))  # (B, T, H, N)
     decay = torch.exp(w)  # (B, T, H, N)
-    if state is None:
-        S = torch.zeros(B, H, N, N, dtype=dt, device=r.device)  # (B, H, V, K)
-    else:
-        S = state.to(dt)  # (B, H, V, K)
+    S = start_state(state, r, dt)  # (B, H, V, K)
 
     # unbind (not x[:, t]) so that the backward gathers the per-step gradients once, in O(T).
     ys = []

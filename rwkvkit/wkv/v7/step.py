@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from rwkvkit.blas import state_matvec
-from rwkvkit.wkv.common import compute_dtype
+from rwkvkit.wkv.common import run_steps
 
 __all__ = ["wkv7_recurrent", "wkv7_step"]
 
@@ -51,12 +51,4 @@ def wkv7_recurrent(
     Args: r, w, k, v, a, b of shape (B, T, H, N); state (B, H, N, N) as [value, key] or None (zeros).
     Returns: y (B, T, H, N) in r's dtype and the final state (B, H, N, N) in the compute dtype.
     """
-    B, T, H, N = r.shape
-    dt = compute_dtype(r.dtype)
-    S = torch.zeros(B, H, N, N, dtype=dt, device=r.device) if state is None else state.to(dt)  # (B, H, V, K)
-    ys = []
-    for xs in zip(*(x.to(dt).unbind(1) for x in (r, w, k, v, a, b)), strict=True):  # each (B, H, N)
-        y_t, S = wkv7_step(*xs, S)
-        ys.append(y_t)
-    y = torch.stack(ys, dim=1) if T > 0 else r.new_zeros(B, 0, H, N)  # (B, T, H, V)
-    return y.to(r.dtype), S
+    return run_steps(wkv7_step, (r, w, k, v, a, b), (), state)
