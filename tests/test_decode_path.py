@@ -14,10 +14,18 @@ import pytest
 import torch
 from checkpoints import random_state_dict
 
-from rwkvkit import blas
+from rwkvkit import blas, native
 from rwkvkit.blas import fast_decode
 from rwkvkit.models import layers, model_from_state_dict
 from rwkvkit.wkv import wkv4, wkv4_step, wkv6, wkv6_step, wkv7, wkv7_step
+
+
+@pytest.fixture(autouse=True)
+def torch_decode_path():
+    """These tests are about the pure-torch decode path (the native step: tests/test_native.py)."""
+    with native.enabled(False):
+        yield
+
 
 CASES = {
     "4": dict(n_layer=3, n_embd=64, vocab_size=97),

@@ -39,6 +39,7 @@ from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.models.init import PROJECTION_SUFFIXES
 from rwkvkit.models.layers import layer_norm
+from rwkvkit.native import step as native
 from rwkvkit.state import RWKVState, layer_zero_wkv, wkv_shape
 
 __all__ = ["PROJECTION_SUFFIXES", "Block", "BlockOutput", "RWKVModel"]
@@ -164,6 +165,12 @@ class RWKVModel(nn.Module):
         self.quantization = None
         self.source_dtypes = {}
         self.source_key_order = []
+        # a loaded state dict may replace weights the native decode step points into: build it again
+        self.register_load_state_dict_post_hook(lambda module, _keys: native.forget(module))
+
+    def _apply(self, fn, recurse=True):
+        native.forget(self)  # weights moved or converted (``.to``, ``.float()``, ...): build the step again
+        return super()._apply(fn, recurse)
 
     def quantizable_layers(self) -> list[str]:
         """Names of the ``nn.Linear`` modules weight-only quantization may replace (what
@@ -223,10 +230,17 @@ class RWKVModel(nn.Module):
         else:
             state.check_compatible(self.config, B)
             layer_states = zip(state.att_shift, state.wkv, state.ffn_shift, strict=True)
-        x = self.emb(tokens.to(self.device, torch.long))  # (B, T, C)
-        # one token per sequence without gradients (decoding): each layer writes its new wkv state
-        # straight into the next state, and one sequence's products run in numpy (rwkvkit.blas)
+        # one token per sequence without gradients (decoding): the native step where there is one (all
+        # layers in one C call, rwkvkit.native); else each layer writes its new wkv state straight into
+        # the next state, and one sequence's products run in numpy (rwkvkit.blas)
         decoding = T == 1 and not torch.is_grad_enabled() and blas.fast_decode_on()
+        step = native.step_for(self) if decoding and B <= native.MAX_ROWS else None
+        if step is not None:
+            if state is None:
+                state = self.initial_state(B)
+            logits, new_state = step.step(tokens[:, 0].to(self.device, torch.long), state)
+            return logits.unsqueeze(1), new_state
+        x = self.emb(tokens.to(self.device, torch.long))  # (B, T, C)
         threads = _one_torch_thread() if decoding and B == 1 and _blas_matvecs(self) else nullcontext()
         with threads:
             x, new_state = self._run_blocks(x, layer_states, dtype, write_in_place=decoding)

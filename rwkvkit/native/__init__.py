@@ -9,18 +9,38 @@ one-token step through it. Everything works without it, on the pure-torch path i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import os
 import sys
 import threading
+from collections.abc import Iterator
 
 _LOCK = threading.Lock()
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("rwkvkit_native", default=True)
 _STATE: dict[str, object] = {}  # "lib": the loaded CDLL or None, "reason": why it is off
 
 
 def disabled_by_env() -> bool:
     """Whether ``RWKVKIT_NATIVE=0`` (or ``off`` / ``false`` / ``no``) turns the native path off."""
     return os.environ.get("RWKVKIT_NATIVE", "1").strip().lower() in ("0", "off", "false", "no")
+
+
+@contextlib.contextmanager
+def enabled(on: bool) -> Iterator[None]:
+    """Inside ``with enabled(False)``, models in this thread (context) decode on the pure-torch path
+    (to test or measure that path; ``RWKVKIT_NATIVE=0`` turns the library off for the whole process)."""
+    token = _ENABLED.set(on)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def is_enabled() -> bool:
+    """Whether this context lets models use the native step (see :func:`enabled`)."""
+    return _ENABLED.get()
 
 
 def load() -> ctypes.CDLL | None:
@@ -58,6 +78,21 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, str(exc)
     lib.rk_build_info.restype = ctypes.c_char_p
     return lib, None
+
+
+@contextlib.contextmanager
+def exact_activations() -> Iterator[None]:
+    """Inside, int8 / int4 products take fp32 activations (no int8 quantization of x): a quantized
+    model's native step is then exactly the torch model on the dequantized weights (what tests check)."""
+    lib = load()
+    if lib is None:
+        yield
+        return
+    lib.rk_set_exact_activations(1)
+    try:
+        yield
+    finally:
+        lib.rk_set_exact_activations(0)
 
 
 def _reset_for_tests() -> None:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 SRC = Path(__file__).parent / "src"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-fno-math-errno"]
 LIB_NAME = "librwkvkit_native.so"
 
 

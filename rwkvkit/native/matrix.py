@@ -1,7 +1,7 @@
 """Weights described to the native library: the ctypes mirror of ``RkMatrix`` (src/native.h) and the
-descriptor of each projection a one-token step multiplies (fp32 / bf16 ``nn.Linear``, Int8Linear,
-Int4Linear). A descriptor points into tensors it keeps alive; no weight is copied where the layer's own
-storage already has the kernel's layout.
+descriptor of each matrix a one-token step multiplies (fp32 / bf16 ``nn.Linear``, the quantized layers,
+the low-rank factors) and of per-channel vectors. A descriptor points into tensors it keeps alive; no
+weight is copied where the layer's own storage already has the kernel's layout.
 """
 
 from __future__ import annotations
@@ -48,21 +48,43 @@ class PackedMatrix:
 
 def matrix_for(layer: nn.Module) -> PackedMatrix | None:
     """The descriptor of ``layer``'s weight, or None where the library has no kernel for it (a layer with
-    a bias, an adapter, another device or dtype): the model then stays on the torch path."""
-    # imported here: quant's layers are only needed for quantized models (and keep this module light)
-    from rwkvkit.quant.layers import Int4Linear, Int8Linear
+    a bias, an adapter, another device or dtype): the model then stays on the torch path.
 
-    if type(layer) is nn.Linear and layer.bias is None and layer.weight.device.type == "cpu":
+    A plain ``nn.Linear`` (fp32 / bf16, no bias) is described here; other layers describe themselves
+    through a ``native_matrix()`` method (the quantized layers of :mod:`rwkvkit.quant.layers`).
+    """
+    if type(layer) is nn.Linear:
         w = layer.weight.detach()
         kinds = {torch.float32: RK_F32, torch.bfloat16: RK_BF16}
-        if w.dtype in kinds and w.is_contiguous():
+        if layer.bias is None and w.device.type == "cpu" and w.dtype in kinds and w.is_contiguous():
             return PackedMatrix(kinds[w.dtype], w.shape[0], w.shape[1], w)
         return None
-    if type(layer) is Int8Linear and layer.qweight.device.type == "cpu":
-        return PackedMatrix(RK_I8, layer.out_features, layer.in_features, layer.qweight, layer.scales)
-    if type(layer) is Int4Linear and layer.scales.device.type == "cpu":
-        q = layer.portable_qweight()
-        return PackedMatrix(
-            RK_I4, layer.out_features, layer.in_features, q, layer.scales, layer.zeros, layer.group_size
-        )
-    return None
+    describe = getattr(layer, "native_matrix", None)
+    return describe() if describe is not None else None
+
+
+def low_rank_matrix(weight: torch.Tensor) -> PackedMatrix | None:
+    """A low-rank factor (in, out) as the checkpoints hold it (``x @ W``: w1, a1, ...), fp32 or bf16."""
+    w = weight.detach()
+    kinds = {torch.float32: RK_F32, torch.bfloat16: RK_BF16}
+    if w.device.type != "cpu" or w.dtype not in kinds or w.dim() != 2 or not w.is_contiguous():
+        return None
+    return PackedMatrix(kinds[w.dtype], w.shape[0], w.shape[1], w)
+
+
+def vector(t: torch.Tensor) -> torch.Tensor:
+    """A per-channel parameter as the flat contiguous fp32 tensor the library reads (no copy if it is)."""
+    return t.detach().float().contiguous().reshape(-1)
+
+
+def matmul(lib, packed: PackedMatrix, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+    """y (B, rows) = x (B, cols) W^T through the library's kernel (or its plain-loop reference)."""
+    x = x.detach().float().contiguous()
+    y = torch.empty(x.shape[0], packed.struct.rows)
+    fn = lib.rk_matmul_reference if reference else lib.rk_matmul
+    fn.restype = ctypes.c_int32
+    rc = fn(ctypes.byref(packed.struct), ctypes.c_int32(x.shape[0]), ctypes.c_void_p(x.data_ptr()),
+            ctypes.c_void_p(y.data_ptr()))  # fmt: skip
+    if rc != 0:
+        raise ValueError(f"rk_matmul refused the matrix (code {rc})")
+    return y

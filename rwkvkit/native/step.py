@@ -13,10 +13,53 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import weakref
 
 import torch
 
+from rwkvkit.native import is_enabled, load
+from rwkvkit.native.matrix import PackedMatrix, RkMatrix, low_rank_matrix, matrix_for, vector
+from rwkvkit.state import RWKVState
+
 MAX_ROWS = 64  # batches up to this many rows decode natively; larger ones stay on torch
+
+
+class Unsupported(Exception):
+    """Some weight of the model has no native kernel (another dtype, a bias, an adapter, a GPU)."""
+
+
+class ModelDescription:
+    """Collects what a version's C structures point into, keeping every tensor alive (``keep``)."""
+
+    def __init__(self, model):
+        if model.dtype not in (torch.float32, torch.bfloat16):
+            raise Unsupported(f"weights in {model.dtype}")
+        self.keep: list = []
+        self.copied: list[tuple[torch.Tensor, int]] = []  # (source, its version) of each copied vector
+        self.modules: list[tuple] = []  # (owner, name, layer, its weight) of each matrix
+
+    def vector(self, t: torch.Tensor) -> int:
+        """The address of ``t`` as a flat fp32 vector (a copy only if it is not one already)."""
+        v = vector(t)
+        if v.data_ptr() != t.data_ptr():
+            self.copied.append((t, t._version))
+        self.keep.append(v)
+        return v.data_ptr()
+
+    def low_rank(self, t: torch.Tensor) -> RkMatrix:
+        return self._struct(low_rank_matrix(t), "low-rank factor")
+
+    def matrix(self, owner, name: str) -> RkMatrix:
+        """The descriptor of the layer ``owner.name`` (an ``nn.Linear`` or a quantized layer)."""
+        layer = getattr(owner, name)
+        self.modules.append((owner, name, layer, getattr(layer, "weight", None)))
+        return self._struct(matrix_for(layer), type(layer).__name__)
+
+    def _struct(self, packed: PackedMatrix | None, what: str) -> RkMatrix:
+        if packed is None:
+            raise Unsupported(f"no native kernel for a {what}")
+        self.keep.append(packed)
+        return packed.struct
 
 
 class NativeStep:
@@ -34,21 +77,32 @@ class NativeStep:
     head. The subclass sets ``fn`` (the C function) and ``model_struct`` (a ctypes structure).
     """
 
-    def __init__(self, lib: ctypes.CDLL, model, fn, model_struct: ctypes.Structure, keep: list):
+    def __init__(self, lib: ctypes.CDLL, model, fn, model_struct: ctypes.Structure, d: ModelDescription):
         self.lib = lib
-        self.model = model
+        self.emb = model.emb  # not the model: the cache below is keyed by it, weakly
+        self.vocab_size = model.config.vocab_size
         self.fn = fn
         self.fn.restype = ctypes.c_int32
         self.fn.argtypes = [ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * 8
         self.model_struct = model_struct
-        self.keep = keep  # the PackedMatrix / tensors / ctypes arrays the C side points into
+        self.description = d  # what the C side points into, kept alive; and what to check is current
+
+    def is_current(self) -> bool:
+        """Whether the model still holds the layers and weights this step was built from (a layer
+        replaced by quantization or an adapter, a weight reassigned or a copied vector edited in place
+        means it must be built again). Moves, conversions and ``load_state_dict`` are caught by the
+        model itself (it drops its step)."""
+        d = self.description
+        layers_in_place = all(
+            getattr(owner, name) is layer and getattr(layer, "weight", None) is weight
+            for owner, name, layer, weight in d.modules
+        )
+        return layers_in_place and all(t._version == v for t, v in d.copied)
 
     def step(self, tokens: torch.Tensor, state):
         """tokens (B,) int64, state (RWKVState) -> (logits (B, V) fp32, new RWKVState)."""
-        from rwkvkit.state import RWKVState  # here: keeps this module free of the model-side imports
-
         dtype = state.att_shift.dtype
-        x = self.model.emb(tokens).float().contiguous()  # (B, C)
+        x = self.emb(tokens).float().contiguous()  # (B, C)
         att_in = state.att_shift.float().contiguous()  # (L, B, C)
         ffn_in = state.ffn_shift.float().contiguous()
         wkv_in = state.wkv.contiguous()  # fp32
@@ -57,7 +111,7 @@ class NativeStep:
             torch.empty_like(ffn_in),
             torch.empty_like(wkv_in),
         )
-        logits = torch.empty(x.shape[0], self.model.config.vocab_size)  # (B, V)
+        logits = torch.empty(x.shape[0], self.vocab_size)  # (B, V)
         rc = self.fn(
             ctypes.addressof(self.model_struct), x.shape[0],
             *(t.data_ptr() for t in (x, att_in, wkv_in, ffn_in, att_out, wkv_out, ffn_out, logits)),
@@ -70,11 +124,28 @@ class NativeStep:
 VERSION_MODULES = {"4": "v4", "5.2": "v5", "6": "v6", "7": "v7"}
 
 
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> NativeStep, or None: has none
+
+
+def step_for(model) -> NativeStep | None:
+    """The native step ``model`` decodes one token with (built on first use and kept while current), or
+    None: the model then decodes on the torch path."""
+    if not is_enabled():
+        return None
+    step = _STEPS.get(model, False)
+    if step is False or (step is not None and not step.is_current()):
+        step = _STEPS[model] = native_step_for(model)
+    return step
+
+
+def forget(model) -> None:
+    """Drop ``model``'s step (its weights moved, converted or were loaded): the next call builds again."""
+    _STEPS.pop(model, None)
+
+
 def native_step_for(model) -> NativeStep | None:
     """The native step of ``model`` (fp32 / bf16 / int8 / int4 on the CPU), or None where there is none:
     the library is off, the version has no native step yet, or a layer has no native kernel."""
-    from rwkvkit.native import load  # the package's loader (this module is imported by it lazily)
-
     lib = load()
     name = VERSION_MODULES.get(model.config.version)
     if lib is None or name is None or model.device.type != "cpu":
@@ -83,4 +154,7 @@ def native_step_for(model) -> NativeStep | None:
         module = importlib.import_module(f"rwkvkit.native.{name}")
     except ModuleNotFoundError:
         return None
-    return module.build(model, lib)
+    try:
+        return module.build(model, lib)
+    except Unsupported:
+        return None

@@ -69,6 +69,14 @@ class Int8Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).to(dtype)  # (N, K)
 
+    def native_matrix(self):
+        """This layer as the native CPU kernels read it (None off the CPU or for widths they lack)."""
+        from rwkvkit.native.matrix import RK_I8, PackedMatrix  # lazy: only the native path needs it
+
+        if self.qweight.device.type != "cpu" or self.in_features % 32:
+            return None
+        return PackedMatrix(RK_I8, self.out_features, self.in_features, self.qweight, self.scales)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
@@ -192,6 +200,16 @@ class Int4Linear(nn.Module):
         out = super()._apply(fn, recurse)
         self._pack()
         return out
+
+    def native_matrix(self):
+        """This layer as the native CPU kernels read it (None off the CPU or for widths they lack)."""
+        from rwkvkit.native.matrix import RK_I4, PackedMatrix  # lazy: only the native path needs it
+
+        if self.scales.device.type != "cpu" or self.in_features % 32 or self.group_size % 32:
+            return None
+        q = self.portable_qweight()
+        N, K = self.out_features, self.in_features
+        return PackedMatrix(RK_I4, N, K, q, self.scales, self.zeros, self.group_size)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = self._values().to(dtype)  # (N, K)

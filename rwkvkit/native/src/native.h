@@ -29,7 +29,16 @@ struct RkMatrix {
 };
 
 // x and y fp32, contiguous, B rows each; y is overwritten. Threads: OpenMP (torch's libgomp pool).
-void rk_matmul(const RkMatrix* w, int32_t B, const float* x, float* y);
+// int8 / int4 quantize x to int8 in blocks of 32 first (cols must be a multiple of 32). Returns 0, or
+// nonzero for an unknown kind or unsupported shape.
+int32_t rk_matmul(const RkMatrix* w, int32_t B, const float* x, float* y);
+
+// The same product as plain loops with fp32 activations (no quantization), accumulated in double.
+int32_t rk_matmul_reference(const RkMatrix* w, int32_t B, const float* x, float* y);
+
+// Tests: nonzero makes rk_matmul take int8 / int4 products with fp32 activations (rk_matmul_reference),
+// so that a whole quantized step can be compared exactly with the torch model on dequantized weights.
+void rk_set_exact_activations(int32_t on);
 
 // Library version and the features it was compiled for (for `rwkvkit info`).
 const char* rk_build_info(void);

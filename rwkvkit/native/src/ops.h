@@ -3,24 +3,34 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#include "native.h"
 
 namespace rk {
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
-// out = LayerNorm(x) * w + b over C values (fp32), eps as torch's.
+// bf16 bits -> fp32.
+inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// out = LayerNorm(x) * w + b over C values (fp32, biased variance, as torch).
 inline void layer_norm(const float* x, const float* w, const float* b, int C, float eps, float* out) {
-    double mean = 0.0, var = 0.0;
+    float mean = 0.0f;
+#pragma omp simd reduction(+ : mean)
     for (int i = 0; i < C; ++i) mean += x[i];
     mean /= C;
-    for (int i = 0; i < C; ++i) {
-        double d = x[i] - mean;
-        var += d * d;
-    }
+    float var = 0.0f;
+#pragma omp simd reduction(+ : var)
+    for (int i = 0; i < C; ++i) var += (x[i] - mean) * (x[i] - mean);
     var /= C;
-    const float inv = 1.0f / std::sqrt(static_cast<float>(var) + eps);
-    const float m = static_cast<float>(mean);
-    for (int i = 0; i < C; ++i) out[i] = (x[i] - m) * inv * w[i] + b[i];
+    const float inv = 1.0f / std::sqrt(var + eps);
+    for (int i = 0; i < C; ++i) out[i] = (x[i] - mean) * inv * w[i] + b[i];
 }
 
 // In place per-head GroupNorm of y (H groups of N values), then * w + b (C = H * N).
@@ -28,12 +38,45 @@ inline void group_norm(float* y, const float* w, const float* b, int H, int N, f
     for (int h = 0; h < H; ++h) layer_norm(y + h * N, w + h * N, b + h * N, N, eps, y + h * N);
 }
 
-// bf16 bits <-> fp32 (round to nearest even, as torch).
-inline float bf16_to_f32(uint16_t v) {
-    uint32_t bits = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
+// out = x + (prev - x) * mix, the v6 / v7 token shift, over C values.
+inline void shift_mix(const float* x, const float* prev, const float* mix, int C, float* out) {
+#pragma omp simd
+    for (int i = 0; i < C; ++i) out[i] = x[i] + (prev[i] - x[i]) * mix[i];
+}
+
+// y (cols) = x (rows) W for a low-rank matrix W stored (rows = in, cols = out) row-major, fp32 or bf16
+// (how the checkpoints hold w1, a1, ...: x @ W, not x W^T).
+inline void matvec_kn(const RkMatrix& w, const float* x, float* y) {
+    const int K = w.rows, N = w.cols;
+    for (int n = 0; n < N; ++n) y[n] = 0.0f;
+    if (w.kind == RK_F32) {
+        const float* W = static_cast<const float*>(w.data);
+        for (int k = 0; k < K; ++k) {
+            const float xk = x[k];
+            const float* row = W + static_cast<int64_t>(k) * N;
+#pragma omp simd
+            for (int n = 0; n < N; ++n) y[n] += xk * row[n];
+        }
+    } else {
+        const uint16_t* W = static_cast<const uint16_t*>(w.data);
+        for (int k = 0; k < K; ++k) {
+            const float xk = x[k];
+            const uint16_t* row = W + static_cast<int64_t>(k) * N;
+#pragma omp simd
+            for (int n = 0; n < N; ++n) {
+                const uint32_t bits = static_cast<uint32_t>(row[n]) << 16;
+                float f;
+                __builtin_memcpy(&f, &bits, 4);
+                y[n] += xk * f;
+            }
+        }
+    }
+}
+
+// A scratch buffer of n floats that lives for the thread (steps reuse it from token to token).
+inline float* scratch(std::vector<float>& buf, size_t n) {
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
 }
 
 }  // namespace rk

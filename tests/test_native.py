@@ -1,0 +1,260 @@
+"""The native CPU decode path (rwkvkit.native) against the pure-torch model it must reproduce.
+
+Kernels: every weight format against a plain torch product on the dequantized weights (fp32 / bf16 to
+rounding; int8 / int4, which quantize activations in blocks of 32, within the bound that quantization
+allows, and exactly with fp32 activations). Steps: each version's one-token step against the torch
+model's one-token forward from the same state, along a trajectory, for fp32 / bf16 / int8 / int4, one row
+and several, odd widths, a 65536 vocab, tuned initial states and RWKV-7's layer-0 values. Fallback: with
+``RWKVKIT_NATIVE=0`` or no compiler, everything decodes on the torch path and says why once.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from checkpoints import random_state_dict
+from torch import nn
+
+from rwkvkit import blas, native
+from rwkvkit.models import model_from_state_dict
+from rwkvkit.native import matrix as nm
+from rwkvkit.native import step as native_step
+from rwkvkit.quant import quantize_model
+from rwkvkit.quant.layers import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+
+NATIVE_VERSIONS = ["7"]  # the versions with a native step (src/step_v*.cpp)
+
+pytestmark = pytest.mark.skipif(native.load() is None, reason="the native library did not build here")
+
+
+def lib():
+    return native.load()
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+def _packed(kind: str, w: torch.Tensor, group_size: int = 32):
+    """(PackedMatrix, the exact weight it stands for (fp32), the layer keeping its tensors)."""
+    if kind in ("fp32", "bf16"):
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        layer.weight.data = w.to(torch.float32 if kind == "fp32" else torch.bfloat16).contiguous()
+        return nm.matrix_for(layer), layer.weight.float(), layer
+    if kind == "int8":
+        layer = Int8Linear(*quantize_int8(w))
+    else:
+        layer = Int4Linear(*quantize_int4(w, group_size), group_size)
+    return nm.matrix_for(layer), layer.dequantize(torch.float32), layer
+
+
+def _activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Largest |error| int8 activations in blocks of 32 can add to x W^T: sum_k |w_k| step_k / 2."""
+    B, K = x.shape
+    step = x.abs().view(B, K // 32, 32).amax(-1) / 127.0  # (B, K/32)
+    return (step.repeat_interleave(32, dim=1) / 2) @ w.abs().T  # (B, N)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("rows, cols, batch", [(37, 96, 1), (64, 768, 3), (130, 128, 64)])
+def test_kernel_matches_torch_on_the_exact_weights(kind, rows, cols, batch):
+    g = torch.Generator().manual_seed(rows + cols)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    x = torch.randn(batch, cols, generator=g)
+    packed, exact, _keep = _packed(kind, w)
+    expected = x @ exact.T  # (B, N)
+    reference = nm.matmul(lib(), packed, x, reference=True)
+    torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
+    y = nm.matmul(lib(), packed, x)
+    if kind in ("fp32", "bf16"):
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    else:
+        err = (y - expected).abs()
+        assert (err <= _activation_bound(x, exact) * 1.01 + 1e-4).all(), err.max()
+        assert err.max() > 0  # it does quantize activations (else the bound test tests nothing)
+        with native.exact_activations():
+            torch.testing.assert_close(nm.matmul(lib(), packed, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_kernel_reads_every_group_size():
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(48, 256, generator=g), torch.randn(2, 256, generator=g)
+    for group_size in (32, 64, 128):
+        packed, exact, _keep = _packed("int4", w, group_size)
+        with native.exact_activations():
+            torch.testing.assert_close(nm.matmul(lib(), packed, x), x @ exact.T, rtol=1e-5, atol=1e-4)
+
+
+def test_unsupported_layers_have_no_descriptor():
+    assert nm.matrix_for(nn.Linear(32, 8, bias=True)) is None
+    assert nm.matrix_for(nn.Linear(32, 8, bias=False).half()) is None
+    assert nm.matrix_for(Int8Linear(*quantize_int8(torch.randn(8, 40)))) is None  # 40 % 32 != 0
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def _model(version: str, dtype=torch.float32, **kwargs):
+    model = model_from_state_dict(random_state_dict(version, **kwargs)).eval()
+    return model.to(dtype)
+
+
+def _exact_twin(model: nn.Module) -> nn.Module:
+    """The fp32 torch model with exactly the weights ``model`` computes with (dequantized, upcast)."""
+    twin = copy.deepcopy(model).float()
+    for name, module in model.named_modules():
+        if hasattr(module, "dequantize"):
+            parent, _, child = name.rpartition(".")
+            linear = nn.Linear(module.in_features, module.out_features, bias=False)
+            linear.weight.data = module.dequantize(torch.float32)
+            setattr(twin.get_submodule(parent) if parent else twin, child, linear)
+    return twin.eval()
+
+
+def _compare_along(model, twin, tokens: torch.Tensor, atol: float, steps: int | None = None):
+    """Run the torch twin along ``tokens`` (B, T); at every step also run the native step from the same
+    state and compare logits and every piece of the new state."""
+    B, T = tokens.shape
+    step = native_step.step_for(model)
+    assert step is not None, "the model has no native step"
+    state = model.initial_state(B)
+    with torch.no_grad(), blas.fast_decode(False):
+        for t in range(steps or T):
+            logits, new_state = twin(tokens[:, t : t + 1], _as_fp32(state))
+            native_logits, native_state = step.step(tokens[:, t], state)
+            scale = logits.abs().max().item()
+            torch.testing.assert_close(native_logits, logits[:, 0], rtol=0, atol=atol * max(1.0, scale))
+            for name in ("att_shift", "wkv", "ffn_shift"):
+                a, b = getattr(native_state, name), getattr(new_state, name)
+                b = b.to(a.dtype).float()  # shifts are held in the model dtype (rounded to bf16 there)
+                tol = atol if a.dtype == torch.float32 else 2**-8  # bf16: one rounding step
+                torch.testing.assert_close(a.float(), b, rtol=0, atol=tol * max(1.0, b.abs().max().item()))
+            state = native_state
+
+
+def _as_fp32(state):
+    return type(state)(state.att_shift.float(), state.wkv, state.ffn_shift.float())
+
+
+@pytest.mark.parametrize("version", NATIVE_VERSIONS)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_fp32_step_matches_torch(version, batch):
+    model = _model(version, n_layer=3, n_embd=96, head_size=32, vocab_size=211, seed=1)
+    tokens = torch.randint(0, 211, (batch, 24), generator=torch.Generator().manual_seed(2))
+    _compare_along(model, model, tokens, atol=2e-5)
+
+
+@pytest.mark.parametrize("version", NATIVE_VERSIONS)
+def test_bf16_step_matches_torch_on_the_same_weights(version):
+    model = _model(version, torch.bfloat16, n_layer=2, n_embd=64, head_size=16, vocab_size=97, seed=3)
+    tokens = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(4))
+    _compare_along(model, _exact_twin(model), tokens, atol=2e-5)
+
+
+@pytest.mark.parametrize("version", NATIVE_VERSIONS)
+@pytest.mark.parametrize("scheme, group_size", [("int8", 0), ("int4", 32), ("int4", 64)])
+def test_quantized_step_matches_torch_on_the_dequantized_weights(version, scheme, group_size):
+    model = _model(version, n_layer=2, n_embd=128, head_size=32, vocab_size=300, seed=5)
+    quantized = quantize_model(model, scheme, group_size or 64)
+    twin = _exact_twin(quantized)
+    tokens = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(6))
+    with native.exact_activations():
+        _compare_along(quantized, twin, tokens, atol=2e-5)
+    # with int8 activations: close, not equal (quantizing x in blocks of 32 costs ~1% of a product)
+    _compare_along(quantized, twin, tokens, atol=0.1, steps=4)
+
+
+@pytest.mark.parametrize("version", NATIVE_VERSIONS)
+def test_step_with_tuned_state_large_vocab_and_no_layer0_value_lora(version):
+    extra = {"layer0_value_lora": False} if version == "7" else {}
+    model = _model(version, n_layer=2, n_embd=64, head_size=32, vocab_size=65536, time_state=True, **extra)
+    tokens = torch.randint(0, 65536, (2, 6), generator=torch.Generator().manual_seed(7))
+    _compare_along(model, model, tokens, atol=2e-5)
+
+
+@pytest.mark.parametrize("version", NATIVE_VERSIONS)
+def test_model_forward_decodes_natively_and_matches_the_torch_path(version):
+    model = _model(version, n_layer=2, n_embd=64, head_size=16, vocab_size=97, seed=8)
+    tokens = torch.randint(0, 97, (4, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        _, state = model(tokens[:, :8])  # prefill on the torch path
+        native_state = torch_state = state
+        for t in range(8, 20):
+            native_logits, native_state = model(tokens[:, t : t + 1], native_state)
+            with blas.fast_decode(False):
+                torch_logits, torch_state = model(tokens[:, t : t + 1], torch_state)
+            torch.testing.assert_close(native_logits, torch_logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(native_state.wkv, torch_state.wkv, rtol=0, atol=1e-4)
+    assert native_step.step_for(model) is not None
+
+
+def test_step_is_rebuilt_when_weights_change():
+    model = _model("7", n_layer=1, n_embd=64, head_size=16, vocab_size=97, seed=10)
+    tok = torch.tensor([[3]])
+    with torch.no_grad():
+        before = model(tok)[0]
+        first = native_step.step_for(model)
+        other = _model("7", n_layer=1, n_embd=64, head_size=16, vocab_size=97, seed=11)
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(tok)[0], other(tok)[0], rtol=0, atol=1e-5)
+        assert not torch.allclose(model(tok)[0], before)
+        model.head = nn.Linear(64, 97, bias=True)  # replaced by a layer without a kernel: torch path
+        assert native_step.step_for(model) is None
+        with blas.fast_decode(False):
+            expected = model(tok)[0]
+        torch.testing.assert_close(model(tok)[0], expected)
+    assert first is not None
+
+
+# --------------------------------------------------------------------------------------------- fallback
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300
+    )
+
+
+DECODE = """
+import torch
+from rwkvkit import native
+from rwkvkit.models import new_model
+from rwkvkit.native.step import step_for
+model = new_model("7", 1, 64, 50, head_size=16)
+with torch.no_grad():
+    logits, state = model(torch.tensor([[1]]))
+print("STATUS", native.status())
+print("STEP", step_for(model) is not None, bool(torch.isfinite(logits).all()))
+"""
+
+
+def test_opt_out_runs_the_torch_path():
+    out = _run(DECODE, RWKVKIT_NATIVE="0")
+    assert out.returncode == 0, out.stderr
+    assert "STATUS pure torch (RWKVKIT_NATIVE=0)" in out.stdout
+    assert "STEP False True" in out.stdout
+    assert "native CPU decode off" not in out.stderr  # the user asked for it: no warning
+
+
+def test_no_compiler_falls_back_with_one_line(tmp_path):
+    out = _run(DECODE, CXX="/nonexistent/g++", PATH=str(tmp_path), RWKVKIT_CACHE=str(tmp_path / "cache"))
+    assert out.returncode == 0, out.stderr
+    assert "STEP False True" in out.stdout
+    assert out.stderr.count("native CPU decode off") == 1, out.stderr
+
+
+def test_build_is_cached_per_machine(tmp_path):
+    env = {"RWKVKIT_CACHE": str(tmp_path)}
+    first = _run(DECODE, **env)
+    assert first.returncode == 0 and "STEP True True" in first.stdout, first.stderr
+    libs = list(tmp_path.glob("native/*/librwkvkit_native.so"))
+    assert len(libs) == 1
+    mtime = libs[0].stat().st_mtime_ns
+    second = _run(DECODE, **env)
+    assert "STEP True True" in second.stdout
+    assert libs[0].stat().st_mtime_ns == mtime  # loaded, not compiled again
