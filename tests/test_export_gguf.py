@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import codecs
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -466,6 +468,19 @@ def test_a_tuned_state_is_refused(tmp_path):
         write_gguf(random_state_dict("7", time_state=True, vocab_size=V), tmp_path / "m.gguf")
 
 
+def test_a_missing_gguf_package_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` meets when it is not installed
+    with pytest.raises(RwkvkitError, match=r"pip install 'rwkvkit\[gguf\]'"):
+        write_gguf(random_state_dict("7", vocab_size=V), tmp_path / "m.gguf")
+
+
+def test_a_bf16_checkpoint_exports_its_values(tmp_path):
+    sd = random_state_dict("7", **V7_KW, dtype=torch.bfloat16)
+    path = write_gguf(sd, tmp_path / "m.gguf", "f32").path
+    got = rebuilt(path, "7")
+    assert all(torch.equal(got[k], t.float()) for k, t in without_layer0_value_lora(sd).items())
+
+
 def test_an_unknown_type_is_refused(tmp_path):
     with pytest.raises(RwkvkitError, match="unknown GGUF type"):
         write_gguf(random_state_dict("7", vocab_size=V), tmp_path / "m.gguf", "q2_k")
@@ -489,6 +504,17 @@ def test_cli_exports_and_prints_a_summary(tmp_path, v7_file, capsys):
     line = capsys.readouterr().out
     assert "rwkv7 q4_0" in line and "Q4_0" in line
     assert field(gguf.GGUFReader(out), "general.name") == "goose"
+
+
+def test_export_help_does_not_import_torch():
+    code = (
+        "import sys; from rwkvkit.cli import main; main(['export', '--help']); print('torch' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0 and "--type" in proc.stdout
+    assert proc.stdout.strip().endswith("False")
 
 
 def test_cli_usage_errors_exit_2_with_one_line(tmp_path, v7_file, capsys):
