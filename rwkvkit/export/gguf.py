@@ -4,7 +4,7 @@ This module owns the mapping from the official BlinkDL keys to llama.cpp's tenso
 metadata llama.cpp reads for the two architectures, the World tokenizer block, and the choice of each
 tensor's storage type. It writes with the ``gguf`` package (``pip install 'rwkvkit[gguf]'``), imported
 only when an export runs, and streams: the tensor table is planned from shapes first, then each tensor
-is converted and written in turn (the checkpoint stays memory-mapped; one converted tensor is in memory).
+is converted and written in turn (beside the checkpoint, one converted tensor is in memory at a time).
 
 Layouts (PyTorch order; ggml lists the same dims reversed), C = n_embd, H heads of size N:
 
@@ -14,8 +14,9 @@ Layouts (PyTorch order; ggml lists the same dims reversed), C = n_embd, H heads 
     v6     att.time_maa_{w,k,v,r,g} stacked -> time_mix_lerp_fused (5, 1, 1, C); time_maa_x -> lerp_x;
            time_maa_w1 (C, 5D) -> time_mix_w1 (5D, C) (transposed); time_maa_w2 (5, D, C) -> (5, C, D);
            time_decay -> time_mix_decay (C,) (raw: llama.cpp applies exp(-exp(.)) in its graph);
-           time_decay_w1 / w2 transposed; time_faaaa -> time_mix_first (H, N); att.gate, ffn.receptance,
-           ffn.time_maa_{k,r} -> channel_mix_lerp_{k,r}; time_mix_output and channel_mix_value of layer i
+           time_decay_w1 / w2 transposed; time_faaaa -> time_mix_first (H, N); att.gate -> time_mix_gate;
+           ffn.receptance -> channel_mix_receptance; ffn.time_maa_{k,r} -> channel_mix_lerp_{k,r};
+           time_mix_output and channel_mix_value of layer i
            divided by 2^(i // 6), with rescale_every_n_layers = 6 (llama.cpp halves the residual every
            6 layers to match; the HF converter does the same)
     v7     att.x_{r,w,k,v,a,g} stacked -> time_mix_lerp_fused (6, 1, 1, C); w0, a0, v0, k_k, k_a -> (C,);
@@ -23,10 +24,10 @@ Layouts (PyTorch order; ggml lists the same dims reversed), C = n_embd, H heads 
            layer 0's v0/v1/v2 (unused there) replaced by copies of a0/a1/a2, which llama.cpp loads with
            the iclr width; ffn.x_k -> channel_mix_lerp_k
 
-Storage types follow llama.cpp's converter: 1-D tensors, norms, biases, time_mix_first, the lerp and
-token-shift / decay low-rank matrices (time_mix_w1/w2, time_mix_decay_w1/w2) stay f32; every other
-matrix takes the requested type, and a matrix whose rows are not a whole number of 32-value blocks falls
-back from q8_0 / q4_0 to f16.
+Storage types follow llama.cpp's converter: 1-D tensors, norms, biases, time_mix_first, lerp_fused and
+the small low-rank matrices time_mix_w1/w2 (v6 token shift, v7 decay) and time_mix_decay_w1/w2 stay f32;
+every other matrix takes the requested type, and a matrix whose rows are not a whole number of 32-value
+blocks falls back from q8_0 / q4_0 to f16.
 """
 
 from __future__ import annotations
