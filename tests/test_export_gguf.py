@@ -7,7 +7,8 @@ the storage types against the converter's rules, and the weights by undoing the 
 (a second statement of the mapping) to rebuild an official state dict: f32 gives back the checkpoint
 bit for bit and the same logits; f16 / bf16 give the checkpoint rounded by torch's casts; q8_0 / q4_0
 stay within one quantization step per 32-value block, and a model with those dequantized weights stays
-close to the original. The tokenizer block is compared with rwkvkit's World tokenizer. Where the
+close to the original. llama.cpp's graph, restated in numpy (llama_graph.py), run on the file's tensors
+gives rwkvkit's logits. The tokenizer block is compared with rwkvkit's World tokenizer. Where the
 ``llama_cpp`` package is installed, llama.cpp's own logits are compared with rwkvkit's.
 """
 
