@@ -38,6 +38,10 @@ COMMANDS = {
         "quantize a checkpoint's projection matrices to int8 or int4 (a .safetensors for fast CPU decoding)",
         "rwkvkit.cli.quantize",
     ),
+    "export": (
+        "export an RWKV-6 / RWKV-7 checkpoint as GGUF for llama.cpp (f32, f16, bf16, q8_0, q4_0)",
+        "rwkvkit.cli.export",
+    ),
     "merge": (
         "merge a LoRA adapter (.safetensors from rwkvkit train --tune lora) into an official .pth",
         "rwkvkit.cli.merge",
