@@ -258,3 +258,20 @@ def test_build_is_cached_per_machine(tmp_path):
     second = _run(DECODE, **env)
     assert "STEP True True" in second.stdout
     assert libs[0].stat().st_mtime_ns == mtime  # loaded, not compiled again
+
+
+def test_quantized_layers_compute_through_the_native_kernels_holding_weights_once():
+    g = torch.Generator().manual_seed(12)
+    w, x = torch.randn(64, 128, generator=g) * 0.05, torch.randn(5, 128, generator=g)
+    packed, scales, zeros = quantize_int4(w, 64)
+    layer = Int4Linear(packed.clone(), scales, zeros, group_size=64)
+    assert layer._packed is None and torch.equal(layer.qweight, packed)  # only the portable nibbles
+    assert layer.native_matrix().tensors[0] is layer.qweight  # the kernels read them: no copy
+    torch.testing.assert_close(layer(x), nm.matmul(lib(), layer.native_matrix(), x))
+    for quantized in (layer, Int8Linear(*quantize_int8(w))):
+        exact = x @ quantized.dequantize(torch.float32).T
+        assert (quantized(x) - exact).norm() / exact.norm() < 1e-2
+        with native.enabled(False):  # the torch path on the same layer
+            assert (quantized(x) - exact).norm() / exact.norm() < 1e-2
+    layer.to(torch.float64)  # scales no longer fp32: no native descriptor, torch's path
+    assert layer.native_matrix() is None and layer._packed is not None

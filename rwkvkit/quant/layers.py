@@ -3,7 +3,9 @@
     Int8Linear: w[n, k] ~= q[n, k] * scale[n],                 q in [-127, 127]   (symmetric)
     Int4Linear: w[n, k] ~= (q[n, k] - 8) * scale[n, g] + zero[n, g],  q in [0, 15], g = k // group_size
 
-Activations stay in floating point; only the weights are stored small. On the CPU the products run in
+Only the weights are stored small. On the CPU, products of fewer than 64 rows run in rwkvkit.native's
+kernels where that library is built (activations quantized to int8 in blocks of 32, integer dot
+products; an int4 layer then holds only the portable nibbles those kernels read); otherwise in
 torch's own weight-only kernels (``torch._weight_int8pack_mm`` and ``torch._weight_int4pack_mm_for_cpu``,
 bf16 activations), which read the small weights directly: decoding, which reads every weight once per
 token, is then limited by the bytes of the quantized weights. For many rows at once (prefill) the
@@ -13,9 +15,10 @@ kernels at 512 rows). Elsewhere (CUDA, MPS, ...) the layers dequantize to the ac
 
 The portable tensors (what a quantized file stores) are ``qweight`` (int8 (N, K), or uint8 (N, K/2)
 holding two int4 values per byte, the even k in the low nibble) with fp32 ``scales`` (and ``zeros``);
-the CPU kernels' packed forms are made from them when a layer is built. On the CPU an int4 layer then
-holds its nibbles only in the kernel's packed form (read back exactly, checked when packing) and makes
-the portable ``qweight`` again for saving or moving: one copy of the weights in memory, not two.
+the CPU kernels' packed forms are made from them when a layer is built. Without the native kernels, an
+int4 layer on the CPU holds its nibbles only in torch's packed form (read back exactly, checked when
+packing) and makes the portable ``qweight`` again for saving or moving: one copy of the weights in
+memory, not two, either way.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rwkvkit import native
+from rwkvkit.native.matrix import RK_I4, RK_I8, PackedMatrix
+from rwkvkit.native.matrix import matmul as native_matmul
+
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 PREFILL_ROWS = 64  # from this many rows on, dequantize to bf16 and use a bf16 GEMM (CPU)
@@ -31,6 +38,21 @@ PREFILL_ROWS = 64  # from this many rows on, dequantize to bf16 and use a bf16 G
 
 def _cpu_kernels(device: torch.device) -> bool:
     return device.type == "cpu"
+
+
+def _native_kernels(device: torch.device) -> bool:
+    """Whether this layer's CPU products go through rwkvkit.native (built and enabled here)."""
+    return device.type == "cpu" and native.is_enabled() and native.load() is not None
+
+
+class _NativeDescriptor:
+    """Mixin of the quantized layers: their native descriptor (``_native``, ctypes pointers into the
+    layer's buffers) is not copied or pickled with them; the copy makes its own on first use."""
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_native"] = None
+        return state
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -51,7 +73,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_NativeDescriptor, nn.Module):
     """y = x W^T with W stored as int8 per output channel (see the module docstring)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
@@ -60,27 +82,33 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", _aligned(qweight))  # (N, K) int8
         self.register_buffer("scales", scales.float().contiguous())  # (N,) fp32
         self._scales_bf16 = self.scales.to(torch.bfloat16)
+        self._native: PackedMatrix | None = None  # the native kernels' descriptor, made on first use
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self._scales_bf16 = self.scales.to(torch.bfloat16)
+        self._native = None
         return out
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).to(dtype)  # (N, K)
 
-    def native_matrix(self):
-        """This layer as the native CPU kernels read it (None off the CPU or for widths they lack)."""
-        from rwkvkit.native.matrix import RK_I8, PackedMatrix  # lazy: only the native path needs it
-
-        if self.qweight.device.type != "cpu" or self.in_features % 32:
+    def native_matrix(self) -> PackedMatrix | None:
+        """This layer as the native CPU kernels read it (None off the CPU, for widths they lack, or for
+        scales converted away from fp32)."""
+        if self.qweight.device.type != "cpu" or self.in_features % 32 or self.scales.dtype != torch.float32:
             return None
-        return PackedMatrix(RK_I8, self.out_features, self.in_features, self.qweight, self.scales)
+        if self._native is None:
+            self._native = PackedMatrix(RK_I8, self.out_features, self.in_features, self.qweight, self.scales)
+        return self._native
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if _cpu_kernels(x.device) and x2.shape[0] < PREFILL_ROWS:
+        small = x2.shape[0] < PREFILL_ROWS
+        if small and _native_kernels(x.device) and (packed := self.native_matrix()) is not None:
+            y = native_matmul(native.load(), packed, x2)
+        elif _cpu_kernels(x.device) and small:
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._scales_bf16)
         else:
             dtype = torch.bfloat16 if _cpu_kernels(x.device) else x.dtype
@@ -144,7 +172,7 @@ def _reads_back(packed: torch.Tensor, values: torch.Tensor) -> bool:
     return _LAYOUT_CHECKED[shape]
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_NativeDescriptor, nn.Module):
     """y = x W^T with W stored as int4 in groups of ``group_size`` inputs (see the module docstring)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
@@ -164,7 +192,9 @@ class Int4Linear(nn.Module):
         ``qweight`` is dropped (set to None) and made again from it when needed (saving, dequantizing,
         moving): the weights are then held once, not twice.
         """
-        self._packed = self._scales_zeros = None
+        self._packed = self._scales_zeros = self._native = None
+        if _native_kernels(self.qweight.device) and self.native_matrix() is not None:
+            return  # the native kernels read the portable nibbles: torch's packed form is not needed
         if _cpu_kernels(self.qweight.device) and self.in_features % 32 == 0 and self.out_features % 16 == 0:
             values = unpack_int4(self.qweight)  # (N, K) int32
             self._packed = torch._convert_weight_to_int4pack_for_cpu(values, 2)
@@ -201,15 +231,19 @@ class Int4Linear(nn.Module):
         self._pack()
         return out
 
-    def native_matrix(self):
-        """This layer as the native CPU kernels read it (None off the CPU or for widths they lack)."""
-        from rwkvkit.native.matrix import RK_I4, PackedMatrix  # lazy: only the native path needs it
-
+    def native_matrix(self) -> PackedMatrix | None:
+        """This layer as the native CPU kernels read it (None off the CPU, for widths they lack, or for
+        scales converted away from fp32). Where the native kernels are on, the layer holds only the
+        portable nibbles they read (see :meth:`_pack`): no copy is made here."""
         if self.scales.device.type != "cpu" or self.in_features % 32 or self.group_size % 32:
             return None
-        q = self.portable_qweight()
-        N, K = self.out_features, self.in_features
-        return PackedMatrix(RK_I4, N, K, q, self.scales, self.zeros, self.group_size)
+        if self.scales.dtype != torch.float32:
+            return None
+        if self._native is None:
+            N, K = self.out_features, self.in_features
+            q = self.portable_qweight()
+            self._native = PackedMatrix(RK_I4, N, K, q, self.scales, self.zeros, self.group_size)
+        return self._native
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = self._values().to(dtype)  # (N, K)
@@ -220,7 +254,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self._packed is not None and x2.shape[0] < PREFILL_ROWS:
+        small = x2.shape[0] < PREFILL_ROWS
+        if small and _native_kernels(x.device) and (packed := self.native_matrix()) is not None:
+            y = native_matmul(native.load(), packed, x2)
+        elif self._packed is not None and small:
             y = torch._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16).contiguous(), self._packed, self.group_size, self._scales_zeros
             )

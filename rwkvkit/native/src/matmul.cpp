@@ -226,7 +226,22 @@ int exact_activations = 0;  // tests: int8 / int4 with fp32 activations (the ref
 
 extern "C" void rk_set_exact_activations(int32_t on) { exact_activations = on; }
 
+namespace rk {
+int profile_on = 0;
+double profile_seconds[RK_PHASES] = {};
+}  // namespace rk
+
+extern "C" void rk_profile_enable(int32_t on) { rk::profile_on = on; }
+
+extern "C" void rk_profile_read(double* out) {
+    for (int i = 0; i < RK_PHASES; ++i) {
+        out[i] = rk::profile_seconds[i];
+        rk::profile_seconds[i] = 0.0;
+    }
+}
+
 extern "C" int32_t rk_matmul(const RkMatrix* w, int32_t B, const float* x, float* y) {
+    const rk::PhaseTimer timer(RK_PHASE_MATMUL);
     const int N = w->rows, K = w->cols;
     if (exact_activations && (w->kind == RK_I8 || w->kind == RK_I4)) return rk_matmul_reference(w, B, x, y);
     switch (w->kind) {

@@ -5,9 +5,24 @@
 #include <cstring>
 #include <vector>
 
+#include <omp.h>
+
 #include "native.h"
 
 namespace rk {
+
+extern int profile_on;
+extern double profile_seconds[RK_PHASES];
+
+// Adds the seconds between its construction and destruction to one profile slot (when profiling).
+struct PhaseTimer {
+    int phase;
+    double start;
+    explicit PhaseTimer(int p) : phase(p), start(profile_on ? omp_get_wtime() : 0.0) {}
+    ~PhaseTimer() {
+        if (profile_on) profile_seconds[phase] += omp_get_wtime() - start;
+    }
+};
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 

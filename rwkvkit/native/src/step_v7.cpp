@@ -63,22 +63,26 @@ Buffers& buffers(int B, int C, int F) {
     return buf;
 }
 
-// The low-rank parts of one row: decay (log), iclr a, gate g, and v mixed towards v_first.
-void low_rank_row(const V7Layer& ly, int layer, int C, const float* mw, const float* ma, const float* mv,
-                  const float* mg, float* w_out, float* a_out, float* g_out, float* v, const float* v_first,
-                  float* t, float* u) {
-    // t: the low-rank hidden (the widest of w1, a1, v1, g1), u: C floats
-    rk::matvec_kn(ly.w1, mw, t);
-    for (int i = 0; i < ly.w1.cols; ++i) t[i] = std::tanh(t[i]);
-    rk::matvec_kn(ly.w2, t, w_out);
-    for (int c = 0; c < C; ++c) w_out[c] = -LOG_DECAY_SCALE * rk::sigmoid(ly.w0[c] + w_out[c]);
-    rk::matvec_kn(ly.a1, ma, t);
-    rk::matvec_kn(ly.a2, t, a_out);
-    for (int c = 0; c < C; ++c) a_out[c] = rk::sigmoid(ly.a0[c] + a_out[c]);
-    rk::matvec_kn(ly.g1, mg, t);
-    for (int i = 0; i < ly.g1.cols; ++i) t[i] = rk::sigmoid(t[i]);
-    rk::matvec_kn(ly.g2, t, g_out);
-    if (layer > 0) {
+// One of the four low-rank chains of one row (they are independent: threads take them apart):
+// 0 the log decay w, 1 the iclr a, 2 the gate g, 3 v mixed towards v_first (layers > 0 only).
+// t: scratch of the widest low-rank hidden; u: C floats.
+void low_rank_chain(int chain, const V7Layer& ly, int layer, int C, const float* mw, const float* ma,
+                    const float* mv, const float* mg, float* w_out, float* a_out, float* g_out, float* v,
+                    const float* v_first, float* t, float* u) {
+    if (chain == 0) {
+        rk::matvec_kn(ly.w1, mw, t);
+        for (int i = 0; i < ly.w1.cols; ++i) t[i] = std::tanh(t[i]);
+        rk::matvec_kn(ly.w2, t, w_out);
+        for (int c = 0; c < C; ++c) w_out[c] = -LOG_DECAY_SCALE * rk::sigmoid(ly.w0[c] + w_out[c]);
+    } else if (chain == 1) {
+        rk::matvec_kn(ly.a1, ma, t);
+        rk::matvec_kn(ly.a2, t, a_out);
+        for (int c = 0; c < C; ++c) a_out[c] = rk::sigmoid(ly.a0[c] + a_out[c]);
+    } else if (chain == 2) {
+        rk::matvec_kn(ly.g1, mg, t);
+        for (int i = 0; i < ly.g1.cols; ++i) t[i] = rk::sigmoid(t[i]);
+        rk::matvec_kn(ly.g2, t, g_out);
+    } else if (layer > 0) {
         rk::matvec_kn(ly.v1, mv, t);
         rk::matvec_kn(ly.v2, t, u);
         for (int c = 0; c < C; ++c) v[c] += (v_first[c] - v[c]) * rk::sigmoid(ly.v0[c] + u[c]);
@@ -125,6 +129,7 @@ void wkv_head(int N, const float* r, const float* w, float* k, const float* v, c
 extern "C" int32_t rk_v7_step(const void* model_ptr, int32_t B, const float* x_in, const float* att_in,
                               const float* wkv_in, const float* ffn_in, float* att_out, float* wkv_out,
                               float* ffn_out, float* logits) {
+    const rk::PhaseTimer step_timer(RK_PHASE_STEP);
     const V7Model& m = *static_cast<const V7Model*>(model_ptr);
     const int C = m.C, H = m.H, N = m.N, F = m.F;
     if (B < 1 || H * N != C) return 1;
@@ -163,31 +168,32 @@ extern "C" int32_t rk_v7_step(const void* model_ptr, int32_t B, const float* x_i
         if (l == 0)
             for (size_t i = 0; i < bc; ++i) bf.v_first[i] = bf.v[i];
 
-        // low-rank parts and the WKV, a row (and head) at a time; rows in parallel when there are several
-#pragma omp parallel for schedule(static) if (B > 1)
-        for (int b = 0; b < B; ++b) {
-            const size_t o = static_cast<size_t>(b) * C;
-            thread_local std::vector<float> row_buf;
-            float* t = rk::scratch(row_buf, static_cast<size_t>(D) + C + 3 * N);
-            float* u = t + D;
-            float* kk = u + C;
-            low_rank_row(ly, l, C, bf.mw + o, bf.ma + o, bf.mv + o, bf.mg + o, bf.w + o, bf.a + o, bf.g + o,
-                         bf.v + o, bf.v_first + o, t, u);
-            const size_t so = static_cast<size_t>(b) * state_size;
-            for (int h = 0; h < H; ++h) {
-                const int hn = h * N;
-                const size_t sh = so + static_cast<size_t>(h) * N * N;
-                wkv_head(N, bf.r + o + hn, bf.w + o + hn, bf.k + o + hn, bf.v + o + hn, bf.a + o + hn,
-                         ly.k_k + hn, ly.k_a + hn, s_in + sh, s_out + sh, bf.y + o + hn, kk, kk + N, kk + 2 * N);
+        // the low-rank chains (row, chain) in parallel, then the WKV, norm, bonus and gate (row, head)
+        {
+            const rk::PhaseTimer mix_timer(RK_PHASE_MIX);
+#pragma omp parallel for schedule(dynamic, 1)
+            for (int task = 0; task < B * 4; ++task) {
+                const int b = task / 4;
+                const size_t o = static_cast<size_t>(b) * C;
+                thread_local std::vector<float> chain_buf;
+                float* t = rk::scratch(chain_buf, static_cast<size_t>(D) + C);
+                low_rank_chain(task % 4, ly, l, C, bf.mw + o, bf.ma + o, bf.mv + o, bf.mg + o, bf.w + o,
+                               bf.a + o, bf.g + o, bf.v + o, bf.v_first + o, t, t + D);
             }
-            float* y = bf.y + o;
-            rk::group_norm(y, ly.lnx_w, ly.lnx_b, H, N, m.gn_eps);
-            for (int h = 0; h < H; ++h) {
-                const int hn = h * N;
-                const float *r = bf.r + o + hn, *k = bf.k + o + hn, *v = bf.v + o + hn, *g = bf.g + o + hn;
+#pragma omp parallel for schedule(static)
+            for (int task = 0; task < B * H; ++task) {
+                const int b = task / H, hn = (task % H) * N;
+                const size_t o = static_cast<size_t>(b) * C + hn;
+                const size_t sh = static_cast<size_t>(b) * state_size + static_cast<size_t>(hn) * N;
+                thread_local std::vector<float> head_buf;
+                float* kk = rk::scratch(head_buf, 3 * static_cast<size_t>(N));
+                float *r = bf.r + o, *k = bf.k + o, *v = bf.v + o, *y = bf.y + o;
+                wkv_head(N, r, bf.w + o, k, v, bf.a + o, ly.k_k + hn, ly.k_a + hn, s_in + sh, s_out + sh, y, kk,
+                         kk + N, kk + 2 * N);
+                rk::layer_norm(y, ly.lnx_w + hn, ly.lnx_b + hn, N, m.gn_eps, y);  // GroupNorm: per head
                 float bonus = 0.0f;
                 for (int j = 0; j < N; ++j) bonus += r[j] * k[j] * ly.r_k[hn + j];
-                for (int j = 0; j < N; ++j) y[hn + j] = (y[hn + j] + bonus * v[j]) * g[j];
+                for (int j = 0; j < N; ++j) y[j] = (y[j] + bonus * v[j]) * bf.g[o + j];
             }
         }
         if (rk_matmul(&ly.output, B, bf.y, bf.out)) return 2;
