@@ -176,9 +176,8 @@ def test_quantized_step_matches_torch_on_the_dequantized_weights(version, scheme
 
 @pytest.mark.parametrize("version", NATIVE_VERSIONS)
 def test_step_with_tuned_state_large_vocab_and_no_layer0_value_lora(version):
-    model = _model(
-        version, n_layer=2, n_embd=64, head_size=32, vocab_size=65536, time_state=True, layer0_value_lora=False
-    )
+    shape = dict(n_layer=2, n_embd=64, head_size=32, vocab_size=65536)
+    model = _model(version, **shape, time_state=True, layer0_value_lora=False)
     tokens = torch.randint(0, 65536, (2, 6), generator=torch.Generator().manual_seed(7))
     _compare_along(model, model, tokens, atol=2e-5)
 
