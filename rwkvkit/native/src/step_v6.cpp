@@ -70,7 +70,7 @@ void shift_and_decay_row(const V6Layer& ly, int C, const float* x, const float* 
     float* xx = rk::scratch(row_buf, 3 * static_cast<size_t>(C) + 5 * D + Dd);
     float* xxx = xx + C;
     float* m = xxx + C;
-    float* t = m + C;   // (5 D): the five branches' hidden
+    float* t = m + C;       // (5 D): the five branches' hidden
     float* td = t + 5 * D;  // (Dd): the decay's hidden
     for (int c = 0; c < C; ++c) {
         xx[c] = prev[c] - x[c];
