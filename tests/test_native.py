@@ -206,13 +206,14 @@ def test_model_forward_decodes_natively_and_matches_the_torch_path(version):
     assert native_step.step_for(model) is not None
 
 
-def test_step_is_rebuilt_when_weights_change():
-    model = _model("7", n_layer=1, n_embd=64, head_size=16, vocab_size=97, seed=10)
+@pytest.mark.parametrize("version", NATIVE_VERSIONS)
+def test_step_is_rebuilt_when_weights_change(version):
+    model = _model(version, n_layer=1, n_embd=64, head_size=16, vocab_size=97, seed=10)
     tok = torch.tensor([[3]])
     with torch.no_grad():
         before = model(tok)[0]
         first = native_step.step_for(model)
-        other = _model("7", n_layer=1, n_embd=64, head_size=16, vocab_size=97, seed=11)
+        other = _model(version, n_layer=1, n_embd=64, head_size=16, vocab_size=97, seed=11)
         model.load_state_dict(other.state_dict())
         torch.testing.assert_close(model(tok)[0], other(tok)[0], rtol=0, atol=1e-5)
         assert not torch.allclose(model(tok)[0], before)
