@@ -4,7 +4,8 @@ Kernels: every weight format against a plain torch product on the dequantized we
 rounding; int8 / int4, which quantize activations in blocks of 32, within the bound that quantization
 allows, and exactly with fp32 activations). Steps: each version's one-token step against the torch
 model's one-token forward from the same state, along a trajectory, for fp32 / bf16 / int8 / int4, one row
-and several, odd widths, a 65536 vocab, tuned initial states and RWKV-7's layer-0 values. Fallback: with
+and several, odd widths, a 65536 vocab, tuned initial states, RWKV-4's time-mix width (dim_att) and
+RWKV-7's layer-0 values. Fallback: with
 ``RWKVKIT_NATIVE=0`` or no compiler, everything decodes on the torch path and says why once.
 """
 
