@@ -59,6 +59,14 @@ inline void shift_mix(const float* x, const float* prev, const float* mix, int C
     for (int i = 0; i < C; ++i) out[i] = x[i] + (prev[i] - x[i]) * mix[i];
 }
 
+// out = x * mix + prev * (1 - mix), the v4 / v5.2 token shift (as rwkvkit.models.layers.lerp_shift).
+inline void lerp_mix(const float* x, const float* prev, const float* mix, int C, float* out) {
+#pragma omp simd
+    for (int i = 0; i < C; ++i) out[i] = x[i] * mix[i] + prev[i] * (1.0f - mix[i]);
+}
+
+inline float silu(float x) { return x * sigmoid(x); }
+
 // y (cols) = x (rows) W for a low-rank matrix W stored (rows = in, cols = out) row-major, fp32 or bf16
 // (how the checkpoints hold w1, a1, ...: x @ W, not x W^T).
 inline void matvec_kn(const RkMatrix& w, const float* x, float* y) {
