@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint format bench bench-infer clean
+.PHONY: demo test lint format bench bench-infer bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: $(STAMP)
 
 bench-infer: $(STAMP)
 	$(PY) benchmarks/bench_infer.py
+
+# rwkvkit beside llama.cpp (llama-cpp-python, built once into ~/.cache/rwkvkit/wheels) and the reference
+bench-peers: $(STAMP)
+	$(PY) benchmarks/bench_vs_llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

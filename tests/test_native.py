@@ -291,3 +291,15 @@ def test_quantized_layers_compute_through_the_native_kernels_holding_weights_onc
             assert (quantized(x) - exact).norm() / exact.norm() < 1e-2
     layer.to(torch.float64)  # scales no longer fp32: no native descriptor, torch's path
     assert layer.native_matrix() is None and layer._packed is not None
+
+
+def test_info_reports_the_decode_path(tmp_path):
+    from rwkvkit.checkpoint import save_state_dict
+    from rwkvkit.cli.info import checkpoint_info
+
+    path = tmp_path / "m.pth"
+    save_state_dict(random_state_dict("7"), path)
+    assert checkpoint_info(path)["decode_path"].startswith("native, up to 64 rows")
+    code = f"from rwkvkit.cli import main; main(['info', {str(path)!r}])"
+    out = _run(code, RWKVKIT_NATIVE="0")
+    assert "decoding    pure torch (RWKVKIT_NATIVE=0)" in out.stdout, out.stderr

@@ -26,6 +26,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
     # imported here, not at the top: they import torch, which `rwkvkit info --help` does not need
     from rwkvkit.checkpoint import load_state_dict
     from rwkvkit.models import check_state_dict, load_quantized
+    from rwkvkit.native.step import decode_path
     from rwkvkit.quant import read_quantized_metadata
 
     quantized = read_quantized_metadata(path)
@@ -46,6 +47,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
         "parameters": sum(t.numel() for t in state_dict.values()),
         "tensors": len(state_dict),
         "dtypes": dict(dtypes.most_common()),
+        "decode_path": decode_path(config.version),
     }
 
 
@@ -89,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     rows += [
         ("parameters", f"{info['parameters']:,}"),
         ("dtype", dtypes),
+        ("decoding", info["decode_path"]),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

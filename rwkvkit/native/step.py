@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from rwkvkit.native import is_enabled, load
+from rwkvkit.native import is_enabled, load, status
 from rwkvkit.native.matrix import PackedMatrix, RkMatrix, low_rank_matrix, matrix_for, vector
 from rwkvkit.state import RWKVState
 
@@ -141,6 +141,15 @@ def step_for(model) -> NativeStep | None:
 def forget(model) -> None:
     """Drop ``model``'s step (its weights moved, converted or were loaded): the next call builds again."""
     _STEPS.pop(model, None)
+
+
+def decode_path(version: str) -> str:
+    """One line: the path a model of ``version`` loaded as rwkvkit loads it (fp32, bf16 or quantized)
+    decodes one token on (what ``rwkvkit info`` prints)."""
+    lib = load()
+    if lib is None or version not in VERSION_MODULES:
+        return status() if lib is None else f"pure torch (no native step for RWKV-{version})"
+    return f"native, up to {MAX_ROWS} rows a call ({lib.rk_build_info().decode()})"
 
 
 def native_step_for(model) -> NativeStep | None:
