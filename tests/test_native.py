@@ -303,3 +303,50 @@ def test_info_reports_the_decode_path(tmp_path):
     code = f"from rwkvkit.cli import main; main(['info', {str(path)!r}])"
     out = _run(code, RWKVKIT_NATIVE="0")
     assert "decoding    pure torch (RWKVKIT_NATIVE=0)" in out.stdout, out.stderr
+
+
+PORTABLE = """
+import torch
+from torch import nn
+from rwkvkit import blas, native
+from rwkvkit.models import new_model
+from rwkvkit.native import matrix as nm
+from rwkvkit.quant.layers import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+print("BUILD", native.status())
+torch.manual_seed(0)
+model = new_model("7", 2, 64, 97, head_size=16)
+for p in model.parameters():
+    p.data.add_(torch.randn_like(p) * 0.05)
+tokens = torch.randint(0, 97, (3, 6))
+with torch.no_grad():
+    a = b = None
+    for t in range(6):
+        la, a = model(tokens[:, t : t + 1], a)
+        with blas.fast_decode(False), native.enabled(False):
+            lb, b = model(tokens[:, t : t + 1], b)
+print("STEP", float((la - lb).abs().max()), float((a.wkv - b.wkv).abs().max()))
+w, x = torch.randn(40, 128) * 0.05, torch.randn(5, 128)
+bf16 = nn.Linear(128, 40, bias=False).bfloat16()
+for name, layer in (("bf16", bf16), ("int8", Int8Linear(*quantize_int8(w))),
+                    ("int4", Int4Linear(*quantize_int4(w, 64), 64))):
+    packed = nm.matrix_for(layer)
+    exact = x @ (layer.weight.float() if name == "bf16" else layer.dequantize(torch.float32)).T
+    err = (nm.matmul(native.load(), packed, x) - exact).abs().max() / exact.abs().max()
+    print("KERNEL", name, float(err))
+"""
+
+
+def test_the_portable_build_without_vector_instructions(tmp_path):
+    """The plain loops every kernel falls back to on a CPU without AVX2, built for baseline x86-64."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("-march=x86-64 is an x86 baseline")
+    out = _run(PORTABLE, RWKVKIT_NATIVE_MARCH="x86-64", RWKVKIT_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "BUILD native (rwkvkit-native 1 (portable))" in out.stdout, out.stdout
+    step = next(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("STEP"))
+    assert float(step[0]) < 1e-4 and float(step[1]) < 1e-4, step
+    kernels = {
+        line.split()[1]: float(line.split()[2]) for line in out.stdout.splitlines() if "KERNEL" in line
+    }
+    # bf16: rounding only; int8 / int4: the int8 activations (~1% of the largest output at most)
+    assert kernels["bf16"] < 1e-5 and 0 < kernels["int8"] < 2e-2 and 0 < kernels["int4"] < 2e-2, kernels

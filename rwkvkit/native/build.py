@@ -18,7 +18,13 @@ import tempfile
 from pathlib import Path
 
 SRC = Path(__file__).parent / "src"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-fno-math-errno"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-fno-math-errno"]
+
+
+def flags() -> list[str]:
+    """The compiler flags: ``-march=native`` (this CPU's instructions), or ``-march=$RWKVKIT_NATIVE_MARCH``
+    (e.g. ``x86-64``: the plain loops every kernel falls back to, which the tests build and check)."""
+    return [*FLAGS, "-march=" + (os.environ.get("RWKVKIT_NATIVE_MARCH") or "native")]
 LIB_NAME = "librwkvkit_native.so"
 
 
@@ -63,7 +69,7 @@ def build_key(cxx: str) -> str:
         if path.suffix in (".cpp", ".h"):
             h.update(path.name.encode() + b"\0" + path.read_bytes())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    for part in (version, " ".join(FLAGS), cpu_features(), platform.machine()):
+    for part in (version, " ".join(flags()), cpu_features(), platform.machine()):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:20]
 
@@ -88,7 +94,7 @@ def _compile(cxx: str, target: Path) -> None:
     sources = sorted(str(p) for p in SRC.glob("*.cpp"))
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
-    cmd = [cxx, *FLAGS, "-o", tmp, *sources]
+    cmd = [cxx, *flags(), "-o", tmp, *sources]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         os.unlink(tmp)
