@@ -25,6 +25,8 @@ def flags() -> list[str]:
     """The compiler flags: ``-march=native`` (this CPU's instructions), or ``-march=$RWKVKIT_NATIVE_MARCH``
     (e.g. ``x86-64``: the plain loops every kernel falls back to, which the tests build and check)."""
     return [*FLAGS, "-march=" + (os.environ.get("RWKVKIT_NATIVE_MARCH") or "native")]
+
+
 LIB_NAME = "librwkvkit_native.so"
 
 
