@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.infer.decoding import SequenceDecoder
+from rwkvkit.infer.decoding import SequenceDecoder, sample_rows
 from rwkvkit.infer.generate import prefill, prefill_spans
 from rwkvkit.infer.sampling import SamplingParams
 from rwkvkit.state import RWKVState
@@ -377,12 +377,13 @@ class Engine:
         those tokens, and row -> (finish reason, what stopped it) for the rows that end this step."""
         fed_rows, fed_tokens = [], []
         ending: dict[int, tuple[str, int | str | None]] = {}
+        sampled = self._sample()
         for row, request in enumerate(self._decoding):
-            try:
-                out = request.decoder.step(request.logits)
-            except RwkvkitError as e:  # e.g. its bans rule out every token: this request alone fails
-                ending[row] = ("error", str(e))
+            token = sampled.get(row)
+            if isinstance(token, RwkvkitError):  # e.g. its bans rule out every token: this request alone fails
+                ending[row] = ("error", str(token))
                 continue
+            out = request.decoder.finish("length") if token is None else request.decoder.take(token)
             if out.text:
                 request.on_event(TextEvent(out.text))
             if out.token is not None:  # also the last token of a stop string: the state covers it
@@ -391,6 +392,16 @@ class Engine:
             if out.finish_reason is not None:
                 ending[row] = (out.finish_reason, request.decoder.stop)
         return fed_rows, fed_tokens, ending
+
+    def _sample(self) -> dict[int, int | RwkvkitError]:
+        """The next token (or the error) of every decoding row that has not reached its max_tokens, sampled
+        in batches (``sample_rows``: the same tokens as each request's ``decoder.step`` alone)."""
+        rows = [row for row, request in enumerate(self._decoding) if not request.decoder.exhausted]
+        if not rows:
+            return {}
+        logits = torch.stack([self._decoding[row].logits for row in rows])  # (R, V)
+        tokens = sample_rows([self._decoding[row].decoder for row in rows], logits)
+        return dict(zip(rows, tokens))
 
     def _feed(self, rows: list[int], tokens: list[int]) -> RWKVState:
         """Run ``tokens`` (one per row of ``rows``) through the model in one batched call; set each row's
