@@ -61,7 +61,9 @@ def engine_run(model, tok, prompt: list[int], batch: int, tokens: int, params: S
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32], help="batch sizes to measure")
     parser.add_argument("--tokens", type=int, default=48, help="tokens generated per request / row")
     parser.add_argument("--prompt-len", type=int, default=8, help="prompt length in tokens")
@@ -79,7 +81,9 @@ def main() -> None:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p)
     bare(model, prompt, 2, 4, params)  # warm up (builds the native step on first use)
 
-    print(f"RWKV-7 L{layers}-D{width} V65536, prompt {len(prompt)}, {args.tokens} tokens, {args.rounds} rounds")
+    print(
+        f"RWKV-7 L{layers}-D{width} V65536, prompt {len(prompt)}, {args.tokens} tokens, {args.rounds} rounds"
+    )
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     print(f"{'batch':>5} {'bare tok/s':>11} {'engine tok/s':>13} {'engine/bare':>12} {'load':>6}")
     for batch in args.batches:

@@ -380,7 +380,9 @@ class Engine:
         sampled = self._sample()
         for row, request in enumerate(self._decoding):
             token = sampled.get(row)
-            if isinstance(token, RwkvkitError):  # e.g. its bans rule out every token: this request alone fails
+            if isinstance(
+                token, RwkvkitError
+            ):  # e.g. its bans rule out every token: this request alone fails
                 ending[row] = ("error", str(token))
                 continue
             out = request.decoder.finish("length") if token is None else request.decoder.take(token)
