@@ -261,7 +261,7 @@ def sample_rows(decoders: list[SequenceDecoder], logits: torch.Tensor) -> list[i
                 except RwkvkitError as e:
                     out[i] = e
         else:
-            for i, token in zip(rows, ids):
+            for i, token in zip(rows, ids, strict=True):
                 out[i] = token
     return out
 
@@ -289,6 +289,6 @@ def _sample_group(
             ids[j] = int(torch.multinomial(row, num_samples=1, generator=generator))
     if unseeded:
         drawn = torch.multinomial(probs[unseeded], num_samples=1).view(-1).tolist()  # (U,)
-        for j, token in zip(unseeded, drawn):
+        for j, token in zip(unseeded, drawn, strict=True):
             ids[j] = token
     return ids

@@ -403,7 +403,7 @@ class Engine:
             return {}
         logits = torch.stack([self._decoding[row].logits for row in rows])  # (R, V)
         tokens = sample_rows([self._decoding[row].decoder for row in rows], logits)
-        return dict(zip(rows, tokens))
+        return dict(zip(rows, tokens, strict=True))
 
     def _feed(self, rows: list[int], tokens: list[int]) -> RWKVState:
         """Run ``tokens`` (one per row of ``rows``) through the model in one batched call; set each row's
