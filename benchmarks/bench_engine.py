@@ -6,9 +6,10 @@ random weights, with the world tokenizer), it alternates ``--rounds`` times:
 (a) bare: the state after prefilling a short prompt (B copies), then ``--tokens`` one-token calls
     ``model(tokens (B, 1), state)``, each followed by one batched ``sample_logits`` with the same settings
     the engine's requests use; tokens/s = B * tokens / time;
-(b) engine: B requests with the same prompt and ``max_tokens`` (no stop tokens, so every request runs to
-    the end), stepped on this thread; tokens/s counts the tokens generated from the step at which every
-    request is decoding (the prefills are done) to the end.
+(b) engine: B requests with the same prompt and ``max_tokens`` = tokens + B (no stop tokens, so every
+    request runs to the end), stepped on this thread; tokens/s counts the tokens generated from the step
+    at which every request is decoding (the prefills are done, one per step) to the step at which the
+    first request finishes (so every step counted decodes all B rows).
 
 It prints the medians, the ratio engine / bare and the load average. The machine may be shared: the
 ratio within one run is what counts, not the absolute numbers.
@@ -50,14 +51,16 @@ def bare(model, prompt: list[int], batch: int, tokens: int, params: SamplingPara
 def engine_run(model, tok, prompt: list[int], batch: int, tokens: int, params: SamplingParams) -> float:
     """Tokens/s of the Engine from the step at which all ``batch`` requests are decoding to the end."""
     engine = Engine(model, tok, max_batch=batch, max_waiting=batch)
-    for _ in range(batch):
-        engine.submit(prompt, params=params, max_tokens=tokens, stop_tokens=[])
-    start, done = None, 0
-    while engine.has_work():
-        if start is None and len(engine._decoding) == batch:  # every prompt is prefilled
-            start, done = time.perf_counter(), engine.counters["generated_tokens"]
+    for _ in range(batch):  # one prompt is prefilled per step: the first request decodes that much longer
+        engine.submit(prompt, params=params, max_tokens=tokens + batch, stop_tokens=[])
+    while len(engine._decoding) < batch:  # one prompt is prefilled per step
         engine.step()
-    return (engine.counters["generated_tokens"] - done) / (time.perf_counter() - start)
+    start, done = time.perf_counter(), engine.counters["generated_tokens"]
+    while engine.counters["finished"] == 0:  # every step of this window decodes all B rows
+        engine.step()
+    rate = (engine.counters["generated_tokens"] - done) / (time.perf_counter() - start)
+    engine.run_until_idle()
+    return rate
 
 
 def main() -> None:

@@ -354,3 +354,22 @@ def test_sample_rows_equals_each_decoder_alone():
     alone = [d.sample(logits[i]) for i, d in enumerate(decoders())]
     assert batched[:5] == alone[:5]
     assert 0 <= batched[5] < 256
+
+
+def test_sample_rows_fails_only_the_row_with_unusable_logits():
+    """A NaN row in a group of rows with the same settings fails alone; the other rows still sample as
+    their decoders alone do."""
+    bytes_tok = load_tokenizer("byte")
+    logits = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))  # (B, V)
+    logits[1, 7] = float("nan")
+
+    def decoders():
+        return [
+            SequenceDecoder(bytes_tok, SamplingParams(seed=s), vocab_size=256, max_tokens=5)
+            for s in (1, 2, 3)
+        ]
+
+    batched = sample_rows(decoders(), logits)
+    assert isinstance(batched[1], RwkvkitError)
+    fresh = decoders()
+    assert [batched[0], batched[2]] == [fresh[0].sample(logits[0]), fresh[2].sample(logits[2])]

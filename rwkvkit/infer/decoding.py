@@ -44,6 +44,7 @@ from rwkvkit.infer.sampling import (
     sample_logits,
     sampling_distribution,
     seeded_generator,
+    unusable_logits,
 )
 from rwkvkit.tokenizer import IncrementalDecoder
 
@@ -271,9 +272,10 @@ def _sample_group(
 ) -> list[int] | None:
     """The tokens of ``rows`` (plain decoders sharing ``key``), or None if some row's logits are unusable."""
     vocab, temperature, top_p, top_k, min_p = key
-    index = torch.tensor(rows, device=logits.device)
-    batch = logits.index_select(0, index)[:, :vocab].float()  # (G, V')
-    if bool(torch.isnan(batch).any() | torch.isposinf(batch).any() | torch.isneginf(batch).all(dim=-1).any()):
+    if len(rows) < logits.shape[0]:
+        logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # (G, V)
+    batch = logits[:, :vocab].float()  # (G, V')
+    if unusable_logits(batch):
         return None  # each row alone then raises (or samples) as it would alone
     if temperature < GREEDY_BELOW:
         return batch.argmax(dim=-1).tolist()

@@ -98,6 +98,14 @@ def _tempered(
     return torch.softmax(scores, dim=-1)
 
 
+def unusable_logits(batch: torch.Tensor) -> bool:
+    """Whether some row of ``batch`` (B, V) holds NaN or +inf, or is -inf everywhere (nothing to sample)."""
+    if bool(torch.isfinite(batch).all()):  # the usual case, in one pass
+        return False
+    bad = torch.isnan(batch).any() | torch.isposinf(batch).any()
+    return bool(bad | torch.isneginf(batch).all(dim=-1).any())
+
+
 def sample_logits(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -123,7 +131,7 @@ def sample_logits(
         raise RwkvkitError(f"logits must have shape (V,) or (B, V), got {tuple(logits.shape)}")
     single = logits.dim() == 1
     batch = logits.float().view(1, -1) if single else logits.float()  # (B, V)
-    if bool(torch.isnan(batch).any() | torch.isposinf(batch).any() | torch.isneginf(batch).all(dim=-1).any()):
+    if unusable_logits(batch):
         raise RwkvkitError(
             "logits contain NaN or +inf, or rule out every token (a numerical overflow? try fp32 or bf16)"
         )
