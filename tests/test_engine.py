@@ -15,6 +15,7 @@ from checkpoints import random_state_dict
 
 from rwkvkit import RwkvkitError
 from rwkvkit.infer import generate_text
+from rwkvkit.infer.decoding import SequenceDecoder, sample_rows
 from rwkvkit.infer.engine import Engine, EngineFull, FinishEvent, TextEvent
 from rwkvkit.infer.sampling import SamplingParams, TokenPenalty, adjust_logits, candidate_mask
 from rwkvkit.models import model_from_state_dict
@@ -299,3 +300,76 @@ def test_a_request_that_cannot_sample_fails_alone(model, tok):
     assert bad.finish.reason == "error" and "every token" in bad.finish.error
     assert ok.finish.reason == "length" and len(ok.finish.tokens) == 8
     assert engine.stats()["failed"] == 1
+
+
+def test_mixed_settings_in_one_batch_each_match_generate_alone(model, tok):
+    """Rows are sampled in batches (groups of the same settings share one softmax / filter); every request
+    still gets exactly the tokens it gets alone through generate: seeded groups with different seeds,
+    greedy rows, a top-k / min-p group, a penalised and a biased row (sampled on their own), with
+    different max_tokens so that rows leave mid-batch and waiting requests join (3 slots, 9 requests)."""
+    cases = [
+        (SamplingParams(temperature=1.0, seed=1), 12),
+        (SamplingParams(temperature=1.0, seed=2), 20),
+        (SamplingParams(temperature=0), 9),
+        (SamplingParams(temperature=1.0, seed=3), 16),
+        (SamplingParams(temperature=0.7, top_k=5, min_p=0.05, seed=4), 14),
+        (SamplingParams(temperature=0.7, top_k=5, min_p=0.05, seed=5), 11),
+        (SamplingParams(temperature=1.0, presence_penalty=0.5, frequency_penalty=0.3, seed=6), 13),
+        (SamplingParams(temperature=1.0, logit_bias={65: 5.0}, seed=7), 10),
+        (SamplingParams(temperature=0), 18),
+    ]
+    engine = Engine(model, tok, max_batch=3)
+    got = []
+    for i, (params, n) in enumerate(cases):
+        c = Collector()
+        engine.submit(tok.encode(PROMPTS[i % len(PROMPTS)]), params, max_tokens=n, stop_tokens=(), on_event=c)
+        got.append(c)
+    engine.run_until_idle()
+    for i, ((params, n), c) in enumerate(zip(cases, got, strict=True)):
+        ref = generate_text(
+            model, tok, PROMPTS[i % len(PROMPTS)], max_tokens=n, sampling=params, stop_tokens=()
+        )
+        assert c.finish.reason == "length" and c.finish.tokens == ref.tokens, i
+        assert "".join(c.pieces) == c.finish.text == ref.text
+
+
+def test_sample_rows_equals_each_decoder_alone():
+    """sample_rows over a batch (seeded, unseeded and greedy rows, two filter settings) gives each seeded
+    or greedy row the token its decoder's own sample() gives from a fresh generator with the same seed."""
+    bytes_tok = load_tokenizer("byte")
+    logits = torch.randn(6, 256, generator=torch.Generator().manual_seed(0)) * 2  # (B, V)
+    settings = [
+        SamplingParams(temperature=1.0, seed=10),
+        SamplingParams(temperature=1.0, seed=11),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8, top_p=0.7, seed=12),
+        SamplingParams(temperature=0.8, top_p=0.7, seed=13),
+        SamplingParams(temperature=1.0),  # unseeded: any token with a nonzero probability
+    ]
+
+    def decoders():
+        return [SequenceDecoder(bytes_tok, p, vocab_size=256, max_tokens=5) for p in settings]
+
+    batched = sample_rows(decoders(), logits)
+    alone = [d.sample(logits[i]) for i, d in enumerate(decoders())]
+    assert batched[:5] == alone[:5]
+    assert 0 <= batched[5] < 256
+
+
+def test_sample_rows_fails_only_the_row_with_unusable_logits():
+    """A NaN row in a group of rows with the same settings fails alone; the other rows still sample as
+    their decoders alone do."""
+    bytes_tok = load_tokenizer("byte")
+    logits = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))  # (B, V)
+    logits[1, 7] = float("nan")
+
+    def decoders():
+        return [
+            SequenceDecoder(bytes_tok, SamplingParams(seed=s), vocab_size=256, max_tokens=5)
+            for s in (1, 2, 3)
+        ]
+
+    batched = sample_rows(decoders(), logits)
+    assert isinstance(batched[1], RwkvkitError)
+    fresh = decoders()
+    assert [batched[0], batched[2]] == [fresh[0].sample(logits[0]), fresh[2].sample(logits[2])]

@@ -185,3 +185,17 @@ def test_a_tiny_temperature_is_greedy_not_an_error(temperature):
     logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(1))
     ids = sample_logits(logits, temperature=temperature, generator=torch.Generator().manual_seed(0))
     assert torch.equal(ids, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_unfiltered_sampling_draws_from_the_tempered_softmax(temperature):
+    """top_p=1, top_k=0 (or >= V), min_p=0 skip the candidate mask: the distribution is then
+    softmax(logits / temperature), and a seeded draw is torch.multinomial's on it."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4)) * 3
+    expected = torch.softmax(logits / temperature, dim=-1)
+    for top_k in (0, 50, 80):
+        got = sampling_distribution(logits, temperature, 1.0, top_k)
+        assert torch.allclose(got, expected, atol=1e-6)
+    ids = sample_logits(logits, temperature, generator=torch.Generator().manual_seed(9))
+    ref = torch.multinomial(expected, 1, generator=torch.Generator().manual_seed(9)).view(-1)
+    assert ids.tolist() == ref.tolist()

@@ -37,11 +37,14 @@ import torch
 
 from rwkvkit.errors import RwkvkitError, check_int
 from rwkvkit.infer.sampling import (
+    GREEDY_BELOW,
     SamplingParams,
     TokenPenalty,
     adjust_logits,
     sample_logits,
+    sampling_distribution,
     seeded_generator,
+    unusable_logits,
 )
 from rwkvkit.tokenizer import IncrementalDecoder
 
@@ -166,6 +169,12 @@ class SequenceDecoder:
         """Whether ``max_tokens`` tokens have been generated (the next step ends the sequence)."""
         return len(self.tokens) >= self.max_tokens
 
+    @property
+    def plain(self) -> bool:
+        """Whether sampling needs only the logits and the four filter settings (no bias, bans, penalties)."""
+        params = self.params
+        return not (params.logit_bias or params.banned_tokens or params.penalised)
+
     def sample(self, logits: torch.Tensor) -> int:
         """The next token from ``logits`` (V,) under this sequence's settings (no bookkeeping)."""
         logits = logits[: self.usable_vocab]  # (V',)
@@ -186,7 +195,11 @@ class SequenceDecoder:
             raise RwkvkitError(f"this sequence has finished ({self.finish_reason})")
         if self.exhausted:
             return self.finish("length")
-        token = self.sample(logits)
+        return self.take(self.sample(logits))
+
+    def take(self, token: int) -> DecodeStep:
+        """The bookkeeping of :meth:`step` for a ``token`` already sampled (by :meth:`sample` or
+        :func:`sample_rows`) while the sequence is neither finished nor exhausted."""
         if token in self.stop_tokens:
             return self.finish("stop", token)
         self.tokens.append(token)
@@ -223,3 +236,61 @@ class SequenceDecoder:
         if self._penalty is None and self.params.penalised:
             self._penalty = TokenPenalty(self.usable_vocab, device=device)
         return self._penalty
+
+
+def sample_rows(decoders: list[SequenceDecoder], logits: torch.Tensor) -> list[int | RwkvkitError]:
+    """Each decoder's :meth:`~SequenceDecoder.sample` of its row of ``logits`` (B, V), batched.
+
+    Rows whose decoders are :attr:`~SequenceDecoder.plain` with the same vocabulary and filter settings
+    share one softmax / filter; a seeded row then draws from its own generator (the same draw as alone),
+    unseeded rows in one draw from torch's global random state. Other rows, and every row of a group
+    whose logits are unusable, go through ``sample`` one by one. A row that cannot be sampled gets the
+    RwkvkitError that ``sample`` raised.
+    """
+    out: list[int | RwkvkitError] = [0] * len(decoders)
+    groups: dict[tuple, list[int]] = {}
+    for i, decoder in enumerate(decoders):
+        p = decoder.params
+        key = (decoder.usable_vocab, p.temperature, p.top_p, p.top_k, p.min_p) if decoder.plain else None
+        groups.setdefault(key, []).append(i)
+    for key, rows in groups.items():
+        ids = _sample_group(decoders, logits, key, rows) if key is not None and len(rows) > 1 else None
+        if ids is None:
+            for i in rows:
+                try:
+                    out[i] = decoders[i].sample(logits[i])
+                except RwkvkitError as e:
+                    out[i] = e
+        else:
+            for i, token in zip(rows, ids, strict=True):
+                out[i] = token
+    return out
+
+
+def _sample_group(
+    decoders: list[SequenceDecoder], logits: torch.Tensor, key: tuple, rows: list[int]
+) -> list[int] | None:
+    """The tokens of ``rows`` (plain decoders sharing ``key``), or None if some row's logits are unusable."""
+    vocab, temperature, top_p, top_k, min_p = key
+    if len(rows) < logits.shape[0]:
+        logits = logits.index_select(0, torch.tensor(rows, device=logits.device))  # (G, V)
+    batch = logits[:, :vocab].float()  # (G, V')
+    if unusable_logits(batch):
+        return None  # each row alone then raises (or samples) as it would alone
+    if temperature < GREEDY_BELOW:
+        return batch.argmax(dim=-1).tolist()
+    probs = sampling_distribution(batch, temperature, top_p, top_k, min_p)  # (G, V')
+    ids = [0] * len(rows)
+    unseeded = [j for j, i in enumerate(rows) if decoders[i].generator is None]
+    for j, i in enumerate(rows):
+        generator = decoders[i].generator
+        if generator is not None:
+            row = probs[j : j + 1]  # (1, V')
+            if generator.device != row.device:
+                row = row.to(generator.device)
+            ids[j] = int(torch.multinomial(row, num_samples=1, generator=generator))
+    if unseeded:
+        drawn = torch.multinomial(probs[unseeded], num_samples=1).view(-1).tolist()  # (U,)
+        for j, token in zip(unseeded, drawn, strict=True):
+            ids[j] = token
+    return ids

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.infer.decoding import SequenceDecoder
+from rwkvkit.infer.decoding import SequenceDecoder, sample_rows
 from rwkvkit.infer.generate import prefill, prefill_spans
 from rwkvkit.infer.sampling import SamplingParams
 from rwkvkit.state import RWKVState
@@ -131,6 +131,8 @@ class Engine:
         self._prefilling: list[Request] = []
         self._decoding: list[Request] = []
         self._batch_state: RWKVState | None = None  # rows = self._decoding
+        # the requests of the last model call and its logits (B, V), row i = theirs: sampled without a copy
+        self._fed: tuple[list[Request], torch.Tensor | None] = ([], None)
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -377,12 +379,15 @@ class Engine:
         those tokens, and row -> (finish reason, what stopped it) for the rows that end this step."""
         fed_rows, fed_tokens = [], []
         ending: dict[int, tuple[str, int | str | None]] = {}
+        sampled = self._sample()
         for row, request in enumerate(self._decoding):
-            try:
-                out = request.decoder.step(request.logits)
-            except RwkvkitError as e:  # e.g. its bans rule out every token: this request alone fails
-                ending[row] = ("error", str(e))
+            token = sampled.get(row)
+            if isinstance(
+                token, RwkvkitError
+            ):  # e.g. its bans rule out every token: this request alone fails
+                ending[row] = ("error", str(token))
                 continue
+            out = request.decoder.finish("length") if token is None else request.decoder.take(token)
             if out.text:
                 request.on_event(TextEvent(out.text))
             if out.token is not None:  # also the last token of a stop string: the state covers it
@@ -392,14 +397,31 @@ class Engine:
                 ending[row] = (out.finish_reason, request.decoder.stop)
         return fed_rows, fed_tokens, ending
 
+    def _sample(self) -> dict[int, int | RwkvkitError]:
+        """The next token (or the error) of every decoding row that has not reached its max_tokens, sampled
+        in batches (``sample_rows``: the same tokens as each request's ``decoder.step`` alone)."""
+        rows = [row for row, request in enumerate(self._decoding) if not request.decoder.exhausted]
+        if not rows:
+            return {}
+        requests = [self._decoding[row] for row in rows]
+        fed, fed_logits = self._fed
+        if len(fed) == len(requests) and all(a is b for a, b in zip(fed, requests, strict=True)):
+            logits = fed_logits  # (R, V) the rows of the last model call, in this order: no copy
+        else:
+            logits = torch.stack([request.logits for request in requests])  # (R, V)
+        tokens = sample_rows([self._decoding[row].decoder for row in rows], logits)
+        return dict(zip(rows, tokens, strict=True))
+
     def _feed(self, rows: list[int], tokens: list[int]) -> RWKVState:
         """Run ``tokens`` (one per row of ``rows``) through the model in one batched call; set each row's
         logits and return the new states of those rows (in that order)."""
         state = self._batch_state if len(rows) == len(self._decoding) else self._batch_state.select(rows)
         x = torch.tensor(tokens, dtype=torch.long, device=self.model.device).view(-1, 1)  # (B, 1)
         logits, new_state = self.model(x, state)  # logits (B, 1, V)
+        last = logits[:, -1].float()  # (B, V)
         for i, row in enumerate(rows):
-            self._decoding[row].logits = logits[i, -1].float()
+            self._decoding[row].logits = last[i]
+        self._fed = ([self._decoding[row] for row in rows], last)
         return new_state
 
     def _finish(

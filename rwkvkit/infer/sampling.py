@@ -56,12 +56,15 @@ def candidate_mask(
     At least one token always survives.
     """
     probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+    if not filters(top_p, top_k, min_p, probs.shape[-1]):
+        return torch.ones_like(probs, dtype=torch.bool)
     if min_p > 0:
         keep_min_p = probs >= min_p * probs.amax(dim=-1, keepdim=True)
     else:
         keep_min_p = None
-    sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)  # (B, V) each
     keep = torch.ones_like(probs, dtype=torch.bool)  # (B, V)
+    if top_p < 1.0 or 0 < top_k < probs.shape[-1]:
+        sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)  # (B, V) each
     if top_p < 1.0:
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # (B, V) exclusive cumsum
         n_nucleus = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
@@ -76,16 +79,31 @@ def candidate_mask(
     return keep
 
 
+def filters(top_p: float, top_k: int, min_p: float, vocab_size: int) -> bool:
+    """Whether top-p / top-k / min-p rule out any token at all (else every token is a candidate)."""
+    return top_p < 1.0 or 0 < top_k < vocab_size or min_p > 0
+
+
 def _tempered(
     batch: torch.Tensor, temperature: float, top_p: float, top_k: int, min_p: float
 ) -> torch.Tensor:
     """Probabilities (B, V) over the top-p/top-k/min-p candidates of ``batch`` at ``temperature`` > 0."""
-    keep = candidate_mask(batch, top_p, top_k, min_p)  # (B, V)
     logp = torch.log_softmax(batch, dim=-1)  # (B, V)
     # log of p ** (1 / temperature), shifted so the most likely token is at exactly 0: a tiny temperature
     # then sends the others to -inf instead of everything to -inf (which would make the softmax NaN)
     scores = (logp - logp.amax(dim=-1, keepdim=True)) / temperature
-    return torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    if filters(top_p, top_k, min_p, batch.shape[-1]):  # (masking nothing would give the same values)
+        keep = candidate_mask(batch, top_p, top_k, min_p)  # (B, V)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def unusable_logits(batch: torch.Tensor) -> bool:
+    """Whether some row of ``batch`` (B, V) holds NaN or +inf, or is -inf everywhere (nothing to sample)."""
+    if bool(torch.isfinite(batch).all()):  # the usual case, in one pass
+        return False
+    bad = torch.isnan(batch).any() | torch.isposinf(batch).any()
+    return bool(bad | torch.isneginf(batch).all(dim=-1).any())
 
 
 def sample_logits(
@@ -113,7 +131,7 @@ def sample_logits(
         raise RwkvkitError(f"logits must have shape (V,) or (B, V), got {tuple(logits.shape)}")
     single = logits.dim() == 1
     batch = logits.float().view(1, -1) if single else logits.float()  # (B, V)
-    if bool(torch.isnan(batch).any() | torch.isposinf(batch).any() | torch.isneginf(batch).all(dim=-1).any()):
+    if unusable_logits(batch):
         raise RwkvkitError(
             "logits contain NaN or +inf, or rule out every token (a numerical overflow? try fp32 or bf16)"
         )
