@@ -68,7 +68,11 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # the torch decode path: this ratio measures the engine's batching. With the native step one
+            # stream alone is ~4x faster, and the ratio falls to ~3x although 32 streams also get faster
+            # (3,141 against 2,188 tok/s, measured 2026-12-03): the engine's per-row Python work is then
+            # what is left (benchmarks/RESULTS.md)
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "RWKVKIT_NATIVE": "0"},
         )
         self.log: list[str] = []
         found = threading.Event()
