@@ -77,6 +77,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     except (NativeBuildError, OSError) as exc:
         return None, str(exc)
     lib.rk_build_info.restype = ctypes.c_char_p
+    lib.rk_matmul.restype = lib.rk_matmul_reference.restype = ctypes.c_int32
     return lib, None
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 RK_F32, RK_BF16, RK_I8, RK_I4 = 0, 1, 2, 3
+FLOAT_KINDS = {torch.float32: RK_F32, torch.bfloat16: RK_BF16}  # the float weights the kernels read
 
 
 class RkMatrix(ctypes.Structure):
@@ -54,22 +55,20 @@ def matrix_for(layer: nn.Module) -> PackedMatrix | None:
     through a ``native_matrix()`` method (the quantized layers of :mod:`rwkvkit.quant.layers`).
     """
     if type(layer) is nn.Linear:
-        w = layer.weight.detach()
-        kinds = {torch.float32: RK_F32, torch.bfloat16: RK_BF16}
-        if layer.bias is None and w.device.type == "cpu" and w.dtype in kinds and w.is_contiguous():
-            return PackedMatrix(kinds[w.dtype], w.shape[0], w.shape[1], w)
+        if layer.bias is None:
+            return float_matrix(layer.weight)
         return None
     describe = getattr(layer, "native_matrix", None)
     return describe() if describe is not None else None
 
 
-def low_rank_matrix(weight: torch.Tensor) -> PackedMatrix | None:
-    """A low-rank factor (in, out) as the checkpoints hold it (``x @ W``: w1, a1, ...), fp32 or bf16."""
+def float_matrix(weight: torch.Tensor) -> PackedMatrix | None:
+    """A 2-D fp32 / bf16 weight as the kernels read it, rows and columns as stored: an ``nn.Linear``
+    weight (out, in), read as x W^T, or a low-rank factor (in, out) as the checkpoints hold it (x @ W)."""
     w = weight.detach()
-    kinds = {torch.float32: RK_F32, torch.bfloat16: RK_BF16}
-    if w.device.type != "cpu" or w.dtype not in kinds or w.dim() != 2 or not w.is_contiguous():
+    if w.device.type != "cpu" or w.dtype not in FLOAT_KINDS or w.dim() != 2 or not w.is_contiguous():
         return None
-    return PackedMatrix(kinds[w.dtype], w.shape[0], w.shape[1], w)
+    return PackedMatrix(FLOAT_KINDS[w.dtype], w.shape[0], w.shape[1], w)
 
 
 def vector(t: torch.Tensor) -> torch.Tensor:
@@ -82,7 +81,6 @@ def matmul(lib, packed: PackedMatrix, x: torch.Tensor, reference: bool = False) 
     x = x.detach().float().contiguous()
     y = torch.empty(x.shape[0], packed.struct.rows)
     fn = lib.rk_matmul_reference if reference else lib.rk_matmul
-    fn.restype = ctypes.c_int32
     rc = fn(ctypes.byref(packed.struct), ctypes.c_int32(x.shape[0]), ctypes.c_void_p(x.data_ptr()),
             ctypes.c_void_p(y.data_ptr()))  # fmt: skip
     if rc != 0:

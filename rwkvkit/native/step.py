@@ -18,7 +18,7 @@ import weakref
 import torch
 
 from rwkvkit.native import is_enabled, load, status
-from rwkvkit.native.matrix import PackedMatrix, RkMatrix, low_rank_matrix, matrix_for, vector
+from rwkvkit.native.matrix import PackedMatrix, RkMatrix, float_matrix, matrix_for, vector
 from rwkvkit.state import RWKVState
 
 MAX_ROWS = 64  # batches up to this many rows decode natively; larger ones stay on torch
@@ -47,7 +47,7 @@ class ModelDescription:
         return v.data_ptr()
 
     def low_rank(self, t: torch.Tensor) -> RkMatrix:
-        return self._struct(low_rank_matrix(t), "low-rank factor")
+        return self._struct(float_matrix(t), "low-rank factor")
 
     def matrix(self, owner, name: str) -> RkMatrix:
         """The descriptor of the layer ``owner.name`` (an ``nn.Linear`` or a quantized layer)."""
