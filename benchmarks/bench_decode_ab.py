@@ -7,7 +7,9 @@ layout once (fp32 ``.pth`` and its int8 / int4 group-64 quantizations), then run
 processes, alternating the trees inside each round (A B, then B A, ...). Each process imports rwkvkit
 from its tree (``PYTHONPATH``), loads one checkpoint, warms up and reports the median tokens/s of
 ``--repeats`` decode runs at each batch size (one token per call, carried state). The table shows the
-median over rounds per tree and the ratio B / A, with the load average before and after.
+median over rounds per tree, the ratio of those medians, and the median of the per-round ratios (B over the
+A process run next to it: the pairing cancels most of the drift between rounds), with the load average
+before and after.
 
     python benchmarks/bench_decode_ab.py --before ../before --after . --versions 7 6
 """
@@ -109,13 +111,16 @@ def main() -> None:
 
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print(f"decode tokens/s, {args.shape}, median of {args.rounds} processes x {args.repeats} runs")
-    print("| version | format | batch | A tok/s | B tok/s | B / A |")
-    print("|---|---|---|---|---|---|")
+    print("| version | format | batch | A tok/s | B tok/s | B / A | paired B / A (min-max) |")
+    print("|---|---|---|---|---|---|---|")
     for (version, fmt), runs in results.items():
         for batch in args.batches:
-            a = statistics.median(run[f"b{batch}"] for run in runs["A"])
-            b = statistics.median(run[f"b{batch}"] for run in runs["B"])
-            print(f"| v{version} | {fmt} | {batch} | {a:.1f} | {b:.1f} | {b / a:.3f} |")
+            a_runs = [run[f"b{batch}"] for run in runs["A"]]
+            b_runs = [run[f"b{batch}"] for run in runs["B"]]
+            a, b = statistics.median(a_runs), statistics.median(b_runs)
+            paired = [rb / ra for ra, rb in zip(a_runs, b_runs, strict=True)]
+            spread = f"{statistics.median(paired):.3f} ({min(paired):.3f}-{max(paired):.3f})"
+            print(f"| v{version} | {fmt} | {batch} | {a:.1f} | {b:.1f} | {b / a:.3f} | {spread} |")
 
 
 if __name__ == "__main__":

@@ -108,15 +108,23 @@ def rwkvkit_runners(args: argparse.Namespace, tokens: list[int]):
             model(torch.tensor([tokens[:n]]), last_only=True)
 
     def decode(n, batch=1):
-        with torch.inference_mode():
-            x = torch.tensor([tokens[: 8 + n]] * batch)
-            _, state = model(x[:, :8])
-            t = time.perf_counter()
-            for i in range(n):
-                _, state = model(x[:, 8 + i : 9 + i], state)
-            return n * batch / (time.perf_counter() - t)
+        return rwkvkit_decode_speed(model, tokens, n, batch)
 
     return run_prefill, decode, {b: decode for b in args.batches if b > 0}
+
+
+def rwkvkit_decode_speed(model, tokens: list[int], n: int, batch: int = 1) -> float:
+    """Tokens/s of an rwkvkit model decoding ``n`` tokens, one per call, for ``batch`` copies of
+    ``tokens`` after an 8-token prompt (carried state)."""
+    import torch
+
+    with torch.inference_mode():
+        x = torch.tensor([tokens[: 8 + n]] * batch)  # (batch, 8 + n)
+        _, state = model(x[:, :8])
+        t = time.perf_counter()
+        for i in range(n):
+            _, state = model(x[:, 8 + i : 9 + i], state)
+        return n * batch / (time.perf_counter() - t)
 
 
 def worker(args: argparse.Namespace) -> dict:

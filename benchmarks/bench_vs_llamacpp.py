@@ -34,7 +34,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_infer import make_checkpoints, peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
+from bench_infer import (  # noqa: E402
+    make_checkpoints,
+    peak_rss_mb,
+    reset_peak_rss,
+    rss_mb,
+    rwkvkit_decode_speed,
+)
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 WHEELS = Path(os.environ.get("RWKVKIT_CACHE", Path.home() / ".cache" / "rwkvkit")) / "wheels"
@@ -56,13 +62,7 @@ def rwkvkit_worker(args: argparse.Namespace, tokens: list[int]) -> dict:
     out = {"native": step_for(model) is not None}
 
     def decode(n: int, batch: int = 1) -> float:
-        with torch.inference_mode():
-            x = torch.tensor([tokens[: 8 + n]] * batch)
-            _, state = model(x[:, :8])
-            t = time.perf_counter()
-            for i in range(n):
-                _, state = model(x[:, 8 + i : 9 + i], state)
-            return n * batch / (time.perf_counter() - t)
+        return rwkvkit_decode_speed(model, tokens, n, batch)
 
     def prefill(n: int) -> float:
         with torch.inference_mode():

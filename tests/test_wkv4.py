@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from asserts import assert_matches
 
 from rwkvkit.wkv import wkv4
 from rwkvkit.wkv.v4 import (
@@ -69,19 +70,6 @@ def normalized(state, pp_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     aa, bb, pp = state
     scale = torch.exp(pp - pp_ref)
     return aa * scale, bb * scale
-
-
-def assert_matches(x: torch.Tensor, ref: torch.Tensor, name: str, rel: float = 1e-4) -> None:
-    """Norm-based relative error below `rel`, plus elementwise closeness scaled to the reference."""
-    assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(x).all(), f"{name}: non-finite values"
-    if ref.norm() == 0:
-        assert x.abs().max().item() < 1e-6, f"{name}: expected zeros, max |x| = {x.abs().max().item():.3g}"
-        return
-    err = ((x - ref).norm() / ref.norm()).item()
-    assert err < rel, f"{name}: relative error {err:.3g} >= {rel:g}"
-    scale = ref.abs().max().item()
-    torch.testing.assert_close(x, ref, rtol=10 * rel, atol=rel * scale, msg=lambda m: f"{name}: {m}")
 
 
 def assert_states_match(s, s_ref, rel: float = 1e-4) -> None:

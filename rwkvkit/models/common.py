@@ -135,7 +135,8 @@ class RWKVModel(nn.Module):
     """An RWKV language model. ``logits, state = model(tokens, state=None)``.
 
     tokens: LongTensor (B, T); logits: float32 (B, T, V); state: RWKVState continuing the sequences.
-    Subclasses set ``version`` and the two mix classes every block is built from.
+    A version declares itself in its class line, ``class RWKV7(RWKVModel, version="7", time_mix=...,
+    channel_mix=...)``: its version and the two mix classes every block is built from.
     """
 
     version: str = ""
@@ -145,6 +146,18 @@ class RWKVModel(nn.Module):
     quantization: dict | None  # {"scheme", "group_size"} of a quantized model, else None
     source_dtypes: dict[str, torch.dtype]  # each key's dtype in the file the model was loaded from
     source_key_order: list[str]  # that file's key order (empty: the model's own order)
+
+    def __init_subclass__(
+        cls,
+        version: str = "",
+        time_mix: type[nn.Module] | None = None,
+        channel_mix: type[nn.Module] | None = None,
+    ) -> None:
+        super().__init_subclass__()
+        if version:
+            if time_mix is None or channel_mix is None:
+                raise TypeError(f"{cls.__name__}: a version needs both time_mix and channel_mix")
+            cls.version, cls.time_mix, cls.channel_mix = version, time_mix, channel_mix
 
     def __init__(self, config: ModelConfig):
         super().__init__()

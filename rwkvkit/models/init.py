@@ -8,6 +8,7 @@ recipes follow the official trainers (RWKV-LM), including their widths for new m
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -104,6 +105,15 @@ def ramps(C: int, layer_id: int, n_layer: int, device: torch.device) -> Ramps:
     return Ramps(
         channel, (channel / C).view(1, 1, C), layer_id / max(n_layer - 1, 1), 1.0 - layer_id / n_layer
     )
+
+
+def official_layers(model: RWKVModel) -> Iterator[tuple[nn.Module, nn.Module, Ramps]]:
+    """Start the official from-scratch init of ``model`` (:func:`init_shared_`), then yield each layer's
+    time mix, channel mix and :func:`ramps` for the version's own recipe to set (in place)."""
+    init_shared_(model)
+    C, L = model.config.n_embd, model.config.n_layer
+    for layer_id, block in enumerate(model.blocks):
+        yield block.att, block.ffn, ramps(C, layer_id, L, model.device)
 
 
 def time_decay_init(C: int, ratio_0_to_1: float, channel: torch.Tensor) -> torch.Tensor:

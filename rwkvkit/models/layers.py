@@ -16,7 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from rwkvkit.blas import fast_decode_on, linear
 from rwkvkit.config import ModelConfig
@@ -96,13 +96,8 @@ def _into(out: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
 
 
 def run_wkv4(
-    w: torch.Tensor,
-    u: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """WKV-4 for k, v (B, T, A) fp32 from state (B, 3, A) (aa, bb, pp): (y (B, T, A), new state), the new
     state written into ``out`` when given."""
     if one_decode_token(k):
@@ -113,14 +108,8 @@ def run_wkv4(
 
 
 def run_wkv6(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """WKV-5/6 for r, w, k, v (B, T, H, N) fp32, u (H, N), state (B, H, N, N): (y (B, T, H, N), new
     state), the new state written into ``out`` when given."""
     if one_decode_token(r):
@@ -131,15 +120,8 @@ def run_wkv6(
 
 
 def run_wkv7(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """WKV-7 for r, w, k, v, a, b (B, T, H, N) (w fp32), state (B, H, N, N): (y (B, T, H, N) fp32, new
     state), the new state written into ``out`` when given."""
     if one_decode_token(r):
@@ -230,14 +212,14 @@ class MatrixStateTimeMix(nn.Module):
 
     def project_wkv_output(
         self,
-        xr: torch.Tensor,
-        xk: torch.Tensor,
-        xv: torch.Tensor,
-        xg: torch.Tensor,
-        log_decay: torch.Tensor,
-        wkv_state: torch.Tensor,
-        wkv_out: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        xr: Tensor,
+        xk: Tensor,
+        xv: Tensor,
+        xg: Tensor,
+        log_decay: Tensor,
+        wkv_state: Tensor,
+        wkv_out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """The token-shifted inputs x{r,k,v,g} (B, T, C) and the log-decay (B, T, H, N): project r, k, v
         and the gate, run the WKV, normalise per head, gate and project out. Returns (out, new state)."""
         B, T, C = xr.shape

@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from rwkvkit.blas import linear
 from rwkvkit.config import ModelConfig
 from rwkvkit.models.common import RWKVModel
-from rwkvkit.models.init import init_shared_, ramps
+from rwkvkit.models.init import official_layers
 from rwkvkit.models.layers import (
     LerpChannelMix,
     channel_param,
@@ -45,9 +45,7 @@ class TimeMix(nn.Module):
         C, A = config.n_embd, config.dim_att
         self.time_decay = nn.Parameter(torch.zeros(A))
         self.time_first = nn.Parameter(torch.zeros(A))
-        self.time_mix_k = channel_param(C)
-        self.time_mix_v = channel_param(C)
-        self.time_mix_r = channel_param(C)
+        self.time_mix_k, self.time_mix_v, self.time_mix_r = (channel_param(C) for _ in range(3))
         self.key = nn.Linear(C, A, bias=False)
         self.value = nn.Linear(C, A, bias=False)
         self.receptance = nn.Linear(C, A, bias=False)
@@ -55,13 +53,8 @@ class TimeMix(nn.Module):
         self.output_scale = time_mix_output_scale(layer_id)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        shift: torch.Tensor,
-        wkv_state: torch.Tensor,
-        v_first: None,
-        wkv_out: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: None, wkv_out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, None]:
         """x (B, T, C); shift (B, C); wkv_state (B, 3, A) fp32 (aa, bb, pp) -> (out, new state, None)."""
         x_prev = token_shift(x, shift)  # (B, T, C)
         k = linear(self.key, lerp_shift(x, x_prev, self.time_mix_k)).float()  # (B, T, A)
@@ -72,13 +65,8 @@ class TimeMix(nn.Module):
         return linear(self.output, r * y.to(r.dtype) * self.output_scale), wkv_state, v_first
 
 
-class RWKV4(RWKVModel):
+class RWKV4(RWKVModel, version="4", time_mix=TimeMix, channel_mix=ChannelMix):
     """RWKV-4 language model. ``logits, state = model(tokens, state=None)``."""
-
-    version = "4"
-
-    time_mix = TimeMix
-    channel_mix = ChannelMix
 
 
 Model = RWKV4  # the name every version module exports (rwkvkit.models.io.VERSIONS)
@@ -96,15 +84,9 @@ def new_shape(n_embd: int, head_size: int) -> dict[str, int | bool]:
 @torch.no_grad()
 def init_official_(model: RWKV4) -> RWKV4:
     """Initialise every parameter with the official RWKV-4 from-scratch recipe (in place)."""
-    init_shared_(model)
-    cfg = model.config
-    A = cfg.dim_att
-    for layer_id, block in enumerate(model.blocks):
-        _, fraction, ratio_0_to_1, ratio_1_to_almost_0 = ramps(
-            cfg.n_embd, layer_id, cfg.n_layer, model.device
-        )
-        n = torch.arange(A, device=model.device, dtype=torch.float32)
-        att, ffn = block.att, block.ffn
+    A = model.config.dim_att
+    n = torch.arange(A, device=model.device, dtype=torch.float32)
+    for att, ffn, (_, fraction, ratio_0_to_1, ratio_1_to_almost_0) in official_layers(model):
         att.time_decay.copy_(-5 + 8 * (n / max(A - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1))
         zigzag = ((n + 1) % 3 - 1) * 0.5
         att.time_first.copy_(math.log(0.3) + zigzag)

@@ -20,10 +20,11 @@ Legend: B batch, T time, C = n_embd, H heads, N head size.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from rwkvkit.config import ModelConfig
 from rwkvkit.models.common import RWKVModel
-from rwkvkit.models.init import heads_of, init_shared_, ramps, time_decay_init, time_faaaa_init
+from rwkvkit.models.init import heads_of, official_layers, time_decay_init, time_faaaa_init
 from rwkvkit.models.layers import (
     LerpChannelMix,
     MatrixStateTimeMix,
@@ -42,20 +43,14 @@ class TimeMix(MatrixStateTimeMix):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__(config, layer_id)
         C = config.n_embd
-        self.time_mix_k = channel_param(C)
-        self.time_mix_v = channel_param(C)
-        self.time_mix_r = channel_param(C)
-        self.time_mix_g = channel_param(C)
+        self.time_mix_k, self.time_mix_v, self.time_mix_r, self.time_mix_g = (
+            channel_param(C) for _ in range(4)
+        )
         self.time_decay = head_params(config)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        shift: torch.Tensor,
-        wkv_state: torch.Tensor,
-        v_first: None,
-        wkv_out: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: None, wkv_out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, None]:
         """x (B, T, C); shift (B, C); wkv_state (B, H, N, N) fp32 [value, key] -> (out, state, None)."""
         B, T, _ = x.shape
         x_prev = token_shift(x, shift)  # (B, T, C)
@@ -72,13 +67,8 @@ class TimeMix(MatrixStateTimeMix):
         return out, wkv_state, v_first
 
 
-class RWKV5(RWKVModel):
+class RWKV5(RWKVModel, version="5.2", time_mix=TimeMix, channel_mix=ChannelMix):
     """RWKV-5.2 language model. ``logits, state = model(tokens, state=None)``."""
-
-    version = "5.2"
-
-    time_mix = TimeMix
-    channel_mix = ChannelMix
 
 
 Model = RWKV5  # the name every version module exports (rwkvkit.models.io.VERSIONS)
@@ -96,12 +86,8 @@ def new_shape(n_embd: int, head_size: int) -> dict[str, int | bool]:
 @torch.no_grad()
 def init_official_(model: RWKV5) -> RWKV5:
     """Initialise every parameter with the official RWKV-5.2 from-scratch recipe (in place)."""
-    init_shared_(model)
-    cfg = model.config
-    C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
-    for layer_id, block in enumerate(model.blocks):
-        channel, fraction, ratio_0_to_1, ratio_1_to_almost_0 = ramps(C, layer_id, cfg.n_layer, model.device)
-        att, ffn = block.att, block.ffn
+    C, H, N = model.config.n_embd, model.config.n_head, model.config.head_size
+    for att, ffn, (channel, fraction, ratio_0_to_1, ratio_1_to_almost_0) in official_layers(model):
         att.time_mix_k.copy_(fraction**ratio_1_to_almost_0)
         att.time_mix_v.copy_(fraction**ratio_1_to_almost_0 + 0.3 * ratio_0_to_1)
         att.time_mix_r.copy_(fraction ** (0.5 * ratio_1_to_almost_0))

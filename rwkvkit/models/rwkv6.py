@@ -24,12 +24,12 @@ Legend: B batch, T time, C = n_embd, H heads, N head size, D = d_mix, Dd = d_dec
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from rwkvkit.blas import matmul
 from rwkvkit.config import ModelConfig
 from rwkvkit.models.common import RWKVModel
-from rwkvkit.models.init import heads_of, init_shared_, ramps, time_decay_init, time_faaaa_init
+from rwkvkit.models.init import heads_of, official_layers, time_decay_init, time_faaaa_init
 from rwkvkit.models.layers import MatrixStateTimeMix, SquaredReluChannelMix, channel_param, token_shift
 
 
@@ -48,13 +48,8 @@ class TimeMix(MatrixStateTimeMix):
         self.time_decay_w2 = nn.Parameter(torch.zeros(Dd, C))
 
     def forward(
-        self,
-        x: torch.Tensor,
-        shift: torch.Tensor,
-        wkv_state: torch.Tensor,
-        v_first: None,
-        wkv_out: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: None, wkv_out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, None]:
         """x (B, T, C); shift (B, C); wkv_state (B, H, N, N) fp32 [value, key] -> (out, state, None)."""
         B, T, C = x.shape
         xx = token_shift(x, shift) - x  # (B, T, C)
@@ -88,13 +83,8 @@ class ChannelMix(SquaredReluChannelMix):
         return torch.addcmul(x, xx, self.time_maa_k), torch.addcmul(x, xx, self.time_maa_r)
 
 
-class RWKV6(RWKVModel):
+class RWKV6(RWKVModel, version="6", time_mix=TimeMix, channel_mix=ChannelMix):
     """RWKV-6 language model. ``logits, state = model(tokens, state=None)``."""
-
-    version = "6"
-
-    time_mix = TimeMix
-    channel_mix = ChannelMix
 
 
 Model = RWKV6  # the name every version module exports (rwkvkit.models.io.VERSIONS)
@@ -118,12 +108,8 @@ def new_shape(n_embd: int, head_size: int) -> dict[str, int | bool]:
 @torch.no_grad()
 def init_official_(model: RWKV6) -> RWKV6:
     """Initialise every parameter with the official RWKV-6 from-scratch recipe (in place)."""
-    init_shared_(model)
-    cfg = model.config
-    C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
-    for layer_id, block in enumerate(model.blocks):
-        channel, fraction, ratio_0_to_1, ratio_1_to_almost_0 = ramps(C, layer_id, cfg.n_layer, model.device)
-        att, ffn = block.att, block.ffn
+    C, H, N = model.config.n_embd, model.config.n_head, model.config.head_size
+    for att, ffn, (channel, fraction, ratio_0_to_1, ratio_1_to_almost_0) in official_layers(model):
         att.time_maa_x.copy_(1 - fraction**ratio_1_to_almost_0)
         att.time_maa_w.copy_(1 - fraction**ratio_1_to_almost_0)
         att.time_maa_k.copy_(1 - fraction**ratio_1_to_almost_0)

@@ -23,12 +23,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from rwkvkit.blas import linear, matmul
 from rwkvkit.config import ModelConfig
 from rwkvkit.models.common import RWKVModel
-from rwkvkit.models.init import heads_of, init_shared_, lora_width, orthogonal_, ramps
+from rwkvkit.models.init import heads_of, lora_width, official_layers, orthogonal_
 from rwkvkit.models.layers import (
     SquaredReluChannelMix,
     add_matrix_state_projections,
@@ -71,12 +71,12 @@ class TimeMix(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
-        shift: torch.Tensor,
-        wkv_state: torch.Tensor,
-        v_first: torch.Tensor | None,
-        wkv_out: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x: Tensor,
+        shift: Tensor,
+        wkv_state: Tensor,
+        v_first: Tensor | None,
+        wkv_out: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, C) normalised input; shift (B, C); wkv_state (B, H, N, N) fp32; v_first (B, T, C)
         (None in layer 0, which makes it). Returns (out (B, T, C), new wkv_state, v_first)."""
         B, T, C = x.shape
@@ -121,13 +121,8 @@ class ChannelMix(SquaredReluChannelMix):
         return torch.addcmul(x, x_prev - x, self.x_k), None
 
 
-class RWKV7(RWKVModel):
+class RWKV7(RWKVModel, version="7", time_mix=TimeMix, channel_mix=ChannelMix):
     """RWKV-7 language model. ``logits, state = model(tokens, state=None)``."""
-
-    version = "7"
-
-    time_mix = TimeMix
-    channel_mix = ChannelMix
 
 
 Model = RWKV7  # the name every version module exports (rwkvkit.models.io.VERSIONS)
@@ -153,15 +148,11 @@ def new_shape(n_embd: int, head_size: int) -> dict[str, int | bool]:
 @torch.no_grad()
 def init_official_(model: RWKV7) -> RWKV7:
     """Initialise every parameter with the official RWKV-7 from-scratch recipe (in place)."""
-    init_shared_(model)
-    cfg = model.config
-    C, N, L = cfg.n_embd, cfg.head_size, cfg.n_layer
-    for layer_id, block in enumerate(model.blocks):
-        n, fraction, ratio_0_to_1, ratio_1_to_almost_0 = ramps(C, layer_id, L, model.device)
+    C, N = model.config.n_embd, model.config.head_size
+    for att, ffn, (n, fraction, ratio_0_to_1, ratio_1_to_almost_0) in official_layers(model):
         linear = (n / (C - 1) - 0.5).view(1, 1, C)
         z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
         zigzag = (z * z.abs()).view(1, 1, C)
-        att, ffn = block.att, block.ffn
         att.x_r.copy_(1 - fraction ** (0.2 * ratio_1_to_almost_0))
         att.x_w.copy_(1 - fraction ** (0.9 * ratio_1_to_almost_0))
         att.x_k.copy_(1 - fraction ** (0.7 * ratio_1_to_almost_0))

@@ -45,14 +45,45 @@ def _native_kernels(device: torch.device) -> bool:
     return device.type == "cpu" and native.is_enabled() and native.load() is not None
 
 
-class _NativeDescriptor:
-    """Mixin of the quantized layers: their native descriptor (``_native``, ctypes pointers into the
-    layer's buffers) is not copied or pickled with them; the copy makes its own on first use."""
+class _QuantizedLinear(nn.Module):
+    """What the quantized layers share: the choice of kernel per call, and their native descriptor
+    (``_native``, ctypes pointers into the layer's buffers), which is not copied or pickled with them (the
+    copy makes its own on first use). A layer supplies ``native_matrix``, ``_torch_rows`` and
+    ``dequantize``."""
+
+    in_features: int
+    out_features: int
 
     def __getstate__(self):
         state = dict(super().__getstate__())
         state["_native"] = None
         return state
+
+    def native_matrix(self) -> PackedMatrix | None:
+        raise NotImplementedError
+
+    def _torch_rows(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """torch's weight-only kernel for a few rows x2 (M, K), or None where it does not apply."""
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) in x's dtype: the native kernels or torch's weight-only kernel for fewer
+        than PREFILL_ROWS rows on the CPU, else the dequantized weight's GEMM."""
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        y = None
+        if x2.shape[0] < PREFILL_ROWS:
+            if _native_kernels(x.device) and (packed := self.native_matrix()) is not None:
+                y = native_matmul(native.load(), packed, x2)
+            else:
+                y = self._torch_rows(x2)
+        if y is None:
+            dtype = torch.bfloat16 if _cpu_kernels(x.device) else x.dtype
+            y = F.linear(x2.to(dtype), self.dequantize(dtype))
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -73,7 +104,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-class Int8Linear(_NativeDescriptor, nn.Module):
+class Int8Linear(_QuantizedLinear):
     """y = x W^T with W stored as int8 per output channel (see the module docstring)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
@@ -102,18 +133,11 @@ class Int8Linear(_NativeDescriptor, nn.Module):
             self._native = PackedMatrix(RK_I8, self.out_features, self.in_features, self.qweight, self.scales)
         return self._native
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        small = x2.shape[0] < PREFILL_ROWS
-        if small and _native_kernels(x.device) and (packed := self.native_matrix()) is not None:
-            y = native_matmul(native.load(), packed, x2)
-        elif _cpu_kernels(x.device) and small:
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._scales_bf16)
-        else:
-            dtype = torch.bfloat16 if _cpu_kernels(x.device) else x.dtype
-            y = F.linear(x2.to(dtype), self.dequantize(dtype))
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+    def _torch_rows(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """torch's CPU int8 weight-only kernel on a few rows x2 (M, K)."""
+        if not _cpu_kernels(x2.device):
+            return None
+        return torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._scales_bf16)
 
 
 # ---------------------------------------------------------------------------------------------- int4
@@ -172,7 +196,7 @@ def _reads_back(packed: torch.Tensor, values: torch.Tensor) -> bool:
     return _LAYOUT_CHECKED[shape]
 
 
-class Int4Linear(_NativeDescriptor, nn.Module):
+class Int4Linear(_QuantizedLinear):
     """y = x W^T with W stored as int4 in groups of ``group_size`` inputs (see the module docstring)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
@@ -251,17 +275,9 @@ class Int4Linear(_NativeDescriptor, nn.Module):
         zeros = self.zeros.to(dtype).repeat_interleave(self.group_size, dim=1)
         return (q - 8) * scales + zeros
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        small = x2.shape[0] < PREFILL_ROWS
-        if small and _native_kernels(x.device) and (packed := self.native_matrix()) is not None:
-            y = native_matmul(native.load(), packed, x2)
-        elif self._packed is not None and small:
-            y = torch._weight_int4pack_mm_for_cpu(
-                x2.to(torch.bfloat16).contiguous(), self._packed, self.group_size, self._scales_zeros
-            )
-        else:
-            dtype = torch.bfloat16 if _cpu_kernels(x.device) else x.dtype
-            y = F.linear(x2.to(dtype), self.dequantize(dtype))
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+    def _torch_rows(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """torch's CPU int4 weight-only kernel on a few rows x2 (M, K), where the layer is packed for it."""
+        if self._packed is None:
+            return None
+        x2 = x2.to(torch.bfloat16).contiguous()
+        return torch._weight_int4pack_mm_for_cpu(x2, self._packed, self.group_size, self._scales_zeros)

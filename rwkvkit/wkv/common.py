@@ -18,6 +18,7 @@ __all__ = [
     "compute_dtype",
     "full_precision",
     "run_steps",
+    "stack_steps",
     "start_state",
 ]
 
@@ -36,6 +37,14 @@ def start_state(state: torch.Tensor | None, r: torch.Tensor, dt: torch.dtype) ->
     return torch.zeros(B, H, N, N, dtype=dt, device=r.device)  # (B, H, V, K)
 
 
+def stack_steps(ys: list[torch.Tensor], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The per-token outputs ``ys`` (each (B, *rest)) stacked along time into (B, T, *rest) in ``dtype``;
+    ``like`` (B, T, *rest), an input of the op, gives the shape and device of an empty (T = 0) result."""
+    if not ys:
+        return like.new_zeros(like.shape[0], 0, *like.shape[2:], dtype=dtype)
+    return torch.stack(ys, dim=1).to(dtype)
+
+
 def run_steps(
     step: Callable[..., tuple[torch.Tensor, torch.Tensor]],
     per_token: tuple[torch.Tensor, ...],
@@ -49,7 +58,6 @@ def run_steps(
     dtype.
     """
     r = per_token[0]
-    B, T, H, N = r.shape
     dt = compute_dtype(r.dtype)
     S = start_state(state, r, dt)  # (B, H, V, K)
     constants = tuple(c.to(dt) for c in constants)
@@ -57,8 +65,7 @@ def run_steps(
     for x_t in zip(*(x.to(dt).unbind(1) for x in per_token), strict=True):  # each (B, H, N)
         y_t, S = step(*x_t, *constants, S)
         ys.append(y_t)
-    y = torch.stack(ys, dim=1) if T > 0 else r.new_zeros(B, 0, H, N)  # (B, T, H, V)
-    return y.to(r.dtype), S
+    return stack_steps(ys, r, r.dtype), S  # (B, T, H, V)
 
 
 def full_precision(device: torch.device) -> contextlib.AbstractContextManager:

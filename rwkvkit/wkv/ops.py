@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
+from torch import Tensor
 
 from rwkvkit.wkv.common import check_matrix_state
 from rwkvkit.wkv.dispatch import WKVOp, run
@@ -86,15 +86,15 @@ OPS: tuple[WKVOp, ...] = (WKV4, WKV6, WKV7)
 
 
 def wkv4(
-    w: torch.Tensor,
-    u: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    w: Tensor,
+    u: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Sequence[Tensor] | Tensor | None = None,
     *,
     impl: str | None = None,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, WKV4State]:
+) -> tuple[Tensor, WKV4State]:
     """Run the RWKV-4 WKV (see :mod:`rwkvkit.wkv.v4` for the exact contract).
 
     Args:
@@ -112,16 +112,16 @@ def wkv4(
 
 
 def wkv6(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    u: Tensor,
+    state: Tensor | None = None,
     *,
     impl: str | None = None,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Run the RWKV-5.2/6 WKV recurrence (see :mod:`rwkvkit.wkv.v6` for the exact contract).
 
     Args:
@@ -138,17 +138,17 @@ def wkv6(
 
 
 def wkv7(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor | None = None,
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    state: Tensor | None = None,
     *,
     impl: str | None = None,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Run the RWKV-7 WKV recurrence (see :mod:`rwkvkit.wkv.v7` for the exact contract).
 
     Args:

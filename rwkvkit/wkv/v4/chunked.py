@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
-from rwkvkit.wkv.common import compute_dtype
-from rwkvkit.wkv.v4.state import WKV4State, as_state
+from rwkvkit.wkv.v4.state import WKV4State, in_compute_dtype
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "wkv4_chunked"]
 
@@ -37,10 +37,7 @@ def _chunk_summaries(
 
 
 def _scan_chunks(
-    w: torch.Tensor,
-    summaries: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    state: WKV4State,
-    L: int,
+    w: Tensor, summaries: tuple[Tensor, Tensor, Tensor], state: WKV4State, L: int
 ) -> tuple[WKV4State, WKV4State]:
     """Carry the state across chunks of length L: the state entering every chunk, and the final one.
 
@@ -64,13 +61,7 @@ def _scan_chunks(
     return (aa_in, bb_in, pp_in), (aa, bb, pp)
 
 
-def _chunk_outputs(
-    w: torch.Tensor,
-    u: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    entering: WKV4State,
-) -> torch.Tensor:
+def _chunk_outputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor, entering: WKV4State) -> Tensor:
     """The outputs of every chunk given the state entering it. w, u (C,); k, v (B, n, L, C).
 
     Row t of a chunk mixes token i < t with exponent (t-1-i) w + k_i, itself with u + k_t and the
@@ -111,14 +102,14 @@ def _run_chunks(
 
 
 def wkv4_chunked(
-    w: torch.Tensor,
-    u: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    w: Tensor,
+    u: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Sequence[Tensor] | Tensor | None = None,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[torch.Tensor, WKV4State]:
+) -> tuple[Tensor, WKV4State]:
     """Chunk-parallel WKV-4. w, u (C,); k, v (B, T, C); state (aa, bb, pp) or None.
 
     The whole chunks run together; a last partial chunk (T not a multiple of chunk_size) runs as one
@@ -126,9 +117,7 @@ def wkv4_chunked(
     """
     B, T, C = k.shape
     out_dtype = k.dtype
-    state = as_state(state, B, C, k)
-    dt = compute_dtype(k.dtype)
-    w, u, k, v = (x.to(dt) for x in (w, u, k, v))
+    (w, u, k, v), state = in_compute_dtype(w, u, k, v, state)
 
     L = max(1, min(chunk_size, T))
     n_full, rest = divmod(T, L)

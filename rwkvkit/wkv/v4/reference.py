@@ -9,29 +9,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
-from rwkvkit.wkv.common import compute_dtype
-from rwkvkit.wkv.v4.state import WKV4State, as_state
+from rwkvkit.wkv.common import stack_steps
+from rwkvkit.wkv.v4.state import WKV4State, in_compute_dtype
 
 __all__ = ["wkv4_reference"]
 
 
 def wkv4_reference(
-    w: torch.Tensor,
-    u: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: Sequence[torch.Tensor] | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, WKV4State]:
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Sequence[Tensor] | Tensor | None = None
+) -> tuple[Tensor, WKV4State]:
     """Run the stable recurrence step by step. w, u (C,); k, v (B, T, C); state (aa, bb, pp) or None.
 
     Returns y (B, T, C) in k's dtype and the final (aa, bb, pp), each (B, C), in the compute dtype.
     """
-    B, T, C = k.shape
     out_dtype = k.dtype
-    aa, bb, pp = as_state(state, B, C, k)
-    dt = compute_dtype(k.dtype)
-    w, u, k, v = (x.to(dt) for x in (w, u, k, v))
+    (w, u, k, v), (aa, bb, pp) = in_compute_dtype(w, u, k, v, state)
 
     ys = []
     for k_t, v_t in zip(k.unbind(1), v.unbind(1), strict=True):  # each (B, C)
@@ -48,5 +42,4 @@ def wkv4_reference(
         bb = e1 * bb + e2
         pp = p
 
-    y = torch.stack(ys, dim=1) if T > 0 else k.new_zeros(B, 0, C)  # (B, T, C)
-    return y.to(out_dtype), (aa, bb, pp)
+    return stack_steps(ys, k, out_dtype), (aa, bb, pp)  # (B, T, C)

@@ -12,7 +12,15 @@ import torch
 
 from rwkvkit.wkv.common import check_tensors, compute_dtype
 
-__all__ = ["PP_INIT", "WKV4State", "as_state", "check_state", "wkv4_log_decay", "wkv4_zero_state"]
+__all__ = [
+    "PP_INIT",
+    "WKV4State",
+    "as_state",
+    "check_state",
+    "in_compute_dtype",
+    "wkv4_log_decay",
+    "wkv4_zero_state",
+]
 
 WKV4State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (aa, bb, pp), each (B, C)
 
@@ -47,6 +55,19 @@ def as_state(
         return wkv4_zero_state(B, C, like.device, dt)
     aa, bb, pp = state.unbind(0) if isinstance(state, torch.Tensor) else state
     return aa.to(dt), bb.to(dt), pp.to(dt)
+
+
+def in_compute_dtype(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: Sequence[torch.Tensor] | torch.Tensor | None,
+) -> tuple[tuple[torch.Tensor, ...], WKV4State]:
+    """The inputs of a WKV-4 form, (w, u, k, v) and the state (aa, bb, pp), in the compute dtype of k
+    (the fresh state for None); every form starts so."""
+    dt = compute_dtype(k.dtype)
+    return tuple(x.to(dt) for x in (w, u, k, v)), as_state(state, k.shape[0], k.shape[2], k)
 
 
 def check_state(op: str, state: Sequence[torch.Tensor] | torch.Tensor | None, k: torch.Tensor) -> None:

@@ -11,22 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
-from rwkvkit.wkv.common import compute_dtype
-from rwkvkit.wkv.v4.state import WKV4State, as_state
+from rwkvkit.wkv.common import stack_steps
+from rwkvkit.wkv.v4.state import WKV4State, in_compute_dtype
 
 __all__ = ["wkv4_recurrent", "wkv4_step"]
 
 
 def _advance(
-    w: torch.Tensor,
-    u: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    aa: torch.Tensor,
-    bb: torch.Tensor,
-    pp: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, aa: Tensor, bb: Tensor, pp: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One token: w, u (C,); k, v, aa, bb, pp (B, C). Returns y and the new aa, bb, pp, each (B, C)."""
     ww = u + k
     p = torch.maximum(pp, ww)
@@ -39,13 +34,8 @@ def _advance(
 
 
 def wkv4_step(
-    w: torch.Tensor,
-    u: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One step for B sequences (the decode fast path): w, u (C,); k, v (B, C) fp32; state (B, 3, C)
     stacked (aa, bb, pp). Returns y (B, C) fp32 and the new state (B, 3, C), written into ``out`` when
     given (a slice of the whole model's next state: no copy afterwards).
@@ -58,24 +48,14 @@ def wkv4_step(
 
 
 def wkv4_recurrent(
-    w: torch.Tensor,
-    u: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: Sequence[torch.Tensor] | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, WKV4State]:
-    """The step kernel's arithmetic once per token. w, u (C,); k, v (B, T, C); state (aa, bb, pp) or None.
-
-    Returns y (B, T, C) in k's dtype and the final (aa, bb, pp), each (B, C), in the compute dtype.
-    """
-    B, T, C = k.shape
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Sequence[Tensor] | Tensor | None = None
+) -> tuple[Tensor, WKV4State]:
+    """The step kernel's arithmetic once per token; the contract of
+    :func:`rwkvkit.wkv.v4.reference.wkv4_reference`."""
     out_dtype = k.dtype
-    aa, bb, pp = as_state(state, B, C, k)
-    dt = compute_dtype(k.dtype)
-    w, u, k, v = (x.to(dt) for x in (w, u, k, v))
+    (w, u, k, v), (aa, bb, pp) = in_compute_dtype(w, u, k, v, state)
     ys = []
     for k_t, v_t in zip(k.unbind(1), v.unbind(1), strict=True):  # each (B, C)
         y_t, aa, bb, pp = _advance(w, u, k_t, v_t, aa, bb, pp)
         ys.append(y_t)
-    y = torch.stack(ys, dim=1) if T > 0 else k.new_zeros(B, 0, C)  # (B, T, C)
-    return y.to(out_dtype), (aa, bb, pp)
+    return stack_steps(ys, k, out_dtype), (aa, bb, pp)  # (B, T, C)

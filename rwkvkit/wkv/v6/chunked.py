@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from rwkvkit.wkv.common import compute_dtype, start_state
 
@@ -87,16 +88,16 @@ def _intra_fast(r_: torch.Tensor, w_: torch.Tensor, k_: torch.Tensor, v_: torch.
 
 
 def wkv6_chunked(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    u: Tensor,
+    state: Tensor | None = None,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     pairwise: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Chunk-parallel evaluation of the recurrence; backward by autograd.
 
     The sequence is cut into chunks of n steps (n = chunk_size, or T rounded up to a multiple of

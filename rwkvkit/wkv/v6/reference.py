@@ -7,26 +7,21 @@ in-place writes). Call it through :func:`rwkvkit.wkv.wkv6` (``impl="reference"``
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from rwkvkit.wkv.common import compute_dtype, start_state
+from rwkvkit.wkv.common import compute_dtype, stack_steps, start_state
 
 __all__ = ["wkv6_reference"]
 
 
 def wkv6_reference(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Run the recurrence one time step at a time (autograd friendly, no in-place writes).
 
     Args: r, w, k, v of shape (B, T, H, N); u (H, N); state (B, H, N, N) as [value, key] or None.
     Returns: y (B, T, H, N) in r's dtype and the final state (B, H, N, N) in the compute dtype.
     """
-    B, T, H, N = r.shape
     out_dtype = r.dtype
     dt = compute_dtype(r.dtype)
     r, w, k, v = (x.to(dt) for x in (r, w, k, v))  # (B, T, H, N)
@@ -40,5 +35,4 @@ def wkv6_reference(
         ys.append((S @ r_t.unsqueeze(-1)).squeeze(-1) + bonus * v_t)  # (B, H, V), OLD state
         S = S * d_t.unsqueeze(-2) + v_t.unsqueeze(-1) * k_t.unsqueeze(-2)  # (B, H, V, K)
 
-    y = torch.stack(ys, dim=1) if T > 0 else r.new_zeros(B, 0, H, N)  # (B, T, H, V)
-    return y.to(out_dtype), S
+    return stack_steps(ys, r, out_dtype), S  # (B, T, H, V)

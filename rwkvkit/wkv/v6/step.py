@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from rwkvkit.blas import state_matvec
 from rwkvkit.wkv.common import run_steps
@@ -15,14 +16,8 @@ __all__ = ["wkv6_recurrent", "wkv6_step"]
 
 
 def wkv6_step(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One step of the recurrence for B sequences (the decode fast path): r, w, k, v (B, H, N), u (H, N),
     state (B, H, N, N) fp32 [value, key]; returns y (B, H, N) fp32 and the new state, written into ``out``
     (B, H, N, N) when given (a slice of the whole model's next state: no copy afterwards).
@@ -37,13 +32,8 @@ def wkv6_step(
 
 
 def wkv6_recurrent(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """:func:`wkv6_step` once per token; the contract of :func:`rwkvkit.wkv.v6.reference.wkv6_reference`.
 
     Args: r, w, k, v of shape (B, T, H, N); u (H, N); state (B, H, N, N) as [value, key] or None.

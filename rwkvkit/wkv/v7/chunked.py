@@ -56,6 +56,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from rwkvkit.wkv.common import compute_dtype, full_precision, start_state
 
@@ -275,15 +276,15 @@ def check_w_range(tensors: Sequence[torch.Tensor], chunk_size: int) -> None:
 
 
 def wkv7_chunked(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor | None = None,
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    state: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Chunk-parallel evaluation; same contract as :func:`rwkvkit.wkv.v7.reference.wkv7_reference` plus
     `chunk_size`.
 

@@ -17,27 +17,21 @@ Call it through :func:`rwkvkit.wkv.wkv7` (``impl="reference"``), which validates
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from rwkvkit.wkv.common import compute_dtype, start_state
+from rwkvkit.wkv.common import compute_dtype, stack_steps, start_state
 
 __all__ = ["wkv7_reference"]
 
 
 def wkv7_reference(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Run the recurrence one time step at a time.
 
     Args: r, w, k, v, a, b of shape (B, T, H, N); state (B, H, N, N) as [value, key] or None (zeros).
     Returns: y (B, T, H, N) in r's dtype and the final state (B, H, N, N) in the compute dtype.
     """
-    B, T, H, N = r.shape
     out_dtype = r.dtype
     dt = compute_dtype(r.dtype)
     r, w, k, v, a, b = (x.to(dt) for x in (r, w, k, v, a, b))  # (B, T, H, N)
@@ -56,8 +50,4 @@ def wkv7_reference(
         )  # (B, H, V, K)
         ys.append((S @ r_t.unsqueeze(-1)).squeeze(-1))  # (B, H, V)
 
-    if T > 0:
-        y = torch.stack(ys, dim=1)  # (B, T, H, V)
-    else:
-        y = r.new_zeros(B, 0, H, N)
-    return y.to(out_dtype), S
+    return stack_steps(ys, r, out_dtype), S  # (B, T, H, V)

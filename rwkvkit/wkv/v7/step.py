@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from rwkvkit.blas import state_matvec
 from rwkvkit.wkv.common import run_steps
@@ -15,15 +16,8 @@ __all__ = ["wkv7_recurrent", "wkv7_step"]
 
 
 def wkv7_step(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One step of the recurrence for B sequences (the decode fast path): inputs (B, H, N), state
     (B, H, N, N) fp32 [value, key]; returns y (B, H, N) fp32 and the new state, written into ``out``
     (B, H, N, N) when given (a slice of the whole model's next state: no copy afterwards).
@@ -38,14 +32,8 @@ def wkv7_step(
 
 
 def wkv7_recurrent(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """:func:`wkv7_step` once per token; the contract of :func:`rwkvkit.wkv.v7.reference.wkv7_reference`.
 
     Args: r, w, k, v, a, b of shape (B, T, H, N); state (B, H, N, N) as [value, key] or None (zeros).
