@@ -5,7 +5,11 @@ For a checkpoint (fp32 .pth or a quantized .safetensors) it times one decode ste
 included, called in a loop with inputs of the step's shapes, through the same code path), and prints
 the bytes those read, the rate they read them at and the remainder: the small ops (mixes, norms,
 low-rank matrices, the WKV state update) and Python. With ``--ops`` it adds torch's profiler table of
-the step. The explanations in benchmarks/RESULTS.md come from this script.
+the step. Where the model decodes through the native step (rwkvkit.native), it also reads the library's
+own phase timers over those steps: the packed products (rk_matmul, with the bytes they read and the
+rate), the low-rank products and the WKV (RWKV-7), the rest of the C step (norms, token-shift mixes,
+element-wise work), and the time outside the C call (Python, the embedding row, the state's tensors).
+The explanations in benchmarks/RESULTS.md come from this script.
 
     python benchmarks/profile_decode.py model.pth model-int8.safetensors --batch 1 --ops
 """
@@ -13,12 +17,14 @@ the step. The explanations in benchmarks/RESULTS.md come from this script.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import time
 
 import torch
 from torch import nn
 
+from rwkvkit import native
 from rwkvkit.blas import linear
 from rwkvkit.models import load_model
 from rwkvkit.models.common import _blas_matvecs, _one_torch_thread
@@ -79,6 +85,8 @@ def profile_model(path: str, batch: int, ops: bool) -> None:
             f"{len(layers)} projections alone {products:.1f} ms ({nbytes / 1e6:.0f} MB at "
             f"{nbytes / products / 1e6:.1f} GB/s); everything else {step - products:.1f} ms"
         )
+        if native.step_for(model) is not None:
+            print_native_phases(model, tokens, state, nbytes)
         if ops:
             from torch.profiler import profile
 
@@ -87,6 +95,33 @@ def profile_model(path: str, batch: int, ops: bool) -> None:
                     _, state = model(tokens, state)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
             print("(profiler times are for 10 steps)")
+
+
+def print_native_phases(model: nn.Module, tokens: torch.Tensor, state, nbytes: int, steps: int = 24) -> None:
+    """The native step's phase timers (rwkvkit/native/src/native.h) over ``steps`` decode steps, per token."""
+    lib = native.load()
+    slots = (ctypes.c_double * 3)()
+    lib.rk_profile_read(slots)  # zero them
+    lib.rk_profile_enable(1)
+    try:
+        t = time.perf_counter()
+        for _ in range(steps):
+            _, state = model(tokens, state)
+        wall = (time.perf_counter() - t) / steps * 1e3
+    finally:
+        lib.rk_profile_enable(0)
+    lib.rk_profile_read(slots)
+    products, mix, step = (v / steps * 1e3 for v in slots)
+    rows = [("whole decode call", wall), ("  packed products (rk_matmul)", products)]
+    if step > 0:  # the versions whose step times itself
+        rows += [
+            ("  low-rank products + WKV", mix),
+            ("  rest of the C step (norms, mixes, element-wise)", step - products - mix),
+            ("  outside the C step (Python, embedding, state tensors)", wall - step),
+        ]
+    for name, ms in rows:
+        print(f"    {name:56s} {ms:7.2f} ms  {ms / wall:6.1%}")
+    print(f"    packed products read {nbytes / 1e6:.0f} MB a token at {nbytes / products / 1e6:.1f} GB/s")
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ single-token WKV forms against the operators' step-by-step references, and the h
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from checkpoints import random_state_dict
@@ -214,3 +216,57 @@ def test_decode_products_equal_torch(B):
     assert torch.allclose(layer.weight.grad, x.sum(0, keepdim=True).expand(24, 48), atol=1e-5)
     # other dtypes keep theirs
     assert blas.matmul(x.bfloat16(), w.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bf16_math", [False, True])
+def test_bf16_products_of_many_rows_run_in_fp32_where_the_cpu_lacks_bf16_math(monkeypatch, bf16_math):
+    """On a CPU without bf16 arithmetic, a bf16 layer's product of many rows is the fp32 product rounded
+    to bf16 (exactly); with bf16 arithmetic it is torch's own bf16 product; one row and gradients keep
+    their paths."""
+    monkeypatch.setattr(blas, "cpu_has_bf16_math", lambda: bf16_math)
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(96, 80, bias=False).to(torch.bfloat16)
+    x = torch.randn(2, 7, 96, generator=g).to(torch.bfloat16)  # (B, T, C)
+    b = torch.randn(96, 16, generator=g).to(torch.bfloat16)  # a low-rank factor (C, D)
+    widened = torch.nn.functional.linear(x.float(), layer.weight.float()).to(torch.bfloat16)
+    with torch.no_grad():
+        y, m = blas.linear(layer, x), blas.matmul(x, b)
+        with fast_decode(False):
+            y_off, m_off = blas.linear(layer, x), blas.matmul(x, b)
+    if bf16_math:
+        assert torch.equal(y, layer(x)) and torch.equal(m, x @ b)
+    else:
+        assert torch.equal(y, widened) and torch.equal(m, (x.float() @ b.float()).to(torch.bfloat16))
+    assert torch.equal(y_off, layer(x)) and torch.equal(m_off, x @ b)  # the switch turns it off
+    # the fp32 product is the closer one to the exact product (bf16 rounding of the result only)
+    exact = torch.nn.functional.linear(x.double(), layer.weight.double())
+    assert (widened.double() - exact).abs().max() <= (layer(x).double() - exact).abs().max() + 1e-2
+    xg = x.clone().requires_grad_()
+    assert torch.equal(blas.linear(layer, xg), layer(xg))  # a gradient to record: torch's own product
+
+
+def test_a_bf16_model_prompt_without_bf16_math_matches_the_fp32_model(monkeypatch):
+    """A bf16 model's prompt through the widened products stays within bf16 rounding of the fp32 model."""
+    monkeypatch.setattr(blas, "cpu_has_bf16_math", lambda: False)
+    widened_products = []
+
+    def recording_linear(x, weight):
+        widened_products.append((x.dtype, weight.dtype))
+        return torch.nn.functional.linear(x, weight)
+
+    monkeypatch.setattr(blas, "F", SimpleNamespace(linear=recording_linear))
+    sd = random_state_dict("7", n_layer=2, n_embd=64, vocab_size=97, seed=5)
+    fp32 = model_from_state_dict(sd)
+    bf16 = model_from_state_dict(sd, dtype=torch.bfloat16)
+    tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        exact, _ = fp32(tokens)
+        widened, _ = bf16(tokens)
+        # r, k, v, output and the two channel-mix projections of both layers, and the head: fp32 products
+        assert widened_products == [(torch.float32, torch.float32)] * (2 * 6 + 1)
+        monkeypatch.setattr(blas, "cpu_has_bf16_math", lambda: True)
+        plain, _ = bf16(tokens)
+    assert len(widened_products) == 2 * 6 + 1  # none with bf16 arithmetic
+    scale = exact.abs().max().item()
+    assert (widened - exact).abs().max().item() < 0.05 * scale
+    assert (plain - exact).abs().max().item() < 0.05 * scale

@@ -16,6 +16,7 @@ from rwkvkit import RwkvkitError, load_model, native
 from rwkvkit.blas import fast_decode
 from rwkvkit.cli import main as cli_main
 from rwkvkit.models import load_quantized, model_from_state_dict
+from rwkvkit.quant import layers as quant_layers
 from rwkvkit.quant import quantize_model, quantized_names, save_quantized
 from rwkvkit.quant.layers import (
     PREFILL_ROWS,
@@ -92,6 +93,24 @@ def test_quantized_layers_compute_with_their_dequantized_weights(kind, rows):
     expected = F.linear(x, layer.dequantize(torch.float32))
     # bf16 activations and outputs: relative error of bf16 rounding
     assert (y - expected).norm() / expected.norm() < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("bf16_math", [False, True])
+def test_prompts_dequantize_to_fp32_where_the_cpu_lacks_bf16_math(monkeypatch, kind, bf16_math):
+    """Many rows: the dequantized weight's GEMM, in fp32 on a CPU without bf16 arithmetic (exactly
+    F.linear with the fp32 weights), in bf16 on one with it."""
+    monkeypatch.setattr(quant_layers, "cpu_has_bf16_math", lambda: bf16_math)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 128, generator=g) * 0.05
+    layer = (
+        Int8Linear(*quantize_int8(w)) if kind == "int8" else Int4Linear(*quantize_int4(w, 64), group_size=64)
+    )
+    x = torch.randn(1, PREFILL_ROWS, 128, generator=g)  # (B, T, K)
+    y = layer(x)
+    dtype = torch.bfloat16 if bf16_math else torch.float32
+    assert quant_layers.prompt_dtype(x) == dtype
+    assert torch.equal(y, F.linear(x.to(dtype), layer.dequantize(dtype)).float())
 
 
 def test_a_quantized_model_stays_close_to_fp32():

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rwkvkit.blas import cpu_has_bf16_math
 from rwkvkit.errors import RwkvkitError, check_int
 from rwkvkit.infer.decoding import SequenceDecoder
 from rwkvkit.infer.decoding import StopStringFilter as StopStringFilter  # re-exported: it lived here
@@ -106,11 +107,7 @@ def _forward(model, tokens: list[int], state: RWKVState | None) -> tuple[torch.T
 def bf16_prefill_supported(model) -> bool:
     """Whether bf16 prefill pays on this model's device: a CPU with native bf16 arithmetic
     (AVX512-BF16 or AMX; torch.cpu reports it) and an fp32 model (a bf16 model is bf16 already)."""
-    if model.device.type != "cpu" or model.dtype != torch.float32:
-        return False
-    cpu = torch.cpu
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return model.device.type == "cpu" and model.dtype == torch.float32 and cpu_has_bf16_math()
 
 
 def prefill_precision(model, bf16: bool):

@@ -9,9 +9,10 @@ products; an int4 layer then holds only the portable nibbles those kernels read)
 torch's own weight-only kernels (``torch._weight_int8pack_mm`` and ``torch._weight_int4pack_mm_for_cpu``,
 bf16 activations), which read the small weights directly: decoding, which reads every weight once per
 token, is then limited by the bytes of the quantized weights. For many rows at once (prefill) the
-weights are dequantized to bf16 per call and multiplied there (bf16 GEMM is 2-3x faster than those
-kernels at 512 rows). Elsewhere (CUDA, MPS, ...) the layers dequantize to the activation dtype and use
-``F.linear``: correct everywhere, fast on the CPU.
+weights are dequantized per call and multiplied by a GEMM, in bf16 on a CPU with bf16 arithmetic
+(AVX512-BF16 / AMX: 2-3x faster than those kernels at 512 rows), in fp32 on other CPUs (whose bf16 GEMM is
+several times slower than fp32). Elsewhere (CUDA, MPS, ...) the layers dequantize to the activation
+dtype and use ``F.linear``: correct everywhere, fast on the CPU.
 
 The portable tensors (what a quantized file stores) are ``qweight`` (int8 (N, K), or uint8 (N, K/2)
 holding two int4 values per byte, the even k in the low nibble) with fp32 ``scales`` (and ``zeros``);
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rwkvkit import native
+from rwkvkit.blas import cpu_has_bf16_math
 from rwkvkit.native.matrix import RK_I4, RK_I8, PackedMatrix
 from rwkvkit.native.matrix import matmul as native_matmul
 
@@ -38,6 +40,15 @@ PREFILL_ROWS = 64  # from this many rows on, dequantize to bf16 and use a bf16 G
 
 def _cpu_kernels(device: torch.device) -> bool:
     return device.type == "cpu"
+
+
+def prompt_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a quantized layer dequantizes to for many rows: bf16 on a CPU with bf16 arithmetic
+    (its bf16 GEMM is the fastest there), fp32 on other CPUs (their bf16 GEMM is several times slower than
+    fp32, see rwkvkit.blas), the activations' dtype elsewhere."""
+    if x.device.type != "cpu":
+        return x.dtype
+    return torch.bfloat16 if cpu_has_bf16_math() else torch.float32
 
 
 def _native_kernels(device: torch.device) -> bool:
@@ -81,7 +92,7 @@ class _QuantizedLinear(nn.Module):
             else:
                 y = self._torch_rows(x2)
         if y is None:
-            dtype = torch.bfloat16 if _cpu_kernels(x.device) else x.dtype
+            dtype = prompt_dtype(x)
             y = F.linear(x2.to(dtype), self.dequantize(dtype))
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
