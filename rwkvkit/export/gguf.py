@@ -24,6 +24,12 @@ Layouts (PyTorch order; ggml lists the same dims reversed), C = n_embd, H heads 
            layer 0's v0/v1/v2 (unused there) replaced by copies of a0/a1/a2, which llama.cpp loads with
            the iclr width; ffn.x_k -> channel_mix_lerp_k
 
+llama.cpp runs RWKV-7 heads of a multiple of 64 values only (ggml-cpu's wkv7 kernel walks a head
+GGML_F32_STEP values at a time, 64 with AVX-512 and 32 with AVX2, with no remainder, so a smaller head
+reads and writes past its own values; its CUDA kernel asserts 64 or 128): other head sizes are refused
+rather than written as a file llama.cpp would compute wrongly without a word. Every released RWKV-7 has
+heads of 64. (Its RWKV-6 kernel has a remainder loop: any head size runs.)
+
 Storage types follow llama.cpp's converter: 1-D tensors, norms, biases, time_mix_first, lerp_fused and
 the small low-rank matrices time_mix_w1/w2 (v6 token shift, v7 decay) and time_mix_decay_w1/w2 stay f32;
 every other matrix takes the requested type, and a matrix whose rows are not a whole number of 32-value
@@ -58,6 +64,7 @@ RWKV6_RESCALE_EVERY = 6  # layers per halving of the residual stream in llama.cp
 EOT_TOKEN = b"\n\n"  # llama.cpp's converter marks World id 261 ("\n\n") as end of turn for chat
 WORLD_EOT_ID = 0  # id 0 ends a text in the World vocab: bos and eos
 CHAT_TEMPLATE = "rwkv-world"  # the name llama.cpp knows the World chat format by
+RWKV7_HEAD_MULTIPLE = 64  # llama.cpp's wkv7 kernels compute heads of a multiple of this many values only
 
 # Matrices llama.cpp's converter always keeps in f32 (its graph adds or multiplies them elementwise, or
 # they are small low-rank factors).
@@ -302,7 +309,8 @@ def _add_tokenizer_keys(writer: Any, vocab_path: str | os.PathLike, vocab_size: 
 
 
 def check_exportable(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> ModelConfig:
-    """The config of ``sd`` if llama.cpp can run it (RWKV-6 or RWKV-7, no tuned state), else RwkvkitError."""
+    """The config of ``sd`` if llama.cpp can run it (RWKV-6, or RWKV-7 with heads of a multiple of 64
+    values; no tuned state), else RwkvkitError."""
     config = check_state_dict(sd, source)
     if config.version not in ARCHITECTURES:
         raise RwkvkitError(
@@ -313,6 +321,12 @@ def check_exportable(sd: dict[str, torch.Tensor], source: str = "checkpoint") ->
         raise RwkvkitError(
             f"{source} carries a tuned initial state (att.time_state), which llama.cpp's "
             f"{ARCHITECTURES[config.version]} has no tensor for; export the base checkpoint"
+        )
+    if config.version == "7" and config.head_size % RWKV7_HEAD_MULTIPLE:
+        raise RwkvkitError(
+            f"{source} is RWKV-7 with heads of {config.head_size} values: llama.cpp computes RWKV-7 "
+            f"heads of a multiple of {RWKV7_HEAD_MULTIPLE} only (its CPU kernel reads past a smaller "
+            "head and gives wrong logits; its CUDA kernel takes 64 or 128)"
         )
     return config
 
