@@ -12,9 +12,9 @@ interleaved over ``--rounds`` (each round runs every engine once, the order rota
 - the peak resident memory growth while decoding, against the weights' stored size.
 
 The table shows medians over rounds and the ratio rwkvkit / llama.cpp, with the load average.
-llama-cpp-python is installed on first use (it builds llama.cpp from source, ~10 minutes on 2 cores)
-from a wheel cached in ``~/.cache/rwkvkit/wheels`` (built once, reused after); ``--no-llamacpp`` skips
-the peer.
+llama-cpp-python is installed on first use (it builds llama.cpp from source, the library only: ~7
+minutes on 2 cores) from a wheel cached in ``~/.cache/rwkvkit/wheels`` (built once, reused after);
+``--no-llamacpp`` skips the peer.
 
     python benchmarks/bench_vs_llamacpp.py                         # v7 L12-D768, 3 rounds
     python benchmarks/bench_vs_llamacpp.py --versions 7 6 --shapes L12-D768 L24-D1024
@@ -43,6 +43,14 @@ from bench_infer import (  # noqa: E402
 )
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+LLAMA_CPP_CMAKE_FLAGS = (
+    "GGML_NATIVE=ON",
+    "LLAMA_BUILD_TESTS=OFF",
+    "LLAMA_BUILD_EXAMPLES=OFF",
+    "LLAMA_BUILD_TOOLS=OFF",
+    "LLAMA_BUILD_SERVER=OFF",
+    "LLAVA_BUILD=OFF",
+)
 WHEELS = Path(os.environ.get("RWKVKIT_CACHE", Path.home() / ".cache" / "rwkvkit")) / "wheels"
 # (rwkvkit format, GGUF type) pairs compared with each other
 FORMATS = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
@@ -171,9 +179,13 @@ def ensure_llama_cpp() -> bool:
     WHEELS.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip"]
     if not list(WHEELS.glob("llama_cpp_python-*.whl")):
-        print(f"building {LLAMA_CPP_PYTHON} once into {WHEELS} (llama.cpp from source, ~10 min on 2 cores)")
+        print(f"building {LLAMA_CPP_PYTHON} once into {WHEELS} (llama.cpp from source, ~7 min on 2 cores)")
         t = time.perf_counter()
-        subprocess.run([*pip, "wheel", "--no-deps", LLAMA_CPP_PYTHON, "-w", str(WHEELS)], check=True)
+        env = dict(os.environ)
+        # the library only, for this CPU: no tools, examples, tests, server or multimodal library
+        env.setdefault("CMAKE_ARGS", " ".join(f"-D{flag}" for flag in LLAMA_CPP_CMAKE_FLAGS))
+        env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+        subprocess.run([*pip, "wheel", "--no-deps", LLAMA_CPP_PYTHON, "-w", str(WHEELS)], check=True, env=env)
         print(f"  built in {time.perf_counter() - t:.0f} s")
     wheel = sorted(WHEELS.glob("llama_cpp_python-*.whl"))[-1]
     subprocess.run([*pip, "install", "-q", str(wheel), "diskcache", "jinja2", "numpy"], check=True)
