@@ -4,6 +4,11 @@ Each version has a module here (``v4.py``, ``v5.py`` for 5.2, ``v6.py``, ``v7.py
 ``build(model, lib) -> NativeStep | None`` (None where some layer has no native kernel) and a C function
 in ``src/step_v*.cpp``. :func:`native_step_for` picks the module from the model's version.
 
+What every version shares is here: the C model struct (:class:`StepModel`), the channel mix
+(:class:`ChannelMix`) and :func:`build_step`, which describes a model's layers and model-wide weights to it
+(no weight copied where the layer's storage already has the kernel's layout; bf16 per-channel vectors
+become small fp32 copies); ``src/layer.h`` has their C side.
+
 Contract of :meth:`NativeStep.step`: tokens (B,) int64 and the model's state (RWKVState); returns
 (logits (B, V) fp32, the new RWKVState), equal to the torch path's one-token forward (tests compare
 logits and every piece of the state after many steps). The old state is not modified.
@@ -26,6 +31,26 @@ MAX_ROWS = 64  # batches up to this many rows decode natively; larger ones stay 
 
 class Unsupported(Exception):
     """Some weight of the model has no native kernel (another dtype, a bias, an adapter, a GPU)."""
+
+
+class ChannelMix(ctypes.Structure):
+    """``rk::ChannelMix`` (src/layer.h): a layer's ln2, token-shift weights and projections (RWKV-7: no
+    ``mix_r`` and no ``receptance``, both left null)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("ln_w", "ln_b", "mix_k", "mix_r")] + [
+        (name, RkMatrix) for name in ("key", "receptance", "value")
+    ]
+
+
+class StepModel(ctypes.Structure):
+    """``rk::StepModel`` (src/layer.h): every version's C model (RWKV-4: one head of ``dim_att``)."""
+
+    _fields_ = (
+        [(name, ctypes.c_int32) for name in ("n_layer", "C", "H", "N", "F", "V")]
+        + [("ln_eps", ctypes.c_float), ("gn_eps", ctypes.c_float)]
+        + [(name, ctypes.c_void_p) for name in ("ln0_w", "ln0_b", "ln_out_w", "ln_out_b")]
+        + [("head", RkMatrix), ("layers", ctypes.c_void_p)]
+    )
 
 
 class ModelDescription:
@@ -55,6 +80,28 @@ class ModelDescription:
         self.modules.append((owner, name, layer, getattr(layer, "weight", None)))
         return self._struct(matrix_for(layer), type(layer).__name__)
 
+    def layer(self, struct: ctypes.Structure, block, vectors: dict, matrices: tuple, shift: str):
+        """Fills a version's C layer ``struct`` from ``block``: ln1 and the per-channel ``vectors`` (C name ->
+        tensor), the time mix's projections ``matrices`` (``block.att``'s, by name) and the channel mix
+        ``ffn`` (``shift``: the prefix of its token-shift weights, ``time_mix`` or ``time_maa`` or ``x``)."""
+        vectors = {"ln1_w": block.ln1.weight, "ln1_b": block.ln1.bias, **vectors}
+        unknown = set(vectors).union(matrices) - {name for name, _ in struct._fields_}
+        if unknown:  # setattr would add them as plain attributes, leaving the C fields null
+            raise TypeError(f"{type(struct).__name__} has no fields {sorted(unknown)}")
+        for name, t in vectors.items():
+            setattr(struct, name, self.vector(t))
+        for name in matrices:
+            setattr(struct, name, self.matrix(block.att, name))
+        ffn, gated = block.ffn, block.ffn.has_receptance
+        mix_k = self.vector(getattr(ffn, f"{shift}_k"))
+        mix_r = self.vector(getattr(ffn, f"{shift}_r")) if gated else None
+        receptance = self.matrix(ffn, "receptance") if gated else RkMatrix()
+        struct.ffn = ChannelMix(
+            self.vector(block.ln2.weight), self.vector(block.ln2.bias), mix_k, mix_r,
+            self.matrix(ffn, "key"), receptance, self.matrix(ffn, "value"),
+        )  # fmt: skip
+        return struct
+
     def _struct(self, packed: PackedMatrix | None, what: str) -> RkMatrix:
         if packed is None:
             raise Unsupported(f"no native kernel for a {what}")
@@ -63,7 +110,7 @@ class ModelDescription:
 
 
 class NativeStep:
-    """Base of a version's native step: the library, the packed weights and the C model struct.
+    """A version's native step: the library, the packed weights and the C model struct.
 
     A version's C entry point (``src/step_v*.cpp``) has one signature for all versions::
 
@@ -74,7 +121,7 @@ class NativeStep:
         // ``*_out`` may equal ``*_in`` (in place); returns 0, or nonzero on a bad argument.
 
     It runs every layer (ln0, ln1, time mix with the WKV update, ln2, channel mix), then ln_out and the
-    head. The subclass sets ``fn`` (the C function) and ``model_struct`` (a ctypes structure).
+    head. :func:`build_step` gives it ``fn`` (the C function) and ``model_struct`` (a :class:`StepModel`).
     """
 
     def __init__(self, lib: ctypes.CDLL, model, fn, model_struct: ctypes.Structure, d: ModelDescription):
@@ -119,6 +166,27 @@ class NativeStep:
         if rc != 0:
             raise RuntimeError(f"native step failed with code {rc}")
         return logits, RWKVState(att_out.to(dtype), wkv_out, ffn_out.to(dtype))
+
+
+def build_step(model, lib: ctypes.CDLL, fn, layer_type, layer_of) -> NativeStep:
+    """The :class:`NativeStep` of ``model`` through the C function ``fn``, ``layer_of(d, block)`` describing
+    each block as a ``layer_type`` (with :meth:`ModelDescription.layer`). Raises :class:`Unsupported`
+    where a weight has no kernel."""
+    cfg = model.config
+    if cfg.n_head:
+        heads, head_size, gn_eps = cfg.n_head, cfg.head_size, model.blocks[0].att.ln_x.eps
+    else:  # RWKV-4: no heads (one of its time-mix width) and no GroupNorm
+        heads, head_size, gn_eps = 1, cfg.dim_att, 0.0
+    d = ModelDescription(model)
+    layers = (layer_type * cfg.n_layer)(*(layer_of(d, block) for block in model.blocks))
+    d.keep.append(layers)
+    ln0 = model.blocks[0].ln0
+    struct = StepModel(
+        cfg.n_layer, cfg.n_embd, heads, head_size, cfg.dim_ffn, cfg.vocab_size, model.ln_out.eps, gn_eps,
+        d.vector(ln0.weight), d.vector(ln0.bias), d.vector(model.ln_out.weight), d.vector(model.ln_out.bias),
+        d.matrix(model, "head"), ctypes.addressof(layers),
+    )  # fmt: skip
+    return NativeStep(lib, model, fn, struct, d)
 
 
 VERSION_MODULES = {"4": "v4", "5.2": "v5", "6": "v6", "7": "v7"}

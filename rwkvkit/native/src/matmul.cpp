@@ -74,6 +74,15 @@ inline __m256i dot32(__m256i a, __m256i b) {
 #endif
 }
 
+// out[i] = the sum of every lane of row i's U accumulators.
+template <int NB, int U>
+inline void sum_lanes(__m256 (&acc)[NB][U], float* out) {
+    for (int i = 0; i < NB; ++i) {
+        for (int u = 1; u < U; ++u) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][u]);
+        out[i] = hsum256(acc[i][0]);
+    }
+}
+
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> fp32
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -103,10 +112,7 @@ inline void dots_float(const T* w, const float* x, int K, float* out) {
                 acc[i][u] = _mm256_fmadd_ps(wv, xv, acc[i][u]);
             }
         }
-    for (int i = 0; i < NB; ++i) {
-        for (int u = 1; u < U; ++u) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][u]);
-        out[i] = hsum256(acc[i][0]);
-    }
+    sum_lanes(acc, out);
 #else
     for (int i = 0; i < NB; ++i) out[i] = 0.0f;
 #endif
@@ -137,10 +143,7 @@ inline void dots_i8(const int8_t* w, const QuantizedRows& xq, int b0, float* out
                 acc[i][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(xv, wv)), d, acc[i][u]);
             }
         }
-    for (int i = 0; i < NB; ++i) {
-        for (int u = 1; u < U; ++u) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][u]);
-        out[i] = hsum256(acc[i][0]);
-    }
+    sum_lanes(acc, out);
 #else
     for (int i = 0; i < NB; ++i) out[i] = 0.0f;
 #endif

@@ -1,6 +1,6 @@
-// The parts of a one-token step that RWKV-4, 5.2 and 6 share (header-only, inlined into step_v4/5/6.cpp):
-// the channel mix with receptance (all three) and the end of the matrix-state time mix (5.2 and 6),
-// each over B rows at once (the products take all rows; per-row work runs in parallel when B > 1).
+// The end of the matrix-state time mix that RWKV-5.2 and 6 share (header-only, inlined into
+// step_v5/6.cpp), over B rows at once (the products take all rows; per-row work runs in parallel when
+// B > 1). What every version shares is in layer.h.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -10,22 +10,6 @@
 #include "ops.h"
 
 namespace rk {
-
-// x (B, C) += sigmoid(Wr xr) * Wv(relu(Wk xk)^2) for the token-shifted inputs xk, xr (B, C) of the
-// channel mix. hidden (B, F), out and gate (B, C) are scratch. Returns 0, or 2 when a product fails.
-inline int channel_mix_add(const RkMatrix& key, const RkMatrix& value, const RkMatrix& receptance, int B,
-                           int C, int F, const float* xk, const float* xr, float* hidden, float* out,
-                           float* gate, float* x) {
-    if (rk_matmul(&key, B, xk, hidden) || rk_matmul(&receptance, B, xr, gate)) return 2;
-    const size_t bf = static_cast<size_t>(B) * F, bc = static_cast<size_t>(B) * C;
-    for (size_t i = 0; i < bf; ++i) {
-        const float h = hidden[i] > 0.0f ? hidden[i] : 0.0f;
-        hidden[i] = h * h;
-    }
-    if (rk_matmul(&value, B, hidden, out)) return 2;
-    for (size_t i = 0; i < bc; ++i) x[i] += sigmoid(gate[i]) * out[i];
-    return 0;
-}
 
 // WKV-5/6 for one row and head (as rwkvkit.wkv.v6.step.wkv6_step): y = S r + (r . (u * k)) v, then
 // S = S diag(decay) + v k^T, with decay = exp(w) per key channel; state (N, N) [value i, key j] read from
@@ -48,13 +32,6 @@ inline void wkv6_head(int N, const float* r, const float* decay, const float* k,
     }
 }
 
-// The weights of the matrix-state time mix's end (v5.2 and v6): (C, C) projections, the bonus u
-// (time_faaaa, C = H * N) and the per-head norm ln_x.
-struct MatrixStateWeights {
-    const RkMatrix *receptance, *key, *value, *gate, *output;
-    const float *u, *lnx_w, *lnx_b;
-};
-
 // Scratch of matrix_state_mix: r, k, v, g, y, each (B, C).
 struct MatrixStateScratch {
     float *r, *k, *v, *g, *y;
@@ -63,14 +40,17 @@ struct MatrixStateScratch {
 // From the token-shifted inputs xr, xk, xv, xg (B, C) and the decay factors exp(w) (row b at
 // decay + b * decay_stride: 0 when every row has the same, v5.2): r, k, v = Wr xr, Wk xk, Wv xv,
 // g = silu(Wg xg), the WKV per head (state (B, H, N, N) s_in -> s_out), then
-// out (B, C) = Wo(GroupNorm_H(y) * g). Returns 0, or 2 when a product fails.
-inline int matrix_state_mix(const MatrixStateWeights& w, int B, int H, int N, float gn_eps, const float* xr,
+// out (B, C) = Wo(GroupNorm_H(y) * g), with the weights of w: a V5Layer or V6Layer (the same names: the
+// (C, C) projections receptance, key, value, gate, output, the bonus u = time_faaaa (C = H * N) and the
+// per-head norm lnx_w, lnx_b). Returns 0, or 2 when a product fails.
+template <typename Layer>
+inline int matrix_state_mix(const Layer& w, int B, int H, int N, float gn_eps, const float* xr,
                             const float* xk, const float* xv, const float* xg, const float* decay,
                             size_t decay_stride, const float* s_in, float* s_out, const MatrixStateScratch& t,
                             float* out) {
     const int C = H * N;
-    if (rk_matmul(w.receptance, B, xr, t.r) || rk_matmul(w.key, B, xk, t.k) || rk_matmul(w.value, B, xv, t.v) ||
-        rk_matmul(w.gate, B, xg, t.g))
+    if (rk_matmul(&w.receptance, B, xr, t.r) || rk_matmul(&w.key, B, xk, t.k) ||
+        rk_matmul(&w.value, B, xv, t.v) || rk_matmul(&w.gate, B, xg, t.g))
         return 2;
     const size_t state_size = static_cast<size_t>(H) * N * N;
 #pragma omp parallel for schedule(static) if (B > 1)
@@ -80,12 +60,13 @@ inline int matrix_state_mix(const MatrixStateWeights& w, int B, int H, int N, fl
         for (int h = 0; h < H; ++h) {
             const size_t hn = o + static_cast<size_t>(h) * N;
             const size_t sh = b * state_size + static_cast<size_t>(h) * N * N;
-            wkv6_head(N, t.r + hn, dec + h * N, t.k + hn, t.v + hn, w.u + h * N, s_in + sh, s_out + sh, t.y + hn);
+            wkv6_head(N, t.r + hn, dec + h * N, t.k + hn, t.v + hn, w.time_faaaa + h * N, s_in + sh, s_out + sh,
+                      t.y + hn);
         }
         group_norm(t.y + o, w.lnx_w, w.lnx_b, H, N, gn_eps);
         for (int c = 0; c < C; ++c) t.y[o + c] *= silu(t.g[o + c]);
     }
-    return rk_matmul(w.output, B, t.y, out) ? 2 : 0;
+    return rk_matmul(&w.output, B, t.y, out) ? 2 : 0;
 }
 
 }  // namespace rk

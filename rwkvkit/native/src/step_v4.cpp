@@ -10,55 +10,29 @@
 //   out = Wo(r * y);  ffn: sigmoid(Wr xr) * Wv(relu(Wk xk)^2), x{k,r} mixed the same way
 // The torch model scales sub-block outputs by powers of two and back (fp16 range); in fp32 that is exact,
 // so it is left out here.
+// This file holds the layer struct and the time mix; the rest of the step (ln0, the residual, the channel
+// mix, ln_out and the head) is rk::run_step's (layer.h).
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <cstddef>
 
-#include "mix.h"
+#include "layer.h"
 #include "native.h"
 #include "ops.h"
 
 extern "C" {
 
 struct V4Layer {
-    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
-    const float *time_mix_k, *time_mix_v, *time_mix_r, *time_decay, *time_first;
-    const float *ffn_time_mix_k, *ffn_time_mix_r;
-    RkMatrix key, value, receptance, output;   // (A, C) and output (C, A)
-    RkMatrix ffn_key, ffn_receptance, ffn_value;  // (F, C), (C, C), (C, F)
-};
-
-struct V4Model {
-    int32_t n_layer, C, A, F, V;
-    float ln_eps;
-    const float *ln0_w, *ln0_b, *ln_out_w, *ln_out_b;
-    RkMatrix head;
-    const V4Layer* layers;
+    const float *ln1_w, *ln1_b, *time_mix_k, *time_mix_v, *time_mix_r, *time_decay, *time_first;
+    RkMatrix key, value, receptance, output;  // (A, C) and output (C, A)
+    rk::ChannelMix ffn;
 };
 
 }  // extern "C"
 
 namespace {
 
-struct Buffers {
-    std::vector<float> all;
-    // (B, max(C, A)) each: residual, normed input, the mixes, k v r, y, a product's output, the ffn gate
-    float *x, *xa, *mk, *mv, *mr, *k, *v, *r, *y, *out, *gate;
-    float* hidden;  // (B, F)
-};
-
-Buffers& buffers(int B, int W, int F) {
-    thread_local Buffers buf;
-    const size_t bw = static_cast<size_t>(B) * W;
-    float* p = rk::scratch(buf.all, 11 * bw + static_cast<size_t>(B) * F);
-    for (float** slot : {&buf.x, &buf.xa, &buf.mk, &buf.mv, &buf.mr, &buf.k, &buf.v, &buf.r, &buf.y, &buf.out,
-                         &buf.gate}) {
-        *slot = p;
-        p += bw;
-    }
-    buf.hidden = p;
-    return buf;
-}
+using V4Model = rk::StepModel<V4Layer>;  // H = 1, N = A (dim_att): no heads
 
 // WKV-4 for one row of A channels: state (3, A) (aa, bb, pp) from s_in to s_out (may be the same);
 // y = sigmoid(r) * wkv.
@@ -80,61 +54,29 @@ void wkv4_row(int A, const float* time_decay, const float* u, const float* k, co
     }
 }
 
-}  // namespace
-
-extern "C" int32_t rk_v4_step(const void* model_ptr, int32_t B, const float* x_in, const float* att_in,
-                              const float* wkv_in, const float* ffn_in, float* att_out, float* wkv_out,
-                              float* ffn_out, float* logits) {
-    const V4Model& m = *static_cast<const V4Model*>(model_ptr);
-    const int C = m.C, A = m.A, F = m.F;
+int32_t step(const V4Model& m, int B, const rk::StepIO& io) {
+    const int C = m.C, A = m.N;
     if (B < 1 || A < 1) return 1;
-    Buffers& bf = buffers(B, std::max(C, A), F);
-    const size_t bc = static_cast<size_t>(B) * C, ba = static_cast<size_t>(B) * A;
-    for (int b = 0; b < B; ++b) rk::layer_norm(x_in + b * C, m.ln0_w, m.ln0_b, C, m.ln_eps, bf.x + b * C);
+    float *mv, *k, *v, *r, *y;  // (B, max(C, A)) each: the value's mix (k's and r's: bf.mk, bf.mr), k v r, y
+    const rk::StepScratch bf = rk::step_scratch(B, std::max(C, A), m.F, {&mv, &k, &v, &r, &y});
 
-    for (int l = 0; l < m.n_layer; ++l) {
-        const V4Layer& ly = m.layers[l];
-        const float* a_prev = att_in + l * bc;
-        const float* f_prev = ffn_in + l * bc;
-        float* a_next = att_out + l * bc;
-        float* f_next = ffn_out + l * bc;
-        const float* s_in = wkv_in + l * 3 * ba;
-        float* s_out = wkv_out + l * 3 * ba;
-
-        // time mix: norm, token shift, projections, then the WKV a row at a time
-        for (int b = 0; b < B; ++b) {
-            const size_t o = static_cast<size_t>(b) * C;
-            rk::layer_norm(bf.x + o, ly.ln1_w, ly.ln1_b, C, m.ln_eps, bf.xa + o);
-            rk::lerp_mix(bf.xa + o, a_prev + o, ly.time_mix_k, C, bf.mk + o);
-            rk::lerp_mix(bf.xa + o, a_prev + o, ly.time_mix_v, C, bf.mv + o);
-            rk::lerp_mix(bf.xa + o, a_prev + o, ly.time_mix_r, C, bf.mr + o);
-        }
-        if (rk_matmul(&ly.key, B, bf.mk, bf.k) || rk_matmul(&ly.value, B, bf.mv, bf.v) ||
-            rk_matmul(&ly.receptance, B, bf.mr, bf.r))
+    // time mix: norm, token shift, projections, then the WKV a row at a time
+    const auto time_mix = [&](const V4Layer& ly, int, const rk::LayerState& st) {
+        rk::norm_and_shift<rk::lerp_mix>(B, C, m.ln_eps, bf.x, ly.ln1_w, ly.ln1_b, st.a_prev, bf.xa,
+                                         {ly.time_mix_k, ly.time_mix_v, ly.time_mix_r}, {bf.mk, mv, bf.mr});
+        if (rk_matmul(&ly.key, B, bf.mk, k) || rk_matmul(&ly.value, B, mv, v) ||
+            rk_matmul(&ly.receptance, B, bf.mr, r))
             return 2;
 #pragma omp parallel for schedule(static) if (B > 1)
         for (int b = 0; b < B; ++b) {
             const size_t o = static_cast<size_t>(b) * A;
-            wkv4_row(A, ly.time_decay, ly.time_first, bf.k + o, bf.v + o, bf.r + o, s_in + 3 * o, s_out + 3 * o,
-                     bf.y + o);
+            wkv4_row(A, ly.time_decay, ly.time_first, k + o, v + o, r + o, st.s_in + 3 * o, st.s_out + 3 * o, y + o);
         }
-        if (rk_matmul(&ly.output, B, bf.y, bf.out)) return 2;
-        for (size_t i = 0; i < bc; ++i) {
-            a_next[i] = bf.xa[i];
-            bf.x[i] += bf.out[i];
-        }
-
-        // channel mix
-        for (int b = 0; b < B; ++b) {
-            const size_t o = static_cast<size_t>(b) * C;
-            rk::layer_norm(bf.x + o, ly.ln2_w, ly.ln2_b, C, m.ln_eps, f_next + o);
-            rk::lerp_mix(f_next + o, f_prev + o, ly.ffn_time_mix_k, C, bf.mk + o);
-            rk::lerp_mix(f_next + o, f_prev + o, ly.ffn_time_mix_r, C, bf.mr + o);
-        }
-        if (rk::channel_mix_add(ly.ffn_key, ly.ffn_value, ly.ffn_receptance, B, C, F, bf.mk, bf.mr, bf.hidden,
-                                bf.out, bf.gate, bf.x))
-            return 2;
-    }
-    for (int b = 0; b < B; ++b) rk::layer_norm(bf.x + b * C, m.ln_out_w, m.ln_out_b, C, m.ln_eps, bf.xa + b * C);
-    return rk_matmul(&m.head, B, bf.xa, logits) ? 2 : 0;
+        return rk_matmul(&ly.output, B, y, bf.out) ? 2 : 0;
+    };
+    return rk::run_step<rk::lerp_mix>(m, B, io, 3 * static_cast<size_t>(A), bf, time_mix);
 }
+
+}  // namespace
+
+RK_STEP_ENTRY(rk_v4_step, V4Model, step)

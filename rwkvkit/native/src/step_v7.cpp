@@ -10,58 +10,35 @@
 //   out = Wo((GroupNorm(y) + (sum_head r k r_k) v) g);  ffn: Wv relu(Wk (x + xx x_k))^2
 // The torch model scales sub-block outputs by powers of two and back (fp16 range); in fp32 that is exact,
 // so it is left out here.
+// This file holds the layer struct and the time mix; the rest of the step (ln0, the residual, the channel
+// mix, ln_out and the head) is rk::run_step's (layer.h).
 #include <cmath>
+#include <cstddef>
 #include <vector>
 
+#include "layer.h"
 #include "native.h"
 #include "ops.h"
 
 extern "C" {
 
 struct V7Layer {
-    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
-    const float *x_r, *x_w, *x_k, *x_v, *x_a, *x_g;
-    const float *w0, *a0, *v0, *k_k, *k_a, *r_k, *lnx_w, *lnx_b, *ffn_x_k;
-    RkMatrix w1, w2, a1, a2, v1, v2, g1, g2;                        // low rank, (in, out) layout
-    RkMatrix receptance, key, value, output, ffn_key, ffn_value;  // (out, in)
+    const float *ln1_w, *ln1_b, *x_r, *x_w, *x_k, *x_v, *x_a, *x_g;
+    const float *w0, *a0, *v0, *k_k, *k_a, *r_k, *lnx_w, *lnx_b;
+    RkMatrix w1, w2, a1, a2, v1, v2, g1, g2;  // low rank, (in, out) layout
+    RkMatrix receptance, key, value, output;  // (out, in)
+    rk::ChannelMix ffn;                       // no receptance
     int32_t has_value_lora;
     int32_t reserved;
-};
-
-struct V7Model {
-    int32_t n_layer, C, H, N, F, V;
-    float ln_eps, gn_eps;
-    const float *ln0_w, *ln0_b, *ln_out_w, *ln_out_b;
-    RkMatrix head;
-    const V7Layer* layers;
 };
 
 }  // extern "C"
 
 namespace {
 
+using V7Model = rk::StepModel<V7Layer>;
+
 constexpr float LOG_DECAY_SCALE = 0.60653065971263342f;  // exp(-0.5)
-
-struct Buffers {
-    std::vector<float> all;
-    // (B, C) each: residual, normed input, the six mixes, r k v, layer 0's v, y, a product's output,
-    // the log decay, the iclr and the gate
-    float *x, *xa, *mr, *mw, *mk, *mv, *ma, *mg, *r, *k, *v, *v_first, *y, *out, *w, *a, *g;
-    float* hidden;  // (B, F)
-};
-
-Buffers& buffers(int B, int C, int F) {
-    thread_local Buffers buf;
-    const size_t bc = static_cast<size_t>(B) * C;
-    float* p = rk::scratch(buf.all, 17 * bc + static_cast<size_t>(B) * F);
-    for (float** slot : {&buf.x, &buf.xa, &buf.mr, &buf.mw, &buf.mk, &buf.mv, &buf.ma, &buf.mg, &buf.r, &buf.k,
-                         &buf.v, &buf.v_first, &buf.y, &buf.out, &buf.w, &buf.a, &buf.g}) {
-        *slot = p;
-        p += bc;
-    }
-    buf.hidden = p;
-    return buf;
-}
 
 // One of the four low-rank chains of one row (they are independent: threads take them apart):
 // 0 the log decay w, 1 the iclr a, 2 the gate g, 3 v mixed towards v_first (layers > 0 only).
@@ -124,49 +101,31 @@ void wkv_head(int N, const float* r, const float* w, float* k, const float* v, c
     }
 }
 
-}  // namespace
-
-extern "C" int32_t rk_v7_step(const void* model_ptr, int32_t B, const float* x_in, const float* att_in,
-                              const float* wkv_in, const float* ffn_in, float* att_out, float* wkv_out,
-                              float* ffn_out, float* logits) {
+int32_t step(const V7Model& m, int B, const rk::StepIO& io) {
     const rk::PhaseTimer step_timer(RK_PHASE_STEP);
-    const V7Model& m = *static_cast<const V7Model*>(model_ptr);
-    const int C = m.C, H = m.H, N = m.N, F = m.F;
+    const int C = m.C, H = m.H, N = m.N;
     if (B < 1 || H * N != C) return 1;
-    Buffers& bf = buffers(B, C, F);
+    // (B, C) each: the w, v, a, g mixes (r's and k's: bf.mr, bf.mk), r k v, layer 0's v, y, the log decay,
+    // the iclr and the gate
+    float *mw, *mv, *ma, *mg, *r, *k, *v, *v_first, *y, *w, *a, *g;
+    const rk::StepScratch bf = rk::step_scratch(B, C, m.F, {&mw, &mv, &ma, &mg, &r, &k, &v, &v_first, &y, &w, &a, &g});
     int D = 1;  // the widest low-rank hidden
     for (int l = 0; l < m.n_layer; ++l)
         for (const RkMatrix* lr : {&m.layers[l].w1, &m.layers[l].a1, &m.layers[l].v1, &m.layers[l].g1})
             D = lr->cols > D ? lr->cols : D;
     const size_t bc = static_cast<size_t>(B) * C;
-    for (int b = 0; b < B; ++b) rk::layer_norm(x_in + b * C, m.ln0_w, m.ln0_b, C, m.ln_eps, bf.x + b * C);
+    const size_t state_size = static_cast<size_t>(H) * N * N;
 
-    for (int l = 0; l < m.n_layer; ++l) {
-        const V7Layer& ly = m.layers[l];
-        const float* a_prev = att_in + l * bc;
-        const float* f_prev = ffn_in + l * bc;
-        float* a_next = att_out + l * bc;
-        float* f_next = ffn_out + l * bc;
-        const size_t state_size = static_cast<size_t>(H) * N * N;
-        const float* s_in = wkv_in + static_cast<size_t>(l) * B * state_size;
-        float* s_out = wkv_out + static_cast<size_t>(l) * B * state_size;
-
-        // time mix: norm, token shift, projections
-        for (int b = 0; b < B; ++b) {
-            const size_t o = static_cast<size_t>(b) * C;
-            rk::layer_norm(bf.x + o, ly.ln1_w, ly.ln1_b, C, m.ln_eps, bf.xa + o);
-            rk::shift_mix(bf.xa + o, a_prev + o, ly.x_r, C, bf.mr + o);
-            rk::shift_mix(bf.xa + o, a_prev + o, ly.x_w, C, bf.mw + o);
-            rk::shift_mix(bf.xa + o, a_prev + o, ly.x_k, C, bf.mk + o);
-            rk::shift_mix(bf.xa + o, a_prev + o, ly.x_v, C, bf.mv + o);
-            rk::shift_mix(bf.xa + o, a_prev + o, ly.x_a, C, bf.ma + o);
-            rk::shift_mix(bf.xa + o, a_prev + o, ly.x_g, C, bf.mg + o);
-        }
-        if (rk_matmul(&ly.receptance, B, bf.mr, bf.r) || rk_matmul(&ly.key, B, bf.mk, bf.k) ||
-            rk_matmul(&ly.value, B, bf.mv, bf.v))
+    const auto time_mix = [&](const V7Layer& ly, int l, const rk::LayerState& st) {
+        // norm, token shift, projections
+        rk::norm_and_shift<rk::shift_mix>(B, C, m.ln_eps, bf.x, ly.ln1_w, ly.ln1_b, st.a_prev, bf.xa,
+                                          {ly.x_r, ly.x_w, ly.x_k, ly.x_v, ly.x_a, ly.x_g},
+                                          {bf.mr, mw, bf.mk, mv, ma, mg});
+        if (rk_matmul(&ly.receptance, B, bf.mr, r) || rk_matmul(&ly.key, B, bf.mk, k) ||
+            rk_matmul(&ly.value, B, mv, v))
             return 2;
         if (l == 0)
-            for (size_t i = 0; i < bc; ++i) bf.v_first[i] = bf.v[i];
+            for (size_t i = 0; i < bc; ++i) v_first[i] = v[i];
 
         // the low-rank chains (row, chain) in parallel, then the WKV, norm, bonus and gate (row, head)
         {
@@ -177,8 +136,8 @@ extern "C" int32_t rk_v7_step(const void* model_ptr, int32_t B, const float* x_i
                 const size_t o = static_cast<size_t>(b) * C;
                 thread_local std::vector<float> chain_buf;
                 float* t = rk::scratch(chain_buf, static_cast<size_t>(D) + C);
-                low_rank_chain(task % 4, ly, l, C, bf.mw + o, bf.ma + o, bf.mv + o, bf.mg + o, bf.w + o,
-                               bf.a + o, bf.g + o, bf.v + o, bf.v_first + o, t, t + D);
+                low_rank_chain(task % 4, ly, l, C, mw + o, ma + o, mv + o, mg + o, w + o, a + o, g + o, v + o,
+                               v_first + o, t, t + D);
             }
 #pragma omp parallel for schedule(static)
             for (int task = 0; task < B * H; ++task) {
@@ -187,36 +146,20 @@ extern "C" int32_t rk_v7_step(const void* model_ptr, int32_t B, const float* x_i
                 const size_t sh = static_cast<size_t>(b) * state_size + static_cast<size_t>(hn) * N;
                 thread_local std::vector<float> head_buf;
                 float* kk = rk::scratch(head_buf, 3 * static_cast<size_t>(N));
-                float *r = bf.r + o, *k = bf.k + o, *v = bf.v + o, *y = bf.y + o;
-                wkv_head(N, r, bf.w + o, k, v, bf.a + o, ly.k_k + hn, ly.k_a + hn, s_in + sh, s_out + sh, y, kk,
-                         kk + N, kk + 2 * N);
-                rk::layer_norm(y, ly.lnx_w + hn, ly.lnx_b + hn, N, m.gn_eps, y);  // GroupNorm: per head
+                float *rh = r + o, *kh = k + o, *vh = v + o, *yh = y + o;
+                wkv_head(N, rh, w + o, kh, vh, a + o, ly.k_k + hn, ly.k_a + hn, st.s_in + sh, st.s_out + sh, yh,
+                         kk, kk + N, kk + 2 * N);
+                rk::layer_norm(yh, ly.lnx_w + hn, ly.lnx_b + hn, N, m.gn_eps, yh);  // GroupNorm: per head
                 float bonus = 0.0f;
-                for (int j = 0; j < N; ++j) bonus += r[j] * k[j] * ly.r_k[hn + j];
-                for (int j = 0; j < N; ++j) y[j] = (y[j] + bonus * v[j]) * bf.g[o + j];
+                for (int j = 0; j < N; ++j) bonus += rh[j] * kh[j] * ly.r_k[hn + j];
+                for (int j = 0; j < N; ++j) yh[j] = (yh[j] + bonus * vh[j]) * g[o + j];
             }
         }
-        if (rk_matmul(&ly.output, B, bf.y, bf.out)) return 2;
-        for (size_t i = 0; i < bc; ++i) {
-            a_next[i] = bf.xa[i];
-            bf.x[i] += bf.out[i];
-        }
-
-        // channel mix
-        for (int b = 0; b < B; ++b) {
-            const size_t o = static_cast<size_t>(b) * C;
-            rk::layer_norm(bf.x + o, ly.ln2_w, ly.ln2_b, C, m.ln_eps, f_next + o);
-            rk::shift_mix(f_next + o, f_prev + o, ly.ffn_x_k, C, bf.mk + o);
-        }
-        if (rk_matmul(&ly.ffn_key, B, bf.mk, bf.hidden)) return 2;
-        const size_t bf_size = static_cast<size_t>(B) * F;
-        for (size_t i = 0; i < bf_size; ++i) {
-            const float h = bf.hidden[i] > 0.0f ? bf.hidden[i] : 0.0f;
-            bf.hidden[i] = h * h;
-        }
-        if (rk_matmul(&ly.ffn_value, B, bf.hidden, bf.out)) return 2;
-        for (size_t i = 0; i < bc; ++i) bf.x[i] += bf.out[i];
-    }
-    for (int b = 0; b < B; ++b) rk::layer_norm(bf.x + b * C, m.ln_out_w, m.ln_out_b, C, m.ln_eps, bf.xa + b * C);
-    return rk_matmul(&m.head, B, bf.xa, logits) ? 2 : 0;
+        return rk_matmul(&ly.output, B, y, bf.out) ? 2 : 0;
+    };
+    return rk::run_step<rk::shift_mix>(m, B, io, state_size, bf, time_mix);
 }
+
+}  // namespace
+
+RK_STEP_ENTRY(rk_v7_step, V7Model, step)
