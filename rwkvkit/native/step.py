@@ -118,7 +118,9 @@ class NativeStep:
                            const float* att_in, const float* wkv_in, const float* ffn_in,
                            float* att_out, float* wkv_out, float* ffn_out, float* logits)
         // shifts (L, B, C) fp32, wkv (L, B, ...) fp32 in rwkvkit.state's layout, logits (B, V) fp32;
-        // ``*_out`` may equal ``*_in`` (in place); returns 0, or nonzero on a bad argument.
+        // wkv_out may equal wkv_in (each state row is read before it is written); att_out and ffn_out
+        // must not alias the inputs (ln2 writes ffn_out before the shift reads ffn_in); returns 0, or
+        // nonzero on a bad argument. NativeStep.step always passes fresh outputs.
 
     It runs every layer (ln0, ln1, time mix with the WKV update, ln2, channel mix), then ln_out and the
     head. :func:`build_step` gives it ``fn`` (the C function) and ``model_struct`` (a :class:`StepModel`).
