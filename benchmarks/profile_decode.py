@@ -28,6 +28,7 @@ from rwkvkit import native
 from rwkvkit.blas import linear
 from rwkvkit.models import load_model
 from rwkvkit.models.common import _blas_matvecs, _one_torch_thread
+from rwkvkit.native.step import step_for
 
 
 def projection_layers(model: nn.Module) -> list[nn.Module]:
@@ -85,7 +86,7 @@ def profile_model(path: str, batch: int, ops: bool) -> None:
             f"{len(layers)} projections alone {products:.1f} ms ({nbytes / 1e6:.0f} MB at "
             f"{nbytes / products / 1e6:.1f} GB/s); everything else {step - products:.1f} ms"
         )
-        if native.step_for(model) is not None:
+        if step_for(model) is not None:
             print_native_phases(model, tokens, state, nbytes)
         if ops:
             from torch.profiler import profile

@@ -111,8 +111,25 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if _one_row(x):
             return linear_row(x, layer.weight)
         if _widen_bf16(x, layer.weight):
-            return F.linear(x.float(), layer.weight.float()).to(x.dtype)
+            return widened_linear(x, layer.weight)
     return layer(x)
+
+
+WIDEN_ROWS = 4096  # weight rows widened to fp32 at a time: at most 4096 x K fp32 temporary (12 MB at K = 768)
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for bf16 x (..., K) and weight (N, K) as an fp32 product rounded to bf16, the weight
+    widened WIDEN_ROWS rows at a time (a vocabulary-sized head would otherwise need a whole fp32 copy)."""
+    x32 = x.float()
+    N = weight.shape[0]
+    if N <= WIDEN_ROWS:
+        return F.linear(x32, weight.float()).to(x.dtype)
+    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)  # (..., N)
+    for start in range(0, N, WIDEN_ROWS):
+        block = weight[start : start + WIDEN_ROWS]
+        out[..., start : start + block.shape[0]] = F.linear(x32, block.float())
+    return out
 
 
 def state_matvec(state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -245,6 +245,19 @@ def test_bf16_products_of_many_rows_run_in_fp32_where_the_cpu_lacks_bf16_math(mo
     assert torch.equal(blas.linear(layer, xg), layer(xg))  # a gradient to record: torch's own product
 
 
+def test_a_wide_bf16_product_widens_its_weight_in_blocks(monkeypatch):
+    """A weight of more rows than WIDEN_ROWS (a vocabulary-sized head) widens a block at a time: the same
+    fp32 product, rounded to bf16, as widening it whole (within one bf16 step of rounding)."""
+    monkeypatch.setattr(blas, "WIDEN_ROWS", 32)
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(100, 48, generator=g).to(torch.bfloat16)  # 3 full blocks and a partial one
+    x = torch.randn(3, 5, 48, generator=g).to(torch.bfloat16)
+    whole = torch.nn.functional.linear(x.float(), weight.float())
+    blocked = blas.widened_linear(x, weight)
+    assert blocked.shape == (3, 5, 100) and blocked.dtype == torch.bfloat16
+    torch.testing.assert_close(blocked.float(), whole, rtol=2**-8, atol=1e-6)
+
+
 def test_a_bf16_model_prompt_without_bf16_math_matches_the_fp32_model(monkeypatch):
     """A bf16 model's prompt through the widened products stays within bf16 rounding of the fp32 model."""
     monkeypatch.setattr(blas, "cpu_has_bf16_math", lambda: False)
