@@ -603,10 +603,11 @@ def test_an_rwkvkit_quantized_file_is_refused(tmp_path, v7_file):
 # effect: llama.cpp is nearer the restatement than the restatement is to exact activations, and no
 # further from rwkvkit than twice that effect; a misplaced or mis-encoded tensor moves logits by their
 # whole norm.
-def llama_cpp_logits(path: Path) -> torch.Tensor:
+def llama_cpp_logits(path: Path, n_batch: int = 64) -> torch.Tensor:
+    """llama.cpp's logits (T, V) at every position of TOKENS[0], fed ``n_batch`` tokens per call."""
     llama_cpp = pytest.importorskip("llama_cpp")
     tokens = TOKENS[0].tolist()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=n_batch, logits_all=True, verbose=False)
     llm.eval(tokens)
     return torch.from_numpy(np.array(llm.scores[: len(tokens)], dtype=np.float64))  # (T, V)
 
@@ -617,6 +618,27 @@ def test_llama_cpp_f32_logits_match_rwkvkit(exported, checkpoints, version):
     got = llama_cpp_logits(exported[version, "f32"])
     want = logits_of(checkpoints[version])[0].double()
     assert torch.allclose(got, want, atol=1e-3, rtol=0), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_llama_cpp_one_token_at_a_time_matches_rwkvkit(exported, checkpoints, version):
+    """llama.cpp fed one token per call (its recurrent path) gives rwkvkit's logits too (F32, 1e-3)."""
+    got = llama_cpp_logits(exported[version, "f32"], n_batch=1)
+    want = logits_of(checkpoints[version])[0].double()
+    assert torch.allclose(got, want, atol=1e-3, rtol=0), (got - want).abs().max()
+
+
+def test_llama_cpp_tokenizes_like_the_world_tokenizer(exported):
+    """The exported tokenizer block, read by llama.cpp's rwkv tokenizer, gives the World tokenizer's ids
+    on a multilingual string (scripts, emoji, combining marks, whitespace runs, digits)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    text = (
+        "Hello, world! Привет, мир. 你好，世界。こんにちは 🌍👩‍💻 مرحبا بالعالم नमस्ते "
+        "café naïve e\u0301 \t\n  12345 3.14159 <|endoftext|> ``` def f(x): return x**2 ```"
+    )
+    llm = llama_cpp.Llama(model_path=str(exported["7", "f32"]), vocab_only=True, verbose=False)
+    got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    assert got == WorldTokenizer().encode(text)
 
 
 @pytest.mark.parametrize("version", ["6", "7"])
