@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rwkvkit.demo", description=rwkvkit.demo.__doc__)
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument(
-        "--time-budget", type=float, default=170.0, help="training time in seconds (default: 170)"
+        "--time-budget", type=float, default=270.0, help="training time in seconds (default: 270)"
     )
     parser.add_argument("--steps", type=int, default=2000, help="schedule horizon in steps (default: 2000)")
     parser.add_argument("--rnn-check-tokens", type=int, default=1024, help="val tokens for the RNN check")

@@ -50,7 +50,7 @@ def rnn_vs_parallel_loss(model, tokens: torch.Tensor) -> tuple[float, float]:
 
 def run_demo(
     out: str = "runs/demo",
-    time_budget: float = 170.0,
+    time_budget: float = 270.0,
     steps: int = 2000,
     rnn_check_tokens: int = 1024,
     sample_tokens: int = 400,
