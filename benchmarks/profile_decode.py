@@ -114,12 +114,15 @@ def print_native_phases(model: nn.Module, tokens: torch.Tensor, state, nbytes: i
     lib.rk_profile_read(slots)
     products, mix, step = (v / steps * 1e3 for v in slots)
     rows = [("whole decode call", wall), ("  packed products (rk_matmul)", products)]
-    if step > 0:  # the versions whose step times itself
-        rows += [
-            ("  low-rank products + WKV", mix),
-            ("  rest of the C step (norms, mixes, element-wise)", step - products - mix),
-            ("  outside the C step (Python, embedding, state tensors)", wall - step),
-        ]
+    if mix > 0:  # RWKV-7's step times these apart
+        rows.append(("  low-rank products + WKV", mix))
+    rows += [
+        (
+            "  rest of the C step (norms, mixes, element-wise" + ("" if mix > 0 else ", WKV") + ")",
+            step - products - mix,
+        ),
+        ("  outside the C step (Python, embedding, state tensors)", wall - step),
+    ]
     for name, ms in rows:
         print(f"    {name:56s} {ms:7.2f} ms  {ms / wall:6.1%}")
     print(f"    packed products read {nbytes / 1e6:.0f} MB a token at {nbytes / products / 1e6:.1f} GB/s")

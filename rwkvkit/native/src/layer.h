@@ -125,6 +125,7 @@ inline int channel_mix(const ChannelMix& w, int B, int C, int F, float eps, cons
 template <TokenShift ffn_shift, typename Layer, typename TimeMix>
 int32_t run_step(const StepModel<Layer>& m, int B, const StepIO& io, size_t row_state, const StepScratch& s,
                  TimeMix&& time_mix) {
+    const PhaseTimer step_timer(RK_PHASE_STEP);
     const int C = m.C;
     const size_t bc = static_cast<size_t>(B) * C, bs = static_cast<size_t>(B) * row_state;
     for (int b = 0; b < B; ++b) layer_norm(io.x_in + b * C, m.ln0_w, m.ln0_b, C, m.ln_eps, s.x + b * C);

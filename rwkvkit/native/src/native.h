@@ -42,7 +42,7 @@ void rk_set_exact_activations(int32_t on);
 
 // Profiling (benchmarks/profile_decode.py): with rk_profile_enable(1), rk_matmul and the steps add the
 // seconds they spend to slots: 0 the packed products (rk_matmul), 1 the low-rank products and the WKV
-// of the steps, 2 a whole step. rk_profile_read copies the slots out and zeroes them.
+// (RWKV-7's step), 2 a whole step (every version). rk_profile_read copies the slots out and zeroes them.
 enum RkPhase : int32_t { RK_PHASE_MATMUL = 0, RK_PHASE_MIX = 1, RK_PHASE_STEP = 2, RK_PHASES = 3 };
 void rk_profile_enable(int32_t on);
 void rk_profile_read(double* out);

@@ -102,7 +102,6 @@ void wkv_head(int N, const float* r, const float* w, float* k, const float* v, c
 }
 
 int32_t step(const V7Model& m, int B, const rk::StepIO& io) {
-    const rk::PhaseTimer step_timer(RK_PHASE_STEP);
     const int C = m.C, H = m.H, N = m.N;
     if (B < 1 || H * N != C) return 1;
     // (B, C) each: the w, v, a, g mixes (r's and k's: bf.mr, bf.mk), r k v, layer 0's v, y, the log decay,
