@@ -35,7 +35,7 @@ from rwkvkit.native.matrix import matmul as native_matmul
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-PREFILL_ROWS = 64  # from this many rows on, dequantize to bf16 and use a bf16 GEMM (CPU)
+PREFILL_ROWS = 64  # from this many rows on, dequantize (to prompt_dtype) and use a GEMM
 
 
 def _cpu_kernels(device: torch.device) -> bool:
@@ -46,7 +46,7 @@ def prompt_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a quantized layer dequantizes to for many rows: bf16 on a CPU with bf16 arithmetic
     (its bf16 GEMM is the fastest there), fp32 on other CPUs (their bf16 GEMM is several times slower than
     fp32, see rwkvkit.blas), the activations' dtype elsewhere."""
-    if x.device.type != "cpu":
+    if not _cpu_kernels(x.device):
         return x.dtype
     return torch.bfloat16 if cpu_has_bf16_math() else torch.float32
 
