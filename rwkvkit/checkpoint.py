@@ -85,16 +85,20 @@ def _load_safetensors(path: Path) -> dict:
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat ``{key: tensor}`` dict (memory-mapped where possible).
+    """Read a checkpoint into a flat ``{key: tensor}`` dict under the official keys (memory-mapped where
+    possible).
 
-    Accepts official `.pth` files (zip or legacy format) and `.safetensors`. Strips the
+    Accepts official `.pth` files (zip or legacy format), `.safetensors`, and Hugging Face folders of the
+    layouts in :mod:`rwkvkit.hf_layouts` (read by :mod:`rwkvkit.hf_folder`). Strips the
     ``_forward_module.`` prefix that some trainers add. Raises RwkvkitError on any problem.
     """
     path = Path(path)
     if not path.exists():
         raise RwkvkitError(f"no such file: {path}")
-    if path.is_dir():
-        raise RwkvkitError(f"{path} is a directory, not a checkpoint file")
+    if path.is_dir():  # a Hugging Face folder (config.json + weights) of a layout rwkvkit reads
+        from rwkvkit.hf_folder import read_hf_folder
+
+        return read_hf_folder(path)
     kind = _file_kind(path)
     state_dict = _load_safetensors(path) if kind == "safetensors" else _load_pth(path, kind)
     if not isinstance(state_dict, dict):
@@ -105,6 +109,17 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not_tensors:
         raise RwkvkitError(f"{path} is not a weights file: entries {not_tensors[:3]} are not tensors")
     return _strip_prefix(state_dict)
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata in a safetensors file's header ({} when it has none)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RwkvkitError(f"{path} is truncated or corrupt ({str(e).strip().splitlines()[0]})") from None
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

@@ -179,7 +179,8 @@ def default_tokenizer(vocab_size: int) -> str:
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     """(model, tokenizer) from a command's --model, --device, --dtype and --tokenizer flags (the device is
-    checked first; the tokenizer defaults to the built-in one matching the vocabulary)."""
+    checked first; the tokenizer defaults to the one a Hugging Face folder ships, else to the built-in one
+    matching the vocabulary)."""
     import torch  # here, not at the top: --help must not import torch
 
     from rwkvkit.models import load_model  # imports torch: only when a command runs
@@ -187,4 +188,7 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
 
     device = torch_device(args.device)
     model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-    return model, load_tokenizer(args.tokenizer or default_tokenizer(model.config.vocab_size))
+    from rwkvkit.hf_folder import folder_tokenizer
+
+    shipped = folder_tokenizer(args.model)
+    return model, load_tokenizer(args.tokenizer or shipped or default_tokenizer(model.config.vocab_size))
