@@ -246,3 +246,13 @@ def test_vocab_parser_matches_rwkvkit() -> None:
     from rwkvkit.tokenizer.world import parse_vocab_file
 
     assert parse_world_vocab(DEFAULT_VOCAB_PATH) == parse_vocab_file(DEFAULT_VOCAB_PATH)
+
+
+def test_direct_instance_saves_a_loadable_folder(world: WorldTokenizer, tmp_path: Path) -> None:
+    from rwkvkit.hf.tokenization_rwkv_world import RwkvWorldTokenizer
+
+    RwkvWorldTokenizer(vocab_file=str(DEFAULT_VOCAB_PATH)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text("utf-8"))
+    assert config["auto_map"]["AutoTokenizer"][0] == "tokenization_rwkv_world.RwkvWorldTokenizer"
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path, trust_remote_code=True)
+    assert loaded(TEXTS["emoji"])["input_ids"] == world.encode(TEXTS["emoji"])

@@ -186,7 +186,6 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
             model_max_length=model_max_length,
             clean_up_tokenization_spaces=clean_up_tokenization_spaces,
             split_special_tokens=split_special_tokens,
-            special_tokens_pattern="none",
             **kwargs,
         )
 
@@ -265,3 +264,8 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
         if not (os.path.exists(target) and os.path.samefile(target, self.vocab_file)):
             shutil.copyfile(self.vocab_file, target)
         return (target,)
+
+
+# save_pretrained of any instance (also one made directly, not through AutoTokenizer) copies this module
+# into the folder and writes the auto_map that points AutoTokenizer at it.
+RwkvWorldTokenizer.register_for_auto_class("AutoTokenizer")
