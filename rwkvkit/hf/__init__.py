@@ -1,0 +1,1 @@
+"""rwkvkit inside Hugging Face transformers (extra: transformers)."""
