@@ -324,7 +324,9 @@ def test_llama_cpp_converter_gives_rwkvkit_gguf_tensors(tmp_path, version):
         assert np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name
     fields = {n for n in theirs.fields if not n.startswith("general.")}
     assert fields <= set(ours.fields), fields - set(ours.fields)
-    for name in fields:
+    # the chat template differs in form only: the converter inlines llama.cpp's rwkv-world Jinja file, rwkvkit
+    # names that built-in template ("rwkv-world")
+    for name in fields - {"tokenizer.chat_template"}:
         if name.startswith(("tokenizer.", version.join(("rwkv", ".")))):
             assert theirs.fields[name].contents() == ours.fields[name].contents(), name
 
@@ -377,7 +379,7 @@ def test_pytorch_model_bin_loads_and_one_carrying_code_is_refused(v7_folder):
             return (print, ("this ran",))
 
     with open(v7_folder / "pytorch_model.bin", "wb") as f:
-        pickle.dump({"model.embeddings.weight": Payload()}, f)
+        pickle.dump({"model.embeddings.weight": Payload()}, f, protocol=2)
     with pytest.raises(RwkvkitError, match="could run code"):
         load_state_dict(v7_folder)
 
@@ -475,7 +477,7 @@ def test_a_tuned_state_is_refused(tmp_path):
 def world_folder(tmp_path_factory) -> tuple[Path, Path]:
     """(an RWKV-7 .pth with the World vocabulary, its exported folder with the World tokenizer files)."""
     tmp = tmp_path_factory.mktemp("world")
-    pth = _checkpoint(tmp, "7", vocab_size=65536, seed=7)
+    pth = _checkpoint(tmp, "7", seed=7, **LLAMA_SHAPES["7"])  # heads of 64: llama.cpp runs it
     assert main(["export", str(pth), "--to", "hf", "-o", str(tmp / "hf")]) == 0
     return pth, tmp / "hf"
 
@@ -519,22 +521,34 @@ def test_chat_on_a_folder(world_folder):
             timeout=120,
         )
         assert run.returncode == 0, run.stderr[-1000:]
-        replies.append(run.stdout)
-    assert replies[0] == replies[1]
+        replies.append(run.stdout.partition("User:")[2])  # after the banner, which names the model
+    assert replies[0] == replies[1] and "Assistant:" in replies[0]
 
 
-def test_quantize_and_export_gguf_from_a_folder(world_folder, tmp_path, capsys):
+def test_quantize_and_export_gguf_from_a_folder(world_folder, tmp_path):
+    """The folder gives the same quantized file and the same GGUF file as its .pth."""
     pth, folder = world_folder
-    assert main(["quantize", str(folder), "--to", "int8", "-o", str(tmp_path / "q.safetensors")]) == 0
+    for model, out in ((folder, "f.safetensors"), (pth, "p.safetensors")):
+        assert main(["quantize", str(model), "--to", "int8", "-o", str(tmp_path / out)]) == 0
     tokens = torch.tensor([[1, 2, 3, 4]])
-    assert torch.allclose(
-        load_model(tmp_path / "q.safetensors")(tokens)[0], load_model(pth)(tokens)[0], atol=0.1
-    )
+    from_folder, from_pth = (load_model(tmp_path / f)(tokens)[0] for f in ("f.safetensors", "p.safetensors"))
+    assert torch.equal(from_folder, from_pth)
     pytest.importorskip("gguf")
-    assert main(["export", str(folder), "--to", "gguf", "--type", "f32", "-o", str(tmp_path / "f.gguf")]) == 0
-    assert main(["export", str(pth), "--to", "gguf", "--type", "f32", "-o", str(tmp_path / "p.gguf")]) == 0
-    f, p = (tmp_path / "f.gguf").read_bytes(), (tmp_path / "p.gguf").read_bytes()
-    assert len(f) == len(p)
+    for model, out in ((folder, "f.gguf"), (pth, "p.gguf")):
+        argv = [
+            "export",
+            str(model),
+            "--to",
+            "gguf",
+            "--type",
+            "q8_0",
+            "--name",
+            "m",
+            "-o",
+            str(tmp_path / out),
+        ]
+        assert main(argv) == 0
+    assert (tmp_path / "f.gguf").read_bytes() == (tmp_path / "p.gguf").read_bytes()
 
 
 def test_train_init_from_a_folder(tmp_path, capsys):
@@ -556,8 +570,9 @@ def test_serve_a_folder(world_folder):
 
     server = Server(world_folder[1])
     try:
-        body = {"model": "m", "prompt": "The", "max_tokens": 4, "temperature": 0}
+        body = {"model": "hf", "prompt": "The", "max_tokens": 4, "temperature": 0}
         reply = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+        assert "choices" in reply, reply
         assert reply["choices"][0]["finish_reason"] in ("length", "stop")
     finally:
         server.stop()
