@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from collections import Counter
+from pathlib import Path
 
 DESCRIPTION = "Describe an RWKV checkpoint from its tensor shapes, without building the model."
 
@@ -38,7 +39,10 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in state_dict.values())
     return {
         "file": str(path),
-        "file_size": os.path.getsize(path),
+        # a Hugging Face folder: every file in it
+        "file_size": sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+        if os.path.isdir(path)
+        else os.path.getsize(path),
         **config.to_dict(),
         "quantization": None
         if quantized is None
