@@ -1,8 +1,9 @@
 """The Hugging Face layouts of RWKV checkpoints: tensor names, tensor shapes and config.json per version.
 
 This module owns the one table of how an official BlinkDL key is named and shaped in each Hub layout
-(and back), and the ``config.json`` each layout carries. It is pure mapping (no files: those are in
-:mod:`rwkvkit.hf_folder`). The layouts, one per version, as they are published:
+(and back), and the ``config.json`` each layout carries. It is pure mapping, no files
+(:mod:`rwkvkit.checkpoint` reads folders, :mod:`rwkvkit.export.hf` writes them). The layouts, one per
+version, as they are published:
 
     version  layout          model_type   architectures            names
     4        transformers    rwkv         RwkvForCausalLM          rwkv.blocks.N.attention.time_mix_key, ...
@@ -23,7 +24,7 @@ low-rank pair ``{w,a,v,g}1 (C, D)``, ``{w,a,v,g}2 (D, C)`` and bias ``{w,a,v}0 (
 ``nn.Linear`` pair of ``{w,a,v,g}_lora.lora.0`` (D, C) / ``lora.2`` (C, D) with ``lora.2.bias`` (C,) (so both
 matrices are transposed); ``k_k``, ``k_a`` and ``ffn.x_k`` are (C,); ``x_*`` stay (1, 1, C); ``ln_out`` ->
 ``model.norm``, ``head`` -> ``lm_head``. Layer 0 has no value LoRA in that layout (it is never used there):
-the official trainer's unused ``blocks.0.att.v0/v1/v2`` have no name in it (see :mod:`rwkvkit.hf_folder`
+the official trainer's unused ``blocks.0.att.v0/v1/v2`` have no name in it (see :mod:`rwkvkit.checkpoint`
 for where they go).
 """
 

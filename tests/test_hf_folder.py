@@ -1,4 +1,4 @@
-"""Hugging Face folders both ways (rwkvkit.hf_layouts, rwkvkit.hf_folder, ``rwkvkit export --to hf``).
+"""Hugging Face folders both ways (rwkvkit.hf_layouts, rwkvkit.checkpoint, rwkvkit.export.hf).
 
 Checked against what can run here: transformers' own ``RwkvForCausalLM`` loads the RWKV-4 folder and gives
 rwkvkit's logits; llama.cpp's ``convert_hf_to_gguf.py`` (from the llama-cpp-python source distribution)
@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from rwkvkit.checkpoint import load_state_dict, save_state_dict
 from rwkvkit.cli import main
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.hf_folder import export_hf
+from rwkvkit.export.hf import export_hf
 from rwkvkit.models import load_model
 
 VERSIONS = ("4", "5.2", "6", "7")
@@ -451,12 +451,12 @@ def test_export_refuses_a_non_empty_folder_and_leaves_it_alone(tmp_path, capsys)
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import rwkvkit.hf_folder as hf_folder
+    import rwkvkit.export.hf as hf_export
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(hf_folder, "hf_config", full_disk)
+    monkeypatch.setattr(hf_export, "hf_config", full_disk)
     with pytest.raises(RwkvkitError, match="No space left on device"):
         export_hf(_checkpoint(tmp_path, "4"), tmp_path / "out", tokenizer="none")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v4-float32.pth"]

@@ -183,12 +183,11 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     matching the vocabulary)."""
     import torch  # here, not at the top: --help must not import torch
 
-    from rwkvkit.models import load_model  # imports torch: only when a command runs
+    from rwkvkit.checkpoint import folder_tokenizer  # imports torch: only when a command runs
+    from rwkvkit.models import load_model
     from rwkvkit.tokenizer import load_tokenizer
 
     device = torch_device(args.device)
     model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-    from rwkvkit.hf_folder import folder_tokenizer
-
     shipped = folder_tokenizer(args.model)
     return model, load_tokenizer(args.tokenizer or shipped or default_tokenizer(model.config.vocab_size))

@@ -1,6 +1,6 @@
 """``rwkvkit export``: write a checkpoint in another runtime's format: GGUF for llama.cpp (RWKV-6 and RWKV-7,
 :mod:`rwkvkit.export.gguf`) or a Hugging Face folder in the layout its version uses on the Hub (every
-version, :mod:`rwkvkit.hf_folder`)."""
+version, :mod:`rwkvkit.export.hf`)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def run_hf(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.resolve() == Path(args.model).resolve():
         raise RwkvkitError("the output would overwrite the input model")
-    from rwkvkit.hf_folder import export_hf  # imports torch: not for --help
+    from rwkvkit.export.hf import export_hf  # imports torch: not for --help
 
     t0 = time.perf_counter()
     dtype = None if args.dtype == "keep" else args.dtype
