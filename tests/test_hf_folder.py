@@ -576,3 +576,26 @@ def test_serve_a_folder(world_folder):
         assert reply["choices"][0]["finish_reason"] in ("length", "stop")
     finally:
         server.stop()
+
+
+def test_transformers_loads_the_exported_rwkv4_folder_with_its_tokenizer_and_generates_like_rwkvkit(tmp_path):
+    """AutoTokenizer and AutoModelForCausalLM on the exported folder alone (no rwkvkit code involved):
+    the tokenizer gives the World ids, and transformers' greedy generate gives rwkvkit's greedy text."""
+    transformers = pytest.importorskip("transformers")
+    from rwkvkit.infer.generate import generate_text
+    from rwkvkit.tokenizer import WorldTokenizer
+
+    pth = _checkpoint(tmp_path, "4", vocab_size=65536, seed=11)
+    assert main(["export", str(pth), "--to", "hf", "-o", str(tmp_path / "hf")]) == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(model).__name__ == "RwkvForCausalLM"
+    prompt = "Hello, 世界! 🙂 def f(x):\n\treturn x"
+    ids = tokenizer(prompt)["input_ids"]
+    assert ids == WorldTokenizer().encode(prompt)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    theirs = tokenizer.decode(out[0, len(ids) :])
+    ours = generate_text(
+        load_model(pth), WorldTokenizer(), prompt, max_tokens=8, temperature=0, stop_tokens=()
+    )
+    assert theirs == ours.text and len(out[0]) == len(ids) + 8
