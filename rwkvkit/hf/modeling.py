@@ -166,7 +166,7 @@ class RwkvkitForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = [Block.__name__]  # one layer (rwkvkit.models.common.Block) stays on one device
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # rwkvkit's own: each block recomputed in the backward
     _is_stateful = True  # no assisted generation: a state cannot be rolled back
 
     def __init__(self, config: RwkvkitConfig, rwkvkit_model: RWKVModel | None = None):
@@ -217,6 +217,14 @@ class RwkvkitForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.model.head = value
 
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers: int = 1
+    ) -> None:
+        """Activation checkpointing is rwkvkit's ``grad_checkpoint`` (every block, non-reentrant
+        ``torch.utils.checkpoint``); a custom checkpoint function or ``every_n_layers`` is not used."""
+        self.model.grad_checkpoint = enable
+        self.model.gradient_checkpointing = enable  # what transformers' is_activation_checkpointing reads
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the cache is the RNN state, not a key/value cache
@@ -224,6 +232,12 @@ class RwkvkitForCausalLM(PreTrainedModel, GenerationMixin):
     def _reorder_cache(self, state: RWKVState, beam_idx: torch.Tensor) -> RWKVState:
         """Beam search: the state rows of the beams kept, in their new order."""
         return state.select(beam_idx)
+
+    @property
+    def base_model(self) -> RwkvkitBackbone:
+        """What trainers call for hidden states (TRL's SFT fuses the head with its loss): the rwkvkit model
+        without its head. ``base_model_prefix`` stays "model", the weights' prefix."""
+        return RwkvkitBackbone(self.model)
 
     def forward(
         self,
@@ -243,28 +257,22 @@ class RwkvkitForCausalLM(PreTrainedModel, GenerationMixin):
         absent (see the module docstring). labels (B, T): scored against the logits one position
         earlier, -100 ignored. use_cache (default: the config's, off in training mode): return the state.
         logits_to_keep=k > 0: logits of the last k positions only. ``kwargs`` such as ``position_ids``
-        mean nothing to an RNN and are ignored, except ``num_items_in_batch`` (see the loss).
+        mean nothing to an RNN and are ignored (packed sequences are not separated), except
+        ``num_items_in_batch`` (see the loss).
         """
-        if inputs_embeds is not None:
-            raise RwkvkitError("RwkvkitForCausalLM reads input_ids, not inputs_embeds")
-        if input_ids is None:
-            raise RwkvkitError("RwkvkitForCausalLM.forward needs input_ids (B, T)")
+        _check_inputs(input_ids, inputs_embeds)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if return_dict is None:
             return_dict = self.config.return_dict
         last_only = logits_to_keep == 1 and labels is None
-        mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise RwkvkitError(f"attention_mask must be 2-D (B, T), got {tuple(attention_mask.shape)}")
-            mask = attention_mask[:, -input_ids.shape[1] :].to(input_ids.device).bool()  # (B, T)
-            if bool(mask.all()):
-                mask = None
-        if mask is None:
-            logits, new_state = self.model(input_ids, state, last_only=last_only)
-        else:
-            logits, new_state = self._masked_forward(input_ids, mask, state, last_only)
+
+        def run(tokens: torch.Tensor, part_state: RWKVState | None):
+            return self.model(tokens, part_state, last_only=last_only)
+
+        vocab = self.config.vocab_size
+        args = (input_ids, attention_mask, state, last_only, vocab, torch.float32)
+        logits, new_state = _run_masked(run, self.model, *args)
         loss = None
         if labels is not None:
             loss = _shifted_loss(logits, labels, kwargs.get("num_items_in_batch"))
@@ -273,29 +281,87 @@ class RwkvkitForCausalLM(PreTrainedModel, GenerationMixin):
         output = RwkvkitCausalLMOutput(loss=loss, logits=logits, state=new_state if use_cache else None)
         return output if return_dict else output.to_tuple()
 
-    def _masked_forward(
-        self, tokens: torch.Tensor, mask: torch.Tensor, state: RWKVState | None, last_only: bool
-    ) -> tuple[torch.Tensor, RWKVState]:
-        """The forward with masked positions absent: rows grouped by their number of unmasked tokens,
-        each group run as one batch of its rows' unmasked tokens, results scattered back."""
-        B, T = tokens.shape
-        lengths = mask.sum(1)  # (B,)
-        out_T = 1 if last_only else T
-        logits = torch.zeros(B, out_T, self.config.vocab_size, device=self.model.device)  # (B, out_T, V)
-        new_state = state if state is not None else self.model.initial_state(B)
-        for n in sorted(set(lengths.tolist()) - {0}):
-            rows = (lengths == n).nonzero().flatten()  # (R,)
-            positions = mask[rows].nonzero()[:, 1].view(len(rows), n)  # (R, n): each row's kept columns
-            part_state = None if state is None else state.select(rows)
-            part_logits, part = self.model(tokens[rows].gather(1, positions), part_state, last_only=last_only)
-            new_state = _put_rows(new_state, rows.to(new_state.wkv.device), part)
-            if last_only:  # the logits of position T - 1, where it is unmasked
-                ends = positions[:, -1] == T - 1
-                logits = logits.index_put((rows[ends],), part_logits[ends].to(logits.device))
-            else:
-                index = (rows[:, None].expand(-1, n), positions)
-                logits = logits.index_put(index, part_logits.to(logits.device))
-        return logits, new_state
+
+@dataclass
+class RwkvkitBackboneOutput(ModelOutput):
+    """What :class:`RwkvkitBackbone` returns: last_hidden_state (B, T, C), the head's input; state."""
+
+    last_hidden_state: torch.Tensor | None = None
+    state: RWKVState | None = None
+
+
+class RwkvkitBackbone:
+    """An rwkvkit model without its head, called like a transformers base model (``input_ids``,
+    ``attention_mask``, ``state``, ``use_cache``): ``head(last_hidden_state)`` is the wrapper's logits.
+    A view of the model, holding no weights of its own."""
+
+    _tp_plan = None  # no tensor or pipeline parallel plans (transformers asks its base models)
+    _pp_plan = None
+
+    def __init__(self, model: RWKVModel):
+        self.model = model
+
+    def __call__(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        state: RWKVState | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> RwkvkitBackboneOutput:
+        _check_inputs(input_ids, inputs_embeds)
+        args = (input_ids, attention_mask, state, False, self.model.config.n_embd, self.model.dtype)
+        hidden, new_state = _run_masked(self.model.hidden, self.model, *args)
+        return RwkvkitBackboneOutput(last_hidden_state=hidden, state=new_state if use_cache else None)
+
+
+def _check_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+    if inputs_embeds is not None:
+        raise RwkvkitError("rwkvkit models read input_ids, not inputs_embeds")
+    if input_ids is None:
+        raise RwkvkitError("rwkvkit models need input_ids (B, T)")
+
+
+def _run_masked(
+    run,
+    model: RWKVModel,
+    tokens: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    state: RWKVState | None,
+    last_only: bool,
+    width: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, RWKVState]:
+    """``run(tokens, state) -> (out (B, T or 1, width) of dtype, new state)`` with masked positions absent.
+
+    A mask of ones (or none) is one call. Otherwise rows are grouped by their number of unmasked tokens,
+    each group runs as one batch of its rows' unmasked tokens from their own state rows, and the outputs
+    are scattered back; masked positions get zeros (with ``last_only``: rows whose last position is
+    masked).
+    """
+    B, T = tokens.shape
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise RwkvkitError(f"attention_mask must be 2-D (B, T), got {tuple(attention_mask.shape)}")
+    mask = None if attention_mask is None else attention_mask[:, -T:].to(tokens.device).bool()  # (B, T)
+    if mask is None or bool(mask.all()):
+        return run(tokens, state)
+    lengths = mask.sum(1)  # (B,)
+    out = torch.zeros(B, 1 if last_only else T, width, dtype=dtype, device=model.device)  # (B, T or 1, W)
+    new_state = state if state is not None else model.initial_state(B)
+    for n in sorted(set(lengths.tolist()) - {0}):
+        rows = (lengths == n).nonzero().flatten()  # (R,)
+        positions = mask[rows].nonzero()[:, 1].view(len(rows), n)  # (R, n): each row's kept columns
+        part_out, part = run(tokens[rows].gather(1, positions), None if state is None else state.select(rows))
+        new_state = _put_rows(new_state, rows.to(new_state.wkv.device), part)
+        rows = rows.to(out.device)
+        if last_only:  # the output at position T - 1, for the rows where it is unmasked
+            ends = (positions[:, -1] == T - 1).to(out.device)
+            out = out.index_put((rows[ends],), part_out[ends].to(dtype))
+        else:
+            out = out.index_put((rows[:, None].expand(-1, n), positions.to(out.device)), part_out.to(dtype))
+    return out, new_state
 
 
 AutoConfig.register(RwkvkitConfig.model_type, RwkvkitConfig, exist_ok=True)
