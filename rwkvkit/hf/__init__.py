@@ -1,8 +1,11 @@
-"""Hugging Face integration (the ``hf`` extra): rwkvkit models inside ``transformers``.
+"""rwkvkit inside Hugging Face transformers (the ``hf`` extra).
 
-Importing this package imports nothing from ``transformers``. The model classes live in
-:mod:`rwkvkit.hf.modeling`, loaded (and registered with the Auto classes) on first use of
-``from rwkvkit.hf import RwkvkitForCausalLM`` or by ``import rwkvkit.hf.modeling``.
+Importing this package imports nothing from ``transformers``. Its modules:
+    tokenization_rwkv_world.py  the World tokenizer as a transformers tokenizer (RwkvWorldTokenizer)
+    tokenizer_files.py          writes a model folder's tokenizer files (no transformers import)
+    modeling.py                 RwkvkitConfig, RwkvkitForCausalLM; importing it registers them with
+                                AutoConfig / AutoModel / AutoModelForCausalLM
+``from rwkvkit.hf import RwkvkitForCausalLM`` (or ``RwkvkitConfig``) imports modeling.py on first use.
 """
 
 from __future__ import annotations
