@@ -15,7 +15,7 @@ _MODELING_NAMES = ("RwkvkitCausalLMOutput", "RwkvkitConfig", "RwkvkitForCausalLM
 
 def __getattr__(name: str):
     if name in _MODELING_NAMES:
-        from rwkvkit.hf import modeling
+        from rwkvkit.hf import modeling  # imports transformers: only when a model class is asked for
 
         return getattr(modeling, name)
     raise AttributeError(f"module 'rwkvkit.hf' has no attribute {name!r}")
