@@ -127,6 +127,15 @@ def test_forward_logits_loss_mask_and_gradients():
     out.loss.backward()  # gradients reach the rwkvkit weights
     assert model.blocks[0].att.key.weight.grad.abs().sum() > 0
     assert hf(tokens, return_dict=False)[0].shape == ref_logits.shape
+    with torch.no_grad():
+        # the returned state continues the sequences: the rest of the tokens read from it alone
+        first = hf(tokens[:, :2], use_cache=True)
+        torch.testing.assert_close(
+            hf(tokens[:, 2:], state=first.state).logits, ref_logits[:, 2:], rtol=0, atol=1e-5
+        )
+        # the backbone (what TRL's fused head reads) gives the head's input
+        hidden = hf.base_model(input_ids=tokens).last_hidden_state  # (B, T, C)
+        torch.testing.assert_close(model.head(hidden).float(), ref_logits, rtol=0, atol=1e-5)
     # a left-padded row: its unmasked positions are those of the row alone, masked ones are zeros
     padded = torch.tensor([[0, 0, 0, 3, 14, 15]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1]])
