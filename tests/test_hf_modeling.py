@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the netwo
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from checkpoints import random_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, pipeline  # noqa: E402
 
@@ -25,7 +26,6 @@ from rwkvkit.hf import RwkvkitConfig, RwkvkitForCausalLM  # noqa: E402
 from rwkvkit.hf.tokenization_rwkv_world import RwkvWorldTokenizer  # noqa: E402
 from rwkvkit.models.io import export_state_dict, model_from_state_dict, new_model  # noqa: E402
 from rwkvkit.tokenizer.world import DEFAULT_VOCAB_PATH, WorldTokenizer  # noqa: E402
-from tests.checkpoints import random_state_dict  # noqa: E402
 
 VERSIONS = ("4", "5.2", "6", "7")
 EOS = 0
