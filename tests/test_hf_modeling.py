@@ -95,6 +95,11 @@ def test_generate_batches_padding_beams_and_sampling():
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
     got = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
     assert [row[4:].tolist() for row in got] == [singles[0], singles[2]]
+    # generate continues from a given state: the prompt's first tokens read before, the rest given
+    with torch.no_grad():
+        start = hf(torch.tensor([p1[:2]]), use_cache=True).state
+    got = hf.generate(torch.tensor([p1[2:]]), state=start, do_sample=False, max_new_tokens=6)
+    assert got[0, 2:].tolist() == singles[0]
     # beam search regroups the state rows: the same beams as without a cache (every step re-reads all)
     beams = dict(do_sample=False, num_beams=3, num_return_sequences=2, max_new_tokens=5)
     cached = hf.generate(torch.tensor([p1]), **beams)

@@ -10,7 +10,8 @@ The cache is the RNN state. ``forward`` returns the new :class:`rwkvkit.state.RW
 (one of the cache names ``generate`` carries from step to step) and takes it back as ``state=``; with a
 state, only the tokens that follow it are read. ``generate`` therefore prefills the prompt once, then
 feeds one token per step on a fixed-size state; beam search regroups the state's rows
-(:meth:`RwkvkitForCausalLM._reorder_cache`).
+(:meth:`RwkvkitForCausalLM._reorder_cache`). ``generate(input_ids, state=s)`` continues sequences from
+``s`` (``input_ids`` being only what follows it).
 
 Attention masks: a position with mask 0 is treated as absent. Its token is not read (the row's state
 passes it unchanged) and its logits are zeros. Rows whose masks differ are run in groups of equal
