@@ -262,6 +262,20 @@ class RWKVModel(nn.Module):
             logits = blas.linear(self.head, layer_norm(self.ln_out, x, dtype)).float()  # (B, T, V)
         return logits, new_state
 
+    def hidden(self, tokens: torch.Tensor, state: RWKVState | None = None) -> tuple[torch.Tensor, RWKVState]:
+        """The head's input for tokens (B, T) from ``state`` (the initial state if None): ``ln_out`` of the
+        last block's output, (B, T, C) in the model dtype, and the new state. ``head(h).float()`` is
+        :meth:`forward`'s logits; trainers that fuse the head with the loss (TRL's SFT) call this."""
+        self.check_tokens(tokens)
+        B = tokens.shape[0]
+        if state is None:
+            state = self.initial_state(B)
+        state.check_compatible(self.config, B)
+        layer_states = zip(state.att_shift, state.wkv, state.ffn_shift, strict=True)
+        x = self.emb(tokens.to(self.device, torch.long))  # (B, T, C)
+        x, new_state = self._run_blocks(x, layer_states, self.dtype, write_in_place=False)
+        return layer_norm(self.ln_out, x, self.dtype), new_state
+
     def _run_blocks(self, x: torch.Tensor, layer_states, dtype: torch.dtype, write_in_place: bool):
         """The layers: (x after the last block, the new state). ``write_in_place``: the blocks write
         their new wkv states into one preallocated next state (no stacking copy)."""
