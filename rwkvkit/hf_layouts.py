@@ -227,8 +227,8 @@ def hf_config(layout: Layout, config: ModelConfig, dtype: torch.dtype) -> dict:
         "use_cache": True,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    if layout.name == "rwkvkit":
-        return common | {"rwkvkit": config.to_dict()}
+    if layout.name == "rwkvkit":  # rwkvkit.hf's RwkvkitConfig: ModelConfig's fields at the top level
+        return common | config.to_dict()
     if layout.name == "fla-hub":
         return common | {
             "attn_mode": "chunk",
@@ -273,12 +273,11 @@ def _field(hf: dict, *names: str) -> object:
 
 def check_config(layout: Layout, hf: dict, config: ModelConfig, source: str) -> None:
     """Refuse a ``config.json`` that disagrees with the tensors (RwkvkitError naming the first field)."""
-    if layout.name == "rwkvkit":
-        stored = hf.get("rwkvkit") or {}
+    if layout.name == "rwkvkit":  # RwkvkitConfig: ModelConfig's fields at the top level
         for name, value in config.to_dict().items():
-            if name in stored and stored[name] != value:
+            if name in hf and hf[name] != value:
                 raise RwkvkitError(
-                    f"{source}: config.json says {name} {stored[name]!r}, the tensors {value!r}"
+                    f"{source}: config.json says {name} {hf[name]!r}, but the tensors give {value!r}"
                 )
         return
     checks = [

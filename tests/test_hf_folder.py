@@ -599,3 +599,17 @@ def test_transformers_loads_the_exported_rwkv4_folder_with_its_tokenizer_and_gen
         load_model(pth), WorldTokenizer(), prompt, max_tokens=8, temperature=0, stop_tokens=()
     )
     assert theirs == ours.text and len(out[0]) == len(ids) + 8
+
+
+def test_a_folder_saved_by_rwkvkit_hf_loads_as_the_same_model(tmp_path):
+    pytest.importorskip("transformers")
+    from rwkvkit.hf import RwkvkitForCausalLM
+
+    pth = _checkpoint(tmp_path, "6", seed=2)
+    RwkvkitForCausalLM.from_rwkvkit(load_model(pth)).save_pretrained(tmp_path / "wrapped")
+    assert sorted(load_state_dict(tmp_path / "wrapped")) == sorted(torch.load(pth, weights_only=True))
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    assert torch.equal(load_model(tmp_path / "wrapped")(tokens)[0], load_model(pth)(tokens)[0])
+    _edit_config(tmp_path / "wrapped", n_embd=128)
+    with pytest.raises(RwkvkitError, match="config.json says n_embd 128, but the tensors give 64"):
+        load_model(tmp_path / "wrapped")
