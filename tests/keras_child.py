@@ -1,0 +1,108 @@
+"""Child process of tests/test_keras.py: runs rwkvkit.keras under the KERAS_BACKEND of its environment.
+
+Usage: ``KERAS_BACKEND=jax python tests/keras_child.py IN.npz OUT.npz``. Reads the inputs, writes the
+layer's outputs and gradients (backend autodiff), the seed adapters' outputs on every state mode and the
+losses of a short ``fit``; the parent compares them with its own references (it never imports keras).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import keras
+import numpy as np
+from keras import ops
+
+from rwkvkit.keras import WKV6, RWKVKernelOperator, rwkv6_op
+
+BACKEND = keras.backend.backend()
+
+
+def layer_grads(x: dict, impl: str | None) -> dict:
+    """y, final state and the gradients of sum(y * gy) + sum(final * gs) for the WKV6 layer."""
+    B, T, C = x["r"].shape
+    H, N = x["u"].shape
+    layer = WKV6(H, N, decay="raw", return_state=True, impl=impl, chunk_size=8)
+    layer.u.assign(x["u"])
+    names = ("r", "k", "v", "w", "s")
+    if BACKEND == "jax":
+        import jax
+
+        def loss(u, r, k, v, w, s):
+            (y, final), _ = layer.stateless_call([u], [], r, k, v, w, initial_state=s)
+            return ops.sum(y * x["gy"]) + ops.sum(final * x["gs"]), (y, final)
+
+        args = [x["u"]] + [x[n] for n in names]
+        grads, (y, final) = jax.grad(loss, argnums=tuple(range(6)), has_aux=True)(*args)
+        out = {"du": grads[0], **{f"d{n}": g for n, g in zip(names, grads[1:])}}
+    else:
+        import torch
+
+        ts = {n: torch.tensor(x[n], requires_grad=True) for n in names}
+        y, final = layer(ts["r"], ts["k"], ts["v"], ts["w"], initial_state=ts["s"])
+        loss = (y * torch.tensor(x["gy"])).sum() + (final * torch.tensor(x["gs"])).sum()
+        loss.backward()
+        out = {"du": layer.u.value.grad, **{f"d{n}": ts[n].grad for n in names}}
+    out.update(y=y, final=final)
+    return {f"layer_{impl}_{n}": ops.convert_to_numpy(a) for n, a in out.items()}
+
+
+def adapters(x: dict) -> dict:
+    """The seed's signatures on every state mode (same inputs as the seed's documented calls)."""
+    r, k, v, w, u = (x[n] for n in ("r", "k", "v", "w", "u"))
+    H, N = u.shape
+    B = r.shape[0]
+    op = RWKVKernelOperator(N, 4096)
+    bank = x["bank"]  # (3, H, N, N) [key, value]
+    out = {}
+    y, state = op(r, k, v, w, u)
+    out["plain_y"] = y
+    out["plain_state_is_none"] = np.array(state is None)
+    out["with_state_y"], out["with_state_s"] = op(r, k, v, w, u.reshape(-1), with_state=True)
+    y, s = rwkv6_op(r, k, v, w, u, bank[:1], True, np.zeros(B, np.int32), head_size=N)
+    out["shared_map_y"], out["shared_map_s"] = y, s
+    out["shared3d_y"], out["shared3d_s"] = op(r, k, v, w, u, with_state=True, init_state=bank[0])
+    out["per_row_y"], out["per_row_s"] = op(r, k, v, w, u, with_state=True, init_state=bank[:B])
+    out["bank_y"], out["bank_s"] = op(r, k, v, w, u, True, bank, x["state_map"])
+    out["keras_bank_y"] = rwkv6_op(r, k, v, w, u, bank, state_map=x["state_map"], head_size=N, impl="keras")
+    if BACKEND == "jax":
+        import jax
+
+        from rwkvkit.jax import compat
+
+        jitted = jax.jit(lambda s, m: compat.rwkv6_op(r, k, v, w, u, s, True, m, head_size=N))
+        out["jax_jit_shared_map_y"], out["jax_jit_shared_map_s"] = jitted(bank[:1], np.zeros(B, np.int32))
+        jop = compat.RWKVKernelOperator(N)
+        out["jax_bank_y"], out["jax_bank_s"] = jop(r, k, v, w, u.reshape(-1), True, bank, x["state_map"])
+        out["jax_plain_state_is_none"] = np.array(jop(r, k, v, w, u)[1] is None)
+    return {f"adapter_{n}": ops.convert_to_numpy(a) for n, a in out.items()}
+
+
+def fit_losses(x: dict) -> dict:
+    """Losses of a tiny Dense -> WKV6 (state bank of 1) -> Dense model over a few train steps."""
+    keras.utils.set_random_seed(0)
+    B, T, C = x["r"].shape
+    H, N = x["u"].shape
+    inp = keras.Input((T, C), batch_size=B)
+    proj = [keras.layers.Dense(C, name=f"proj_{n}")(inp) for n in "rkvw"]
+    wkv = WKV6(H, N, state_bank=1, chunk_size=8, name="wkv")
+    out = keras.layers.Dense(C)(wkv(*proj))
+    model = keras.Model(inp, out)
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
+    losses = [float(model.train_on_batch(x["r"], x["v"])) for _ in range(8)]
+    bank = ops.convert_to_numpy(model.get_layer("wkv").initial_state)
+    return {"fit_losses": np.array(losses), "fit_bank_abs": np.array(np.abs(bank).max())}
+
+
+def main() -> None:
+    x = dict(np.load(sys.argv[1]))
+    out = {}
+    for impl in (None, "keras"):
+        out.update(layer_grads(x, impl))
+    out.update(adapters(x))
+    out.update(fit_losses(x))
+    np.savez(sys.argv[2], **out)
+
+
+if __name__ == "__main__":
+    main()
