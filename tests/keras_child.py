@@ -34,7 +34,7 @@ def layer_grads(x: dict, impl: str | None) -> dict:
 
         args = [x["u"]] + [x[n] for n in names]
         grads, (y, final) = jax.grad(loss, argnums=tuple(range(6)), has_aux=True)(*args)
-        out = {"du": grads[0], **{f"d{n}": g for n, g in zip(names, grads[1:])}}
+        out = {"du": grads[0], **{f"d{n}": g for n, g in zip(names, grads[1:], strict=True)}}
     else:
         import torch
 

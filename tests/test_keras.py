@@ -9,12 +9,11 @@ decay exp(-exp(w))).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import importlib.util
 
 import numpy as np
 import pytest
@@ -61,7 +60,9 @@ def run_child(backend: str, x: dict, tmp_path: Path) -> dict:
 
 def layer_reference(x: dict) -> dict:
     """y, final and gradients of the WKV6 layer (decay="raw") from rwkvkit's torch reference, float64."""
-    t = {n: torch.tensor(x[n], dtype=torch.float64, requires_grad=True) for n in ("r", "k", "v", "w", "u", "s")}
+    t = {
+        n: torch.tensor(x[n], dtype=torch.float64, requires_grad=True) for n in ("r", "k", "v", "w", "u", "s")
+    }
     r4, k4, v4, w4 = (t[n].reshape(B, T, H, N) for n in ("r", "k", "v", "w"))
     y, final = wkv6(r4, -torch.exp(w4), k4, v4, t["u"], t["s"], impl="reference")
     y = y.reshape(B, T, H * N)
@@ -86,7 +87,9 @@ def seed_reference(x: dict, init: np.ndarray | None) -> tuple[np.ndarray, np.nda
 
 def close(got: np.ndarray, want: np.ndarray, name: str) -> None:
     err = np.abs(got.astype(np.float64) - want).max() / max(np.abs(want).max(), 1e-30)
-    assert got.shape == want.shape and err < RTOL, f"{name}: shape {got.shape} vs {want.shape}, rel err {err:.2e}"
+    assert got.shape == want.shape and err < RTOL, (
+        f"{name}: shape {got.shape} vs {want.shape}, rel err {err:.2e}"
+    )
 
 
 @pytest.fixture(scope="module")

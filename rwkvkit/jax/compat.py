@@ -58,7 +58,9 @@ def _seed_call(r, k, v, w, u, init_state, state_map, head_size, head_first):
             init_state = init_state[None]
         state = jnp.swapaxes(init_state.astype(sdtype), -1, -2)  # [key, value] -> [value, key]
         if state_map is None and state.shape[0] not in (1, B):
-            raise RwkvkitError(f"init_state has {state.shape[0]} states for a batch of {B}: give state_map (B,)")
+            raise RwkvkitError(
+                f"init_state has {state.shape[0]} states for a batch of {B}: give state_map (B,)"
+            )
         if state_map is not None:
             state_map = jnp.asarray(state_map).astype(jnp.int32)
     elif state_map is not None:

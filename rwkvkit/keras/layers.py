@@ -70,6 +70,7 @@ class WKV6(keras.layers.Layer):
             self.initial_state = self.add_weight(
                 shape=(state_bank, H, N, N), initializer="zeros", name="initial_state"
             )
+        self.built = True  # the weights do not depend on the input shapes
 
     def call(
         self,
