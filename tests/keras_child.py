@@ -33,7 +33,7 @@ def layer_grads(x: dict, impl: str | None) -> dict:
             return ops.sum(y * x["gy"]) + ops.sum(final * x["gs"]), (y, final)
 
         args = [x["u"]] + [x[n] for n in names]
-        grads, (y, final) = jax.grad(loss, argnums=tuple(range(6)), has_aux=True)(*args)
+        grads, (y, final) = jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))(*args)
         out = {"du": grads[0], **{f"d{n}": g for n, g in zip(names, grads[1:], strict=True)}}
     else:
         import torch
@@ -48,33 +48,42 @@ def layer_grads(x: dict, impl: str | None) -> dict:
 
 
 def adapters(x: dict) -> dict:
-    """The seed's signatures on every state mode (same inputs as the seed's documented calls)."""
-    r, k, v, w, u = (x[n] for n in ("r", "k", "v", "w", "u"))
-    H, N = u.shape
-    B = r.shape[0]
-    op = RWKVKernelOperator(N, 4096)
-    bank = x["bank"]  # (3, H, N, N) [key, value]
-    out = {}
-    y, state = op(r, k, v, w, u)
-    out["plain_y"] = y
-    out["plain_state_is_none"] = np.array(state is None)
-    out["with_state_y"], out["with_state_s"] = op(r, k, v, w, u.reshape(-1), with_state=True)
-    y, s = rwkv6_op(r, k, v, w, u, bank[:1], True, np.zeros(B, np.int32), head_size=N)
-    out["shared_map_y"], out["shared_map_s"] = y, s
-    out["shared3d_y"], out["shared3d_s"] = op(r, k, v, w, u, with_state=True, init_state=bank[0])
-    out["per_row_y"], out["per_row_s"] = op(r, k, v, w, u, with_state=True, init_state=bank[:B])
-    out["bank_y"], out["bank_s"] = op(r, k, v, w, u, True, bank, x["state_map"])
-    out["keras_bank_y"] = rwkv6_op(r, k, v, w, u, bank, state_map=x["state_map"], head_size=N, impl="keras")
+    """The seed's signatures on every state mode (on jax all under one ``jax.jit``, traced state_map)."""
+
+    def compute(r, k, v, w, u, bank, state_map):  # bank (3, H, N, N) [key, value]
+        H, N = u.shape
+        B = r.shape[0]
+        op = RWKVKernelOperator(N, 4096)
+        zeros = ops.zeros((B,), "int32")
+        out = {}
+        out["plain_y"], out["plain_state"] = op(r, k, v, w, u)
+        out["with_state_y"], out["with_state_s"] = op(r, k, v, w, ops.reshape(u, (-1,)), with_state=True)
+        out["shared_map_y"], out["shared_map_s"] = rwkv6_op(r, k, v, w, u, bank[:1], True, zeros, head_size=N)
+        out["shared3d_y"], out["shared3d_s"] = op(r, k, v, w, u, with_state=True, init_state=bank[0])
+        out["per_row_y"], out["per_row_s"] = op(r, k, v, w, u, with_state=True, init_state=bank[:B])
+        out["bank_y"], out["bank_s"] = op(r, k, v, w, u, True, bank, state_map)
+        out["keras_bank_y"] = rwkv6_op(r, k, v, w, u, bank, state_map=state_map, head_size=N, impl="keras")
+        if BACKEND == "jax":
+            from rwkvkit.jax import compat
+
+            jop = compat.RWKVKernelOperator(N)
+            out["jax_shared_map_y"], out["jax_shared_map_s"] = compat.rwkv6_op(
+                r, k, v, w, u, bank[:1], True, zeros, head_size=N
+            )
+            out["jax_bank_y"], out["jax_bank_s"] = jop(
+                r, k, v, w, ops.reshape(u, (-1,)), True, bank, state_map
+            )
+            out["jax_plain_y"], out["jax_plain_state"] = jop(r, k, v, w, u)
+        return out
+
     if BACKEND == "jax":
         import jax
 
-        from rwkvkit.jax import compat
-
-        jitted = jax.jit(lambda s, m: compat.rwkv6_op(r, k, v, w, u, s, True, m, head_size=N))
-        out["jax_jit_shared_map_y"], out["jax_jit_shared_map_s"] = jitted(bank[:1], np.zeros(B, np.int32))
-        jop = compat.RWKVKernelOperator(N)
-        out["jax_bank_y"], out["jax_bank_s"] = jop(r, k, v, w, u.reshape(-1), True, bank, x["state_map"])
-        out["jax_plain_state_is_none"] = np.array(jop(r, k, v, w, u)[1] is None)
+        compute = jax.jit(compute)
+    out = compute(*(ops.convert_to_tensor(x[n]) for n in ("r", "k", "v", "w", "u", "bank", "state_map")))
+    out["plain_state_is_none"] = np.array(out.pop("plain_state") is None)
+    if BACKEND == "jax":
+        out["jax_plain_state_is_none"] = np.array(out.pop("jax_plain_state") is None)
     return {f"adapter_{n}": ops.convert_to_numpy(a) for n, a in out.items()}
 
 

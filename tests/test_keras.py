@@ -128,8 +128,9 @@ def test_keras_backend(backend: str, inputs: dict, layer_ref: dict, tmp_path: Pa
     close(got["adapter_bank_s"], banked[1], "bank state")
     close(got["adapter_keras_bank_y"], banked[0], "keras-form bank y")
     if backend == "jax":
-        close(got["adapter_jax_jit_shared_map_y"], shared[0], "jax.compat jit shared state_map y")
-        close(got["adapter_jax_jit_shared_map_s"], shared[1], "jax.compat jit shared state_map state")
+        close(got["adapter_jax_shared_map_y"], shared[0], "jax.compat jit shared state_map y")
+        close(got["adapter_jax_shared_map_s"], shared[1], "jax.compat jit shared state_map state")
+        close(got["adapter_jax_plain_y"], plain[0], "jax.compat plain y")
         close(got["adapter_jax_bank_y"], banked[0], "jax.compat bank y")
         close(got["adapter_jax_bank_s"], banked[1], "jax.compat bank state")
         assert got["adapter_jax_plain_state_is_none"]
