@@ -87,7 +87,7 @@ class WKV6(keras.layers.Layer):
             raise RwkvkitError(f"inputs must be (B, T, {H * N}) for {H} heads of {N}, got {tuple(r.shape)}")
         r4, k4, v4, w4 = (ops.reshape(x, (B, T, H, N)) for x in (r, k, v, w))
         if self.decay == "raw":
-            w4 = -ops.exp(ops.cast(w4, "float32"))
+            w4 = -ops.exp(ops.cast(w4, "float64" if r.dtype == "float64" else "float32"))
         state = initial_state
         if state is None and self.initial_state is not None:
             state = ops.convert_to_tensor(self.initial_state)
