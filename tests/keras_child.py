@@ -13,6 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from rwkvkit.errors import RwkvkitError
 from rwkvkit.keras import WKV6, RWKVKernelOperator, rwkv6_op
 
 BACKEND = keras.backend.backend()
@@ -87,6 +88,26 @@ def adapters(x: dict) -> dict:
     return {f"adapter_{n}": ops.convert_to_numpy(a) for n, a in out.items()}
 
 
+def refusals(x: dict) -> dict:
+    """The one-line errors for bad input (eager calls): a bank index out of range, C not a multiple of
+    head_size, state_map without init_state."""
+    r, k, v, w, u, bank = (x[n] for n in ("r", "k", "v", "w", "u", "bank"))
+    N = u.shape[1]
+    calls = (
+        lambda: rwkv6_op(r, k, v, w, u, bank, state_map=np.array([0, 3], np.int32), head_size=N),
+        lambda: rwkv6_op(r, k, v, w, u, head_size=N + 1),
+        lambda: rwkv6_op(r, k, v, w, u, state_map=np.zeros(2, np.int32), head_size=N),
+    )
+    messages = []
+    for call in calls:
+        try:
+            call()
+            messages.append("no error")
+        except (RwkvkitError, ValueError) as e:  # rwkvkit.jax.state raises ValueError
+            messages.append(str(e))
+    return {"refusals": np.array(messages)}
+
+
 def fit_losses(x: dict) -> dict:
     """Losses of a tiny Dense -> WKV6 (state bank of 1) -> Dense model over a few train steps."""
     keras.utils.set_random_seed(0)
@@ -109,6 +130,7 @@ def main() -> None:
     for impl in (None, "keras"):
         out.update(layer_grads(x, impl))
     out.update(adapters(x))
+    out.update(refusals(x))
     out.update(fit_losses(x))
     np.savez(sys.argv[2], **out)
 

@@ -134,6 +134,9 @@ def test_keras_backend(backend: str, inputs: dict, layer_ref: dict, tmp_path: Pa
         close(got["adapter_jax_bank_y"], banked[0], "jax.compat bank y")
         close(got["adapter_jax_bank_s"], banked[1], "jax.compat bank state")
         assert got["adapter_jax_plain_state_is_none"]
+    bad_map, bad_c, lone_map = (str(m) for m in got["refusals"])
+    assert "state_map[1] = 3 is outside the state bank [0, 3)" in bad_map, bad_map
+    assert "not a multiple of head_size" in bad_c and "without init_state" in lone_map, (bad_c, lone_map)
     # A few train steps lower the loss and train the layer's state bank.
     losses = got["fit_losses"]
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
