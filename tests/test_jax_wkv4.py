@@ -130,6 +130,7 @@ def state_case(mode: str, x: dict) -> tuple[tuple | None, np.ndarray | None]:
 
 
 F64_CASES = [(1, "row"), (15, "shared"), (16, "none"), (17, "bank"), (100, "row")]
+REFERENCE_T = (1, 17, 100)  # the JAX reference form too (the chunked form at every case)
 
 
 @pytest.mark.parametrize(("T", "mode"), F64_CASES)
@@ -142,7 +143,9 @@ def test_float64_parity_with_torch(T: int, mode: str) -> None:
             state, state_map = state_case(mode, x)
             want = torch_run(x, state, state_map)
             smap = None if state_map is None else jnp.asarray(state_map)
-            assert_parity(jax_run(wkv4_reference, x, state, smap, jnp.float64), want, 1e-10, same_state=True)
+            if T in REFERENCE_T:
+                ref = jax_run(wkv4_reference, x, state, smap, jnp.float64)
+                assert_parity(ref, want, 1e-10, same_state=True)
             got = jax_run(wkv4_chunked, x, state, smap, jnp.float64)
             assert_parity(got, want, 1e-10)
             if mode == "bank":
@@ -150,7 +153,7 @@ def test_float64_parity_with_torch(T: int, mode: str) -> None:
                     assert np.all(got[2][n][1] == 0.0)
 
 
-@pytest.mark.parametrize("T", [1, 17, 100, 1000])
+@pytest.mark.parametrize("T", [17, 1000])
 def test_float32_parity_with_torch(T: int) -> None:
     """The chunked form in float32 (fp32 state) == torch's float64 reference to 1e-5 relative."""
     for decay in ("mild", "strong") if T < 1000 else ("strong",):
@@ -171,7 +174,7 @@ def test_chunked_matches_reference_and_chunk_sizes() -> None:
     x = make_inputs(17, "strong", seed=9)
     state = (x["aa"], x["bb"], x["pp"])
     ref = jax_run(wkv4_reference, x, state, None, jnp.float32)
-    for cs in (1, 5):
+    for cs in (5,):
         assert_parity(jax_run(wkv4_chunked, x, state, None, jnp.float32, chunk_size=cs), ref, 2e-5)
 
 
