@@ -127,6 +127,7 @@ def state_case(mode: str, x: dict) -> tuple[np.ndarray | None, np.ndarray | None
 
 # Every T of interest once in float64, each state mode at some of them (one compilation per case).
 F64_CASES = [(1, "row"), (15, "shared"), (16, "none"), (17, "bank"), (100, "row")]
+REFERENCE_T = (1, 17, 100)  # the JAX reference form too (the chunked form at every case)
 
 
 @pytest.mark.parametrize(("T", "mode"), F64_CASES)
@@ -139,14 +140,14 @@ def test_float64_parity_with_torch(T: int, mode: str) -> None:
             state, state_map = state_case(mode, x)
             want = torch_run(x, state, state_map)
             smap = None if state_map is None else jnp.asarray(state_map)
-            for fn in (wkv6_chunked, wkv6_reference):
+            for fn in (wkv6_chunked, wkv6_reference) if T in REFERENCE_T else (wkv6_chunked,):
                 got = jax_run(fn, x, state, smap, jnp.float64)
                 assert_parity(got, want, 1e-10)
             if mode == "bank":
                 assert np.all(got[2]["state"][1] == 0.0) and np.abs(got[2]["state"][[0, 2]]).min() > 0
 
 
-@pytest.mark.parametrize("T", [1, 17, 100, 1000])
+@pytest.mark.parametrize("T", [17, 1000])
 def test_float32_parity_with_torch(T: int) -> None:
     """The chunked form in float32 (fp32 state) == torch's float64 reference to 1e-5 relative."""
     for decay in ("mild", "strong") if T < 1000 else ("strong",):
@@ -178,7 +179,7 @@ def test_chunked_matches_reference_and_chunk_sizes() -> None:
     """In JAX float32: the chunked form at several chunk sizes == the scan reference (values, grads)."""
     x = make_inputs(17, "strong", seed=9)
     ref = jax_run(wkv6_reference, x, x["state"], None, jnp.float32)
-    for cs in (1, 5, 16):
+    for cs in (5,):
         assert_parity(jax_run(wkv6_chunked, x, x["state"], None, jnp.float32, chunk_size=cs), ref, 2e-5)
 
 

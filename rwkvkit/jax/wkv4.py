@@ -21,10 +21,12 @@ Forms (``impl``, static): "reference" (the stable step recurrence of the officia
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rwkvkit.jax.state import initial_state_v4
 
@@ -138,23 +140,33 @@ def wkv4_step(
 # -------------------------------------------------------------------------------------------- chunked
 
 
-def _summaries(w: Array, k: Array, v: Array) -> State4:
+def _lengths(n_chunks: int, L: int, last: int) -> np.ndarray:
+    """(NC,) the real length of every chunk: L, and ``last`` for the final one (the rest is padding)."""
+    lens = np.full(n_chunks, L, np.int64)
+    lens[-1] = last
+    return lens
+
+
+def _summaries(w: Array, k: Array, v: Array, last: int) -> State4:
     """What each chunk alone adds to the state at its end: w (C,); k, v (B, NC, L, C) -> (a, b, p) each
-    (B, NC, C). Token i enters the end state with exponent (L-1-i) w + k_i; p is their maximum (a
-    representation choice: it carries no gradient, A = a e^p does not depend on it)."""
-    L = k.shape[2]
-    steps_to_end = jnp.arange(L - 1, -1, -1, dtype=k.dtype)  # (L,)
-    logits = steps_to_end[:, None] * w + k  # (B, NC, L, C)
+    (B, NC, C). Token i of a chunk of real length len enters the end state with exponent
+    (len-1-i) w + k_i (padded tokens have k = -inf: they add nothing); p is the largest (a representation
+    choice: it carries no gradient, as A = a e^p does not depend on it)."""
+    NC, L = k.shape[1:3]
+    lens = _lengths(NC, L, last)
+    steps_to_end = jnp.asarray(lens[:, None] - 1 - np.arange(L)[None, :], k.dtype)  # (NC, L)
+    logits = steps_to_end[:, :, None] * w + k  # (B, NC, L, C)
     p = jax.lax.stop_gradient(jnp.max(logits, axis=2))  # (B, NC, C)
     e = jnp.exp(logits - p[:, :, None])  # every exponent <= 0
     return jnp.sum(e * v, axis=2), jnp.sum(e, axis=2), p
 
 
-def _combine(w: Array, L: int, st: State4, summ: State4) -> State4:
-    """The state leaving a chunk of length L: e^{L w} (state entering) + (its summary), log-max form."""
+def _combine(w: Array, length: Array, st: State4, summ: State4) -> State4:
+    """The state leaving a chunk of real ``length``: e^{length w} (state entering) + (its summary), in
+    log-max form."""
     aa, bb, pp = st
     a_c, b_c, p_c = summ
-    q = w * L + pp
+    q = w * length + pp
     p = jnp.maximum(q, p_c)
     e1, e2 = jnp.exp(q - p), jnp.exp(p_c - p)
     return e1 * aa + e2 * a_c, e1 * bb + e2 * b_c, p
@@ -162,7 +174,7 @@ def _combine(w: Array, L: int, st: State4, summ: State4) -> State4:
 
 def _outputs(w: Array, u: Array, k: Array, v: Array, entering: State4) -> Array:
     """Outputs of every chunk given the state entering it: w, u (C,); k, v (B, NC, L, C); entering parts
-    (B, NC, C) -> y (B, NC, L, C).
+    (B, NC, C) -> y (B, NC, L, C) (rows of padded tokens are computed and dropped by the caller).
 
     Row t mixes token i < t with exponent (t-1-i) w + k_i, itself with u + k_t, the entering state with
     t w + pp_in; all are taken relative to the row's maximum (no gradient: it cancels between numerator
@@ -187,74 +199,70 @@ def _outputs(w: Array, u: Array, k: Array, v: Array, entering: State4) -> Array:
     return jnp.swapaxes(num / den, 2, 3)  # (B, NC, L, C)
 
 
-def _scan_chunks(w: Array, L: int, st: State4, summ: State4) -> tuple[State4, State4]:
+def _scan_chunks(w: Array, lens: Array, st: State4, summ: State4) -> tuple[State4, State4]:
     """The states entering every chunk (parts (B, NC, C)) and the one after the last."""
 
-    def body(st: State4, s: State4) -> tuple[State4, State4]:
-        return _combine(w, L, st, s), st
+    def body(st: State4, x: tuple[State4, Array]) -> tuple[State4, State4]:
+        return _combine(w, x[1], st, x[0]), st
 
-    st, entering = jax.lax.scan(body, st, tuple(jnp.moveaxis(x, 1, 0) for x in summ))
+    st, entering = jax.lax.scan(body, st, (tuple(jnp.moveaxis(x, 1, 0) for x in summ), lens))
     return tuple(jnp.moveaxis(x, 0, 1) for x in entering), st
 
 
-@jax.custom_vjp
-def _chunked_core(w: Array, u: Array, k: Array, v: Array, st: State4) -> tuple[Array, State4]:
-    """Whole chunks: k, v (B, NC, L, C), state parts (B, C) -> y (B, NC, L, C) and the state after."""
-    summ = _summaries(w, k, v)
-    entering, st = _scan_chunks(w, k.shape[2], st, summ)
-    return _outputs(w, u, k, v, entering), st
-
-
-def _chunked_fwd(w, u, k, v, st):
-    summ = _summaries(w, k, v)
-    entering, st_T = _scan_chunks(w, k.shape[2], st, summ)
+def _forward(last: int, w, u, k, v, st):
+    summ = _summaries(w, k, v, last)
+    lens = jnp.asarray(_lengths(k.shape[1], k.shape[2], last), k.dtype)
+    entering, st_T = _scan_chunks(w, lens, st, summ)
     return (_outputs(w, u, k, v, entering), st_T), (w, u, k, v, entering, summ)
 
 
-def _chunked_bwd(res, cot):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_core(last: int, w: Array, u: Array, k: Array, v: Array, st: State4) -> tuple[Array, State4]:
+    """Chunks of k, v (B, NC, L, C), the last of real length ``last`` (static), state parts (B, C) ->
+    y (B, NC, L, C) and the state after the last real token."""
+    return _forward(last, w, u, k, v, st)[0]
+
+
+def _chunked_bwd(last: int, res, cot):
     """The backward: the chunk-parallel parts by their VJPs (recomputed from the inputs and the saved
     chunk-entry states), the chunk-to-chunk state hand-off by a hand-written reverse scan whose steps
     are the VJPs of one :func:`_combine`."""
     w, u, k, v, entering, summ = res
     dy, d_st = cot
-    L = k.shape[2]
+    lens = jnp.asarray(_lengths(k.shape[1], k.shape[2], last), k.dtype)
     _, out_vjp = jax.vjp(_outputs, w, u, k, v, entering)
     dw, du, dk, dv, d_entering = out_vjp(dy)
 
-    def body(g: State4, x: tuple[State4, State4, State4]) -> tuple[State4, tuple[Array, State4]]:
-        st_c, summ_c, d_ent_c = x  # g: the cotangent of the state leaving chunk c
-        _, comb_vjp = jax.vjp(lambda w_, s_, m_: _combine(w_, L, s_, m_), w, st_c, summ_c)
+    def body(g: State4, x: tuple) -> tuple[State4, tuple[Array, State4]]:
+        st_c, summ_c, d_ent_c, len_c = x  # g: the cotangent of the state leaving chunk c
+        _, comb_vjp = jax.vjp(lambda w_, s_, m_: _combine(w_, len_c, s_, m_), w, st_c, summ_c)
         dw_c, d_in, d_summ = comb_vjp(g)
         return tuple(a + b for a, b in zip(d_in, d_ent_c, strict=True)), (dw_c, d_summ)
 
     xs = tuple(tuple(jnp.moveaxis(x, 1, 0) for x in part) for part in (entering, summ, d_entering))
-    d_st0, (dw_chunks, d_summ) = jax.lax.scan(body, d_st, xs, reverse=True)
-    _, summ_vjp = jax.vjp(_summaries, w, k, v)
+    d_st0, (dw_chunks, d_summ) = jax.lax.scan(body, d_st, (*xs, lens), reverse=True)
+    _, summ_vjp = jax.vjp(lambda w_, k_, v_: _summaries(w_, k_, v_, last), w, k, v)
     dw2, dk2, dv2 = summ_vjp(tuple(jnp.moveaxis(x, 0, 1) for x in d_summ))
     return dw + dw2 + jnp.sum(dw_chunks, axis=0), du, dk + dk2, dv + dv2, d_st0
 
 
-_chunked_core.defvjp(_chunked_fwd, _chunked_bwd)
+_chunked_core.defvjp(_forward, _chunked_bwd)
 
 
 def _chunked(w: Array, u: Array, k: Array, v: Array, st: State4, L: int) -> tuple[Array, State4]:
-    """k, v (B, T, C) in the state dtype. The whole chunks of length L run together, then a last partial
-    chunk (T not a multiple of L: a static shape) as one shorter chunk from the state they leave."""
+    """k, v (B, T, C) in the state dtype, cut into chunks of length L, T padded to a multiple of L with
+    tokens that add nothing (k = -inf, v = 0) and whose steps do not decay the state (the last chunk's
+    real length sets its decay), then sliced back."""
     B, T, C = k.shape
+    if T == 0:
+        return jnp.zeros((B, 0, C), k.dtype), st
     L = max(1, min(L, T))
-    n_full, rest = divmod(T, L)
-    ys = []
-    if n_full:
-        head = n_full * L
-        y, st = _chunked_core(
-            w, u, k[:, :head].reshape(B, n_full, L, C), v[:, :head].reshape(B, n_full, L, C), st
-        )
-        ys.append(y.reshape(B, head, C))
-    if rest:
-        y, st = _chunked_core(w, u, k[:, None, T - rest :], v[:, None, T - rest :], st)
-        ys.append(y.reshape(B, rest, C))
-    y = jnp.concatenate(ys, axis=1) if ys else jnp.zeros((B, 0, C), k.dtype)
-    return y, st
+    NC = -(-T // L)
+    pad = NC * L - T
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0)), constant_values=-jnp.inf).reshape(B, NC, L, C)
+    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0))).reshape(B, NC, L, C)
+    y, st = _chunked_core(L - pad, w, u, k, v, st)
+    return y.reshape(B, NC * L, C)[:, :T], st
 
 
 def wkv4_chunked(
@@ -276,9 +284,11 @@ def wkv4_chunked(
     chunk (e^{L w} times the entering state plus the summary, in log-max form), then all outputs at once:
     row t mixes the entering state (exponent t w + pp_in), the earlier tokens of the chunk ((t-1-i) w +
     k_i) and itself (u + k_t), every exponent taken relative to the row's maximum, so it is safe for any
-    w <= 0, any k and any initial state including pp = -1e38. A last partial chunk runs as one shorter
-    chunk (no padding: every RWKV-4 step decays the state). Backward: VJPs of the chunk-parallel parts
-    and a reverse scan over the chunks; gradients reach w, u, k, v and the initial state.
+    w <= 0, any k and any initial state including pp = -1e38. T is padded to a chunk multiple with
+    tokens k = -inf, v = 0 that add nothing, and the last chunk's decay is taken over its real tokens
+    only, so the padding leaves the state unchanged (the padded outputs are sliced off). Backward: VJPs
+    of the chunk-parallel parts and a reverse scan over the chunks; gradients reach w, u, k, v and the
+    initial state.
 
     Args/returns as :func:`wkv4_reference`, plus ``chunk_size`` (a static int >= 1).
     """
