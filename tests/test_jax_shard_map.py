@@ -1,6 +1,7 @@
 """Data parallel rwkvkit.jax operators under ``jax.shard_map`` on 4 simulated CPU devices (a subprocess,
 since the device count is fixed when jax starts): outputs, final states and gradients equal the unsharded
-call, for per-row, shared and banked (state_map) initial states, WKV-7 and (when present) WKV-6."""
+call (the step-by-step reference), for per-row, shared and banked (state_map) initial states; WKV-7 and
+WKV-6 (when rwkvkit.jax.wkv6 is present)."""
 
 from __future__ import annotations
 
@@ -33,13 +34,10 @@ rows_state = 0.3 * jax.random.normal(ks[5], (B, H, N, N))
 bank, state_map = rows_state[:3], jnp.array([2, 0, 1, 1, 0, 2, 2, 0], jnp.int32)
 bonus = jax.random.normal(ks[6], (H, N))
 
-ops = {"wkv7": (lambda x, s, m=None: wkv7(*x, s, m), (r, w, k, v, -kk, 0.5 * kk))}
+ops = {"wkv7": (lambda x, s, m, impl: wkv7(*x, s, m, impl=impl), (r, w, k, v, -kk, 0.5 * kk))}
 if importlib.util.find_spec("rwkvkit.jax.wkv6") is not None:
     from rwkvkit.jax.wkv6 import wkv6
-    ops["wkv6"] = (lambda x, s, m=None: wkv6(x[0], x[1], x[2], x[3], bonus, s, m), (r, 2.0 * w, k, v))
-
-def loss(y, s):
-    return (y * jnp.cos(y)).sum() + (s ** 2).sum()
+    ops["wkv6"] = (lambda x, s, m, impl: wkv6(*x, bonus, s, m, impl=impl), (r, 2.0 * w, k, v))
 
 modes = {"per_row": (rows_state, None, P("data")), "shared": (rows_state[:1], None, P()),
          "bank": (bank, state_map, P())}
@@ -49,20 +47,23 @@ for name, (op, xs) in ops.items():
         if name != "wkv7" and mode != "bank":  # the modes are the shared state code: WKV-7 covers them
             continue
         def run(xs, state, smap, op=op, mode=mode, inside=False):
+            # sharded: the chunked form on each device's rows; unsharded: the step-by-step reference
             if inside and mode == "shared":  # the replicated state joins the rows' varying scan carry
                 state = jax.lax.pcast(state, ("data",), to="varying")
-            return op(xs, state, smap)
-        body = functools.partial(run, inside=True)
+            return op(xs, state, smap, "chunked" if inside else "reference")
         in_specs = ((P("data"),) * len(xs), state_spec, None if smap is None else P("data"))
-        sharded = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(P("data"), P("data"))))
-        y, s = sharded(xs, state, smap)
-        y1, s1 = run(xs, state, smap)
-        g = jax.grad(lambda xs, st: loss(*sharded(xs, st, smap)), argnums=(0, 1))(xs, state)
-        g1 = jax.grad(lambda xs, st: loss(*run(xs, st, smap)), argnums=(0, 1))(xs, state)
-        errs = [jnp.abs(y - y1).max() / jnp.abs(y1).max(), jnp.abs(s - s1).max() / jnp.abs(s1).max()]
-        pairs = zip(jax.tree.leaves(g), jax.tree.leaves(g1))
-        errs += [jnp.abs(a - b).max() / jnp.abs(b).max() for a, b in pairs]
-        report[f"{name}/{mode}"] = {"err": float(max(errs)), "sharding": str(y.sharding.spec)}
+        body = functools.partial(run, inside=True)
+        sharded = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(P("data"), P("data")))
+        def loss_and_grads(fn):
+            def loss(xs, st):
+                y, s = fn(xs, st, smap)
+                return (y * jnp.cos(y)).sum() + (s ** 2).sum(), (y, s)
+            return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(xs, state)
+        (_, (y, s)), g = loss_and_grads(sharded)
+        (_, (y1, s1)), g1 = loss_and_grads(run)
+        pairs = [(y, y1), (s, s1)] + list(zip(jax.tree.leaves(g), jax.tree.leaves(g1)))
+        err = max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in pairs)
+        report[f"{name}/{mode}"] = {"err": err, "sharding": str(y.sharding.spec)}
 print("REPORT " + json.dumps(report))
 """
 
@@ -80,4 +81,4 @@ def test_shard_map_matches_unsharded():
     print(report)
     for case, got in report.items():
         assert got["sharding"] == "P('data',)", case
-        assert got["err"] < 1e-5, (case, got)
+        assert got["err"] < 1e-4, (case, got)
