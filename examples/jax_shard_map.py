@@ -6,7 +6,9 @@ Run on CPU with four simulated devices (the flag must be set before jax is impor
 
 Each device runs rwkvkit.jax.wkv7 on its rows with its rows' initial states; the output, the final
 states and the gradients equal the single-device call. A bank of states picked by ``state_map`` is kept
-whole on every device (replicated) and each device gathers its own rows' entries.
+whole on every device (replicated) and each device gathers its own rows' entries. One state shared by
+every row (1, H, N, N), replicated, must be marked varying inside the mapped function before the call,
+``state = jax.lax.pcast(state, ("data",), to="varying")``, or the chunked scan refuses its carry.
 """
 
 from __future__ import annotations
