@@ -33,7 +33,7 @@ Array = Any
 
 def _seed_call(r, k, v, w, u, init_state, state_map, head_size, head_first):
     """rwkv_ops semantics -> rwkvkit.jax.wkv6: (y in the seed's layout, final state [key, value])."""
-    from rwkvkit.jax.wkv6 import wkv6
+    from rwkvkit.jax.wkv6 import wkv6  # here: importing the adapter module stays cheap
 
     r, k, v, w = (jnp.asarray(x) for x in (r, k, v, w))
     if head_first:  # (B, H, T, N) -> (B, T, H, N)

@@ -43,8 +43,9 @@ GROUPNORM_EPS = 64e-5  # ln_x, as rwkvkit.models.layers.GROUPNORM_EPS
 def params_from_checkpoint(path_or_state_dict: str | os.PathLike | dict) -> Params:
     """An RWKV-7 checkpoint (a path rwkvkit can load, or a state dict of torch tensors) as a flat
     ``{official key: float32 jax array}`` pytree, checked by rwkvkit's loader (keys and shapes)."""
-    import torch
+    import torch  # torch and rwkvkit's loader only when a checkpoint is read: the forward is pure JAX
 
+    # rwkvkit's loader (imports torch) only when a checkpoint is read
     from rwkvkit.checkpoint import load_state_dict
     from rwkvkit.models import check_state_dict
 

@@ -163,11 +163,11 @@ def wkv6(
     backend = keras.backend.backend()
     if impl is None or impl == "native":
         if backend == "jax":
-            from rwkvkit.jax.wkv6 import wkv6 as jax_wkv6
+            from rwkvkit.jax.wkv6 import wkv6 as jax_wkv6  # the backend's own op, imported only on it
 
             return jax_wkv6(r, w, k, v, u, state, state_map, impl="chunked", chunk_size=chunk_size)
         if backend == "torch":
-            from rwkvkit.wkv import wkv6 as torch_wkv6
+            from rwkvkit.wkv import wkv6 as torch_wkv6  # the backend's own op, imported only on it
 
             B, _, H, N = r.shape
             s0 = initial_state(state, state_map, (B, H, N), _float_dtype(r.dtype))
