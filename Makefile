@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test lint format bench bench-infer bench-peers clean
+.PHONY: demo test test-tensorflow lint format bench bench-infer bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
+
+# The Keras tests on the TensorFlow backend too (optional: tensorflow-cpu is a 274 MB wheel, ~1.5 GB
+# installed), in a venv of their own so the default one stays as `make test` builds it
+TF_VENV := .venv-tf
+test-tensorflow:
+	test -x $(TF_VENV)/bin/python || $(PYTHON) -m venv $(TF_VENV)
+	$(TF_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(TF_VENV)/bin/python -m pip install -q -e '.[keras]' tensorflow-cpu==2.21.0 pytest
+	$(TF_VENV)/bin/python -m pytest -q tests/test_keras.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -46,4 +55,4 @@ bench-peers: $(STAMP)
 	$(PY) benchmarks/bench_vs_llamacpp.py
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(TF_VENV) runs build *.egg-info

@@ -36,6 +36,15 @@ def layer_grads(x: dict, impl: str | None) -> dict:
         args = [x["u"]] + [x[n] for n in names]
         grads, (y, final) = jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True))(*args)
         out = {"du": grads[0], **{f"d{n}": g for n, g in zip(names, grads[1:], strict=True)}}
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        ts = {n: tf.Variable(x[n]) for n in names}
+        with tf.GradientTape() as tape:
+            y, final = layer(ts["r"], ts["k"], ts["v"], ts["w"], initial_state=ts["s"])
+            loss = tf.reduce_sum(y * x["gy"]) + tf.reduce_sum(final * x["gs"])
+        grads = tape.gradient(loss, [layer.u.value] + [ts[n] for n in names])
+        out = {"du": grads[0], **{f"d{n}": g for n, g in zip(names, grads[1:], strict=True)}}
     else:
         import torch
 

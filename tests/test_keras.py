@@ -102,7 +102,11 @@ def layer_ref(inputs: dict) -> dict:
     return layer_reference(inputs)
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+# tensorflow runs where it is installed: `make test-tensorflow` installs tensorflow-cpu and runs this file
+BACKENDS = ["jax", "torch"] + (["tensorflow"] if importlib.util.find_spec("tensorflow") else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_keras_backend(backend: str, inputs: dict, layer_ref: dict, tmp_path: Path) -> None:
     got = run_child(backend, inputs, tmp_path)
     # The layer, the backend's native form and the keras.ops form: outputs and gradients.
