@@ -399,15 +399,22 @@ BAD_COMPLETIONS = [
     ({"prompt": []}, "prompt"),
     ({"prompt": [1, 300]}, "prompt"),
     ({"prompt": [-1]}, "prompt"),
-    ({"prompt": ["one", "two"]}, "prompt"),
-    ({"prompt": [[1, 2], [3]]}, "prompt"),
-    ({"n": 2}, "n"),
+    ({"prompt": [[1, 2], []]}, "prompt"),
+    ({"prompt": [[1, 2], [3, 300]]}, "prompt"),
+    ({"prompt": ["one", ""]}, "prompt"),
+    ({"prompt": [[1]] * 65}, "prompt"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
+    ({"echo": "yes"}, "echo"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stop": [""]}, "stop"),
     ({"seed": 2**70}, "seed"),
     ({"temperature": "hot"}, "temperature"),
     ({"stream": "yes"}, "stream"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"best_of": 2}, "best_of"),
 ]
 
 
@@ -680,7 +687,7 @@ def test_unexpected_errors_are_a_generic_500_and_the_server_survives(byte, monke
     def broken_submit(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(byte.engine, "submit", broken_submit)
+    monkeypatch.setattr(byte.engine, "submit_group", broken_submit)
     with pytest.raises(openai.InternalServerError) as info:
         byte.client.completions.create(model=BYTE_MODEL, prompt="hi", max_tokens=2)
     error = _check_error(info.value, 500)

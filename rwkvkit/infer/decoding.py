@@ -11,7 +11,9 @@ sequence it owns:
   across tokens is shown once all of its bytes have arrived;
 - stop strings held back across tokens (:class:`StopStringFilter`): text that could begin a stop string
   waits until the next tokens show whether it is one, and a stop string is never shown;
-- the flush at the end, which releases what is held back (and may still find a stop string in it).
+- the flush at the end, which releases what is held back (and may still find a stop string in it);
+- when asked (``top_logprobs``), each generated token's log-probability and the most likely alternatives
+  (:mod:`rwkvkit.infer.logprobs`), the stop token's included.
 
 The loop around it::
 
@@ -36,6 +38,7 @@ from typing import NamedTuple
 import torch
 
 from rwkvkit.errors import RwkvkitError, check_int
+from rwkvkit.infer.logprobs import TokenLogprob, check_top_logprobs, token_logprob
 from rwkvkit.infer.sampling import (
     GREEDY_BELOW,
     SamplingParams,
@@ -129,9 +132,12 @@ class SequenceDecoder:
         stop_strings: strings that end the sequence and are never shown.
         generator: the random generator to draw from; None = one seeded from ``params.seed`` (or torch's
             global random state without a seed). A chat passes one generator to all of its replies.
+        top_logprobs: None = no log-probabilities; else 0-20: record each generated token's
+            log-probability with that many alternatives (``logprobs``; pass the logits to :meth:`take`).
 
     Attributes: ``tokens`` (generated so far, stop token excluded), ``pieces`` (the texts shown),
-    ``finish_reason`` and ``stop`` (the stop token or stop string that ended it) once finished.
+    ``finish_reason`` and ``stop`` (the stop token or stop string that ended it) once finished,
+    ``logprobs`` (one entry per generated token, then one for the stop token that ended it, if any).
     """
 
     def __init__(
@@ -144,8 +150,14 @@ class SequenceDecoder:
         stop_tokens: Iterable[int] | None = None,
         stop_strings: Iterable[str] = (),
         generator: torch.Generator | None = None,
+        top_logprobs: int | None = None,
     ):
         self.params = params if params is not None else SamplingParams()
+        if top_logprobs is not None:
+            check_top_logprobs("top_logprobs", top_logprobs)
+        self.top_logprobs = top_logprobs
+        self.logprobs: list[TokenLogprob] = []
+        self._unreported = 0  # entries of ``logprobs`` not yet handed out by ``new_logprobs``
         self.max_tokens = max_tokens
         self.stop_strings = check_decoding(self.params, vocab_size, max_tokens, stop_strings)
         self.stop_tokens = default_stop_tokens(tokenizer, stop_tokens)
@@ -175,12 +187,18 @@ class SequenceDecoder:
         params = self.params
         return not (params.logit_bias or params.banned_tokens or params.penalised)
 
-    def sample(self, logits: torch.Tensor) -> int:
-        """The next token from ``logits`` (V,) under this sequence's settings (no bookkeeping)."""
+    def scored_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (V,) cut to the usable vocabulary, with this sequence's bias, bans and penalties."""
         logits = logits[: self.usable_vocab]  # (V',)
         params = self.params
         if params.logit_bias or params.banned_tokens or params.penalised:
             logits = adjust_logits(logits, params, self._penalty_on(logits.device))
+        return logits
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """The next token from ``logits`` (V,) under this sequence's settings (no bookkeeping)."""
+        params = self.params
+        logits = self.scored_logits(logits)
         return sample_logits(
             logits, params.temperature, params.top_p, params.top_k, self.generator, min_p=params.min_p
         )
@@ -195,11 +213,17 @@ class SequenceDecoder:
             raise RwkvkitError(f"this sequence has finished ({self.finish_reason})")
         if self.exhausted:
             return self.finish("length")
-        return self.take(self.sample(logits))
+        return self.take(self.sample(logits), logits)
 
-    def take(self, token: int) -> DecodeStep:
+    def take(self, token: int, logits: torch.Tensor | None = None) -> DecodeStep:
         """The bookkeeping of :meth:`step` for a ``token`` already sampled (by :meth:`sample` or
-        :func:`sample_rows`) while the sequence is neither finished nor exhausted."""
+        :func:`sample_rows`) while the sequence is neither finished nor exhausted. ``logits`` (V,), the
+        ones it was sampled from, are needed when log-probabilities are recorded."""
+        if self.top_logprobs is not None:
+            if logits is None:
+                raise RwkvkitError("take(): this decoder records log-probabilities: pass the logits")
+            self.logprobs.append(token_logprob(self.scored_logits(logits), token, self.top_logprobs))
+            self._unreported += 1
         if token in self.stop_tokens:
             return self.finish("stop", token)
         self.tokens.append(token)
@@ -222,6 +246,14 @@ class SequenceDecoder:
             text += self._stops.flush()
         self._end(reason, stop)
         return DecodeStep(None, self._show(text), reason)
+
+    def new_logprobs(self) -> list[TokenLogprob]:
+        """The entries of ``logprobs`` recorded since the last call (for streaming them with the text)."""
+        if not self._unreported:
+            return []
+        out = self.logprobs[-self._unreported :]
+        self._unreported = 0
+        return out
 
     def _end(self, reason: str, stop: int | str | None) -> None:
         self.finish_reason, self.stop = reason, stop

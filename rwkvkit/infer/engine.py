@@ -24,6 +24,13 @@ same text alone, in a batch, or through ``generate``.
 Threading: :meth:`start` runs the step loop in a background thread that sleeps while there is no work;
 ``submit`` / ``cancel`` may be called from any thread. Each request reports through its
 ``on_event`` callback, called on the engine thread with :class:`TextEvent` and, last, :class:`FinishEvent`.
+
+Choices and scores. :meth:`Engine.submit_group` runs one prompt for several sampling settings (a server's
+``n``): the first request prefills the prompt once and the others start decoding from a copy of its state
+and logits (an RWKV prefix is one fixed-size state). A request may record its generated tokens'
+log-probabilities (``top_logprobs``) and score its own prompt (``score_prompt``: each prompt token's
+log-probability, :mod:`rwkvkit.infer.logprobs`); a scored prompt is prefilled in full precision and
+does not start from the prefix cache (every position is needed).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import torch
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer.decoding import SequenceDecoder, sample_rows
 from rwkvkit.infer.generate import prefill, prefill_spans
+from rwkvkit.infer.logprobs import TokenLogprob, check_top_logprobs, score_prompt
 from rwkvkit.infer.sampling import SamplingParams
 from rwkvkit.state import RWKVState
 from rwkvkit.state_io import model_fingerprint
@@ -52,6 +60,8 @@ class EngineFull(RwkvkitError):
 @dataclass
 class TextEvent:
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens since the last event
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, before any text, if scored
 
 
 @dataclass
@@ -68,6 +78,8 @@ class FinishEvent:
     stop: int | str | None = None
     error: str | None = None
     bad_request: bool = False  # the error comes from the request's own settings (HTTP 400), not the engine
+    logprobs: list[TokenLogprob] | None = None  # per generated token (then the stop token), if recorded
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, if scored
 
 
 @dataclass
@@ -79,7 +91,10 @@ class Request:
     decoder: SequenceDecoder  # sampling, stops, text: everything per token
     on_event: Callable[[TextEvent | FinishEvent], None]
     initial_state: RWKVState | None = None
+    score_top: int | None = None  # score the prompt's tokens with this many alternatives (None: don't)
+    followers: list[Request] = field(default_factory=list)  # start from this one's prefilled prompt
     # progress
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     state: RWKVState | None = None  # while reading the prompt: the state after prompt[:prefilled]
     prefilled: int = 0
     cached_tokens: int = 0
@@ -95,6 +110,11 @@ class Request:
     def generated(self) -> list[int]:
         """The tokens generated so far (stop token excluded)."""
         return self.decoder.tokens
+
+    @property
+    def slots(self) -> int:
+        """The decoding slots this request and its followers take."""
+        return 1 + len(self.followers)
 
     def cancel(self) -> None:
         """Stop this request at the next engine step (its slot is freed then)."""
@@ -159,17 +179,63 @@ class Engine:
         stop_strings: Sequence[str] = (),
         state: RWKVState | None = None,
         on_event: Callable[[TextEvent | FinishEvent], None] | None = None,
+        top_logprobs: int | None = None,
+        score_prompt: int | None = None,
     ) -> Request:
         """Queue a request; returns it (``cancel()`` it to stop early). Checked here, before queueing:
-        empty prompt, out-of-vocabulary ids, bad sampling parameters, an incompatible state."""
-        decoder = SequenceDecoder(
-            self.tokenizer,
-            params,
-            vocab_size=self.vocab_size,
+        empty prompt, out-of-vocabulary ids, bad sampling parameters, an incompatible state.
+
+        ``top_logprobs``: record each generated token's log-probability with that many alternatives;
+        ``score_prompt``: also score the prompt's tokens, with that many alternatives (None: neither).
+        """
+        return self.submit_group(
+            prompt,
+            [params],
             max_tokens=max_tokens,
             stop_tokens=stop_tokens,
             stop_strings=stop_strings,
-        )
+            state=state,
+            on_event=[on_event],
+            top_logprobs=top_logprobs,
+            score_prompt=score_prompt,
+        )[0]
+
+    def submit_group(
+        self,
+        prompt: Sequence[int],
+        params: Sequence[SamplingParams | None],
+        max_tokens: int = 200,
+        stop_tokens: Sequence[int] | None = None,
+        stop_strings: Sequence[str] = (),
+        state: RWKVState | None = None,
+        on_event: Sequence[Callable[[TextEvent | FinishEvent], None] | None] | None = None,
+        top_logprobs: int | None = None,
+        score_prompt: int | None = None,
+    ) -> list[Request]:
+        """Queue one request per entry of ``params`` on the same prompt (``on_event[i]`` reports the
+        i-th): the prompt is prefilled once, then each decodes from a copy of that state with its own
+        settings and random stream. They take ``len(params)`` slots together (at most ``max_batch``)."""
+        if not 1 <= len(params) <= self.max_batch:
+            raise RwkvkitError(
+                f"{len(params)} choices for one prompt: this engine runs 1 to {self.max_batch} "
+                "sequences at a time",
+                param="n",
+            )
+        callbacks = list(on_event) if on_event is not None else [None] * len(params)
+        decoders = [
+            SequenceDecoder(
+                self.tokenizer,
+                p,
+                vocab_size=self.vocab_size,
+                max_tokens=max_tokens,
+                stop_tokens=stop_tokens,
+                stop_strings=stop_strings,
+                top_logprobs=top_logprobs,
+            )
+            for p in params
+        ]
+        if score_prompt is not None:
+            check_top_logprobs("score_prompt", score_prompt)
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise RwkvkitError(
@@ -182,13 +248,19 @@ class Engine:
             )
         if state is not None:
             state.check_compatible(self.model.config, 1)
-        request = Request(
-            id=next(self._ids),
-            prompt=prompt,
-            decoder=decoder,
-            on_event=on_event or (lambda event: None),
-            initial_state=state,
-        )
+        requests = [
+            Request(
+                id=next(self._ids),
+                prompt=prompt,
+                decoder=decoder,
+                on_event=callback or (lambda event: None),
+                initial_state=state,
+                score_top=score_prompt,
+            )
+            for decoder, callback in zip(decoders, callbacks, strict=True)
+        ]
+        leader = requests[0]
+        leader.followers = requests[1:]
         with self._lock:
             if len(self._waiting) >= self.max_waiting and self._running() >= self.max_batch:
                 self.counters["rejected"] += 1
@@ -196,10 +268,10 @@ class Engine:
                     f"server busy: {len(self._waiting)} requests are waiting and all {self.max_batch} "
                     "slots are in use; retry later"
                 )
-            self._waiting.append(request)
-            self.counters["requests"] += 1
+            self._waiting.append(leader)
+            self.counters["requests"] += len(requests)
             self._lock.notify()
-        return request
+        return requests
 
     def cancel(self, request: Request) -> None:
         request.cancel()
@@ -228,7 +300,8 @@ class Engine:
         with self._lock:
             self._stop = True
             for request in [*self._waiting, *self._prefilling, *self._decoding]:
-                request.cancelled = True
+                for r in (request, *request.followers):
+                    r.cancelled = True
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -273,7 +346,7 @@ class Engine:
         return True
 
     def _running(self) -> int:
-        return len(self._prefilling) + len(self._decoding)
+        return sum(r.slots for r in self._prefilling) + len(self._decoding)
 
     def _loop(self) -> None:
         while True:
@@ -288,7 +361,8 @@ class Engine:
         for queue in (self._waiting, self._prefilling):
             for request in [r for r in queue if r.cancelled]:
                 queue.remove(request)
-                self._finish(request, "cancelled")
+                for r in (request, *request.followers):  # followers wait for their leader's prompt
+                    self._finish(r, "cancelled")
         gone = [i for i, r in enumerate(self._decoding) if r.cancelled]
         if gone:
             finished = [(self._decoding[i], self._batch_state.select([i])) for i in gone]
@@ -297,10 +371,12 @@ class Engine:
                 self._finish(request, "cancelled", state=state)
 
     def _admit(self) -> None:
-        while self._waiting and self._running() < self.max_batch:
+        while self._waiting and self._running() + self._waiting[0].slots <= self.max_batch:
             request = self._waiting.popleft()
             request.state = request.initial_state
-            if self.cache is not None and request.initial_state is None:
+            if request.score_top is not None:
+                request.prompt_logprobs = []
+            elif self.cache is not None and request.initial_state is None:
                 hit = self.cache.longest_prefix(request.prompt)
                 if hit is not None:
                     n, state, logits = hit
@@ -321,9 +397,16 @@ class Engine:
         caching = self.cache is not None and request.initial_state is None
         block = self.cache.block_size if caching else None  # end chunks at the cache's block boundaries
         start, end = next(prefill_spans(request.prefilled, len(prompt), self.prefill_chunk, block))
-        request.logits, request.state = prefill(
-            self.model, prompt[start:end], request.state, self.prefill_chunk, bf16=self.bf16_prefill
-        )  # logits (V,)
+        if request.score_top is not None:
+            vocab = request.decoder.usable_vocab
+            entries, request.logits, request.state = score_prompt(
+                self.model, prompt[start:end], request.state, request.logits, request.score_top, vocab
+            )  # logits (V,)
+            request.prompt_logprobs.extend(entries)
+        else:
+            request.logits, request.state = prefill(
+                self.model, prompt[start:end], request.state, self.prefill_chunk, bf16=self.bf16_prefill
+            )  # logits (V,)
         request.prefilled = end
         if caching:  # keep the states at block boundaries and at the prompt's end
             self.cache.insert_prefill_point(prompt, end, request.state, request.logits)
@@ -333,6 +416,20 @@ class Engine:
             self._start_decoding(request)
 
     def _start_decoding(self, request: Request) -> None:
+        followers, request.followers = request.followers, []
+        self._join_decoding(request)
+        for follower in followers:  # the same prompt: a copy of the leader's state and logits
+            if follower.cancelled:
+                self._finish(follower, "cancelled")
+                continue
+            follower.state, follower.logits = request.state.clone(), request.logits
+            follower.prefilled, follower.cached_tokens = request.prefilled, request.cached_tokens
+            follower.prompt_logprobs = request.prompt_logprobs
+            self._join_decoding(follower)
+
+    def _join_decoding(self, request: Request) -> None:
+        if request.prompt_logprobs is not None:
+            request.on_event(TextEvent("", prompt_logprobs=request.prompt_logprobs))
         with self._lock:
             self._decoding.append(request)
             self._batch_state = (
@@ -387,9 +484,11 @@ class Engine:
             ):  # e.g. its bans rule out every token: this request alone fails
                 ending[row] = ("error", str(token))
                 continue
-            out = request.decoder.finish("length") if token is None else request.decoder.take(token)
-            if out.text:
-                request.on_event(TextEvent(out.text))
+            decoder = request.decoder
+            out = decoder.finish("length") if token is None else decoder.take(token, request.logits)
+            scored = decoder.new_logprobs()
+            if out.text or scored:
+                request.on_event(TextEvent(out.text, scored))
             if out.token is not None:  # also the last token of a stop string: the state covers it
                 fed_rows.append(row)
                 fed_tokens.append(out.token)
@@ -444,12 +543,15 @@ class Engine:
                 stop=None if error else stop,
                 error=error,
                 bad_request=error is not None,
+                logprobs=request.decoder.logprobs if request.decoder.top_logprobs is not None else None,
+                prompt_logprobs=request.prompt_logprobs,
             )
         )
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
             requests = [*self._prefilling, *self._decoding]
+            requests += [f for r in self._prefilling for f in r.followers]
             self._prefilling, self._decoding, self._batch_state = [], [], None
         for request in requests:
             request.on_event(

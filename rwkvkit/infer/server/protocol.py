@@ -40,6 +40,7 @@ Bias = Annotated[StrictFloat, Field(ge=-100, le=100, allow_inf_nan=False)]
 Count = Annotated[StrictInt, Field(ge=0)]
 Seed = Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)]  # what torch.Generator.manual_seed accepts
 TokenIds = list[StrictInt]
+TopLogprobs = Annotated[StrictInt, Field(ge=0, le=20)]
 
 
 class RequestBody(BaseModel):
@@ -71,7 +72,9 @@ class SamplingRequest(RequestBody):
     seed: Seed | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    n: StrictInt | None = Field(1, description="only 1 is supported")
+    n: StrictInt | None = Field(
+        1, description="choices per prompt, 1 to 16 (and at most --max-batch); the prompt is read once"
+    )
     user: StrictStr | None = Field(None, description="ignored")
     state: StrictStr | None = Field(
         None, description="rwkvkit extra: a state file in --state-dir to start from"
@@ -83,11 +86,13 @@ class SamplingRequest(RequestBody):
 
 class CompletionRequest(SamplingRequest):
     prompt: StrictStr | TokenIds | list[StrictStr] | list[TokenIds] = Field(
-        description="one string or one list of token ids (arrays of prompts are not supported)"
+        description="a string, a list of token ids, or a batch (list) of either"
     )
     max_tokens: Count | None = None
-    logprobs: StrictInt | None = Field(None, description="not supported")
-    echo: StrictBool | None = Field(False, description="not supported")
+    logprobs: TopLogprobs | None = Field(
+        None, description="0-20: each token's log-probability and this many most likely alternatives"
+    )
+    echo: StrictBool | None = Field(False, description="the prompt comes back before the completion")
     best_of: StrictInt | None = Field(None, description="only 1 is supported")
     suffix: StrictStr | None = Field(None, description="not supported")
 
@@ -107,7 +112,10 @@ class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Count | None = None
     max_completion_tokens: Count | None = None
-    logprobs: StrictBool | None = Field(False, description="not supported")
+    logprobs: StrictBool | None = Field(False, description="each generated token's log-probability")
+    top_logprobs: TopLogprobs | None = Field(
+        None, description="0-20 most likely alternatives (needs logprobs)"
+    )
 
 
 class EmbeddingRequest(RequestBody):

@@ -86,20 +86,12 @@ def check_text(text: str, param: str) -> None:
         raise ApiError(400, f"'{param}' is not valid Unicode text (a lone surrogate?)", param=param) from None
 
 
-def usage(event: FinishEvent) -> dict:
-    return {
-        "prompt_tokens": event.prompt_tokens,
-        "completion_tokens": event.completion_tokens,
-        "total_tokens": event.prompt_tokens + event.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": event.cached_tokens},
-    }
-
-
 class _StreamRecord:
-    """Bookkeeping of one streamed answer: whether its engine request finished on its own."""
+    """Bookkeeping of one streamed answer: which of its engine requests finished on their own."""
 
     def __init__(self) -> None:
-        self.finished = False
+        self.finished: set[int] = set()
+        self.done = False
 
 
 class Serving:
@@ -132,10 +124,12 @@ class Serving:
             bias[token] = float(value)
         return bias
 
-    def sampling(self, body: SamplingRequest) -> SamplingParams:
-        """The SamplingParams of a request (OpenAI's defaults for the fields it leaves out)."""
-        if body.n not in (None, 1):
-            raise ApiError(400, f"n = {body.n} is not supported: only n = 1", param="n")
+    def sampling(self, body: SamplingRequest, choice: int = 0) -> SamplingParams:
+        """The SamplingParams of a request's ``choice``-th choice (OpenAI's defaults for the fields it
+        leaves out); with a seed, choice j draws from seed + j (its own stream, choice 0 as with n = 1)."""
+        seed = None if body.seed is None else body.seed + choice
+        if seed is not None and seed >= 2**64:
+            seed -= 2**64
         params = SamplingParams(
             temperature=1.0 if body.temperature is None else float(body.temperature),
             top_p=1.0 if body.top_p is None else float(body.top_p),
@@ -145,7 +139,7 @@ class Serving:
             frequency_penalty=float(body.frequency_penalty or 0.0),
             penalty_decay=DEFAULT_PENALTY_DECAY if body.penalty_decay is None else float(body.penalty_decay),
             logit_bias=self.logit_bias(body.logit_bias),
-            seed=body.seed,
+            seed=seed,
         )
         try:
             params.check(self.vocab_size)
@@ -215,6 +209,72 @@ class Serving:
         except RwkvkitError as e:
             raise bad_request(e) from None
 
+    def submit_choices(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        max_tokens: int,
+        stop_strings: list[str],
+        state: RWKVState | None,
+        queue: asyncio.Queue,
+        texts: bool,
+        top_logprobs: int | None,
+        score_prompt: int | None,
+    ) -> list:
+        """Queue ``len(params)`` choices of every prompt (choice j of prompt i has index i * n + j, its
+        events arrive on ``queue`` tagged so); returns the engine requests in index order. If the engine
+        refuses one prompt, those already queued are cancelled."""
+        bridge = self.context.bridges.current()
+
+        def callback(tag: int):
+            def on_event(event: TextEvent | FinishEvent) -> None:  # runs on the engine thread
+                if texts or not isinstance(event, TextEvent):
+                    bridge.post(queue, (tag, event))
+
+            return on_event
+
+        handles: list = []
+        n = len(params)
+        try:
+            for i, tokens in enumerate(prompts):
+                handles += self.engine.submit_group(
+                    tokens,
+                    params,
+                    max_tokens=max_tokens,
+                    stop_strings=stop_strings,
+                    state=state,
+                    on_event=[callback(i * n + j) for j in range(n)],
+                    top_logprobs=top_logprobs,
+                    score_prompt=score_prompt,
+                )
+        except (EngineFull, RwkvkitError) as e:
+            for handle in handles:
+                self.engine.cancel(handle)
+            if isinstance(e, EngineFull):
+                raise ApiError(
+                    429,
+                    str(e),
+                    type="rate_limit_error",
+                    code="server_busy",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                ) from None
+            raise bad_request(e) from None
+        return handles
+
+    async def wait_all(self, http_request: Request, queue: asyncio.Queue, handles: list) -> list[FinishEvent]:
+        """The FinishEvents of all ``handles`` in index order (cancelling them if the client goes away)."""
+        finished: dict[int, FinishEvent] = {}
+        try:
+            while len(finished) < len(handles):
+                tag, event = await next_event(http_request, queue)
+                if isinstance(event, FinishEvent):
+                    finished[tag] = event
+        except BaseException:
+            for handle in handles:
+                self.engine.cancel(handle)
+            raise
+        return [finished[i] for i in range(len(handles))]
+
     async def wait_finish(self, http_request: Request, queue: asyncio.Queue, handle) -> FinishEvent:
         """Wait for the request's FinishEvent (cancelling it if the client goes away)."""
         try:
@@ -243,88 +303,150 @@ class Serving:
     # ------------------------------------------------------------------------------- streaming
 
     async def stream(
-        self, record: _StreamRecord, handle, queue: asyncio.Queue, render: Render, save_path: Path | None
+        self,
+        record: _StreamRecord,
+        handles: list,
+        queue: asyncio.Queue,
+        render: Render,
+        save_path: Path | None,
     ) -> AsyncIterator[str]:
-        """The SSE body of one streamed answer. Closing it early (the client went away) cancels the
-        engine request at once."""
+        """The SSE body of one streamed answer (every choice, interleaved, each chunk naming its
+        ``index``). Closing it early (the client went away) cancels the unfinished engine requests."""
         self.counters["active_streams"] += 1
         try:
             for chunk in render.prelude():
                 yield sse(chunk)
-            while True:
-                _, event = await queue.get()
-                # Text that has already arrived goes out in one chunk (under load the engine produces
-                # tokens faster than a chunk per token can be written).
-                texts = []
-                while isinstance(event, TextEvent):
-                    texts.append(event.text)
-                    event = queue.get_nowait()[1] if not queue.empty() else None
-                text = render.filter_text("".join(texts)) if texts else ""
-                if text:
-                    yield sse(render.text_chunk(text))
-                if event is None:
-                    continue
-                record.finished = True
-                for line in await self._stream_end(event, render, save_path):
+            finished: dict[int, FinishEvent] = {}
+            while len(finished) < len(handles):
+                batch = [await queue.get()]
+                while not queue.empty():  # what has already arrived goes out together
+                    batch.append(queue.get_nowait())
+                lines, failed = self._stream_batch(batch, render, record, finished)
+                for line in lines:
                     yield line
-                return
+                if failed:
+                    return
+            record.done = True
+            for line in await self._stream_end(finished, render, save_path):
+                yield line
         except Exception:
             logger.exception("unexpected error while streaming")
-            if not record.finished:
-                record.finished = True
-                self.engine.cancel(handle)
+            self.cancel_unfinished(record, handles, count=False)
             yield sse(error_body("internal server error (see the server log)", "server_error"))
             yield SSE_DONE
         finally:
             self.counters["active_streams"] -= 1
-            self.cancel_unfinished(record, handle)
+            self.cancel_unfinished(record, handles)
 
-    async def _stream_end(self, event: FinishEvent, render: Render, save_path: Path | None) -> list[str]:
-        """The last events of a stream: the finish chunk (and usage), or the error; then [DONE]."""
+    def _stream_batch(
+        self, batch: list[tuple], render: Render, record: _StreamRecord, finished: dict[int, FinishEvent]
+    ) -> tuple[list[str], bool]:
+        """The SSE lines of a batch of (index, event); consecutive texts of one choice go in one chunk.
+        Returns (lines, whether the answer ended with an error)."""
+        lines: list[str] = []
+        texts: list[str] = []
+        scored: list = []
+        current: int | None = None
+
+        def flush() -> None:
+            if current is not None and (texts or scored):
+                text = render.filter_text(current, "".join(texts))
+                if text or scored:
+                    lines.append(sse(render.text_chunk(current, text, list(scored))))
+            texts.clear()
+            scored.clear()
+
+        for index, event in batch:
+            if isinstance(event, TextEvent) and event.prompt_logprobs is None:
+                if index != current:
+                    flush()
+                    current = index
+                texts.append(event.text)
+                scored.extend(event.logprobs)
+                continue
+            flush()
+            current = None
+            if isinstance(event, TextEvent):  # the prompt's scores (echo), before its choice's text
+                lines.append(sse(render.prompt_chunk(index, event.prompt_logprobs)))
+                continue
+            record.finished.add(index)
+            try:
+                self.check_finish(event)
+            except ApiError as e:
+                record.done = True
+                lines += [sse(error_body(e.message, e.type, e.param, e.code)), SSE_DONE]
+                return lines, True
+            finished[index] = event
+            lines.append(sse(render.finish_chunk(index, event)))
+        flush()
+        return lines, False
+
+    async def _stream_end(
+        self, finished: dict[int, FinishEvent], render: Render, save_path: Path | None
+    ) -> list[str]:
+        """The last events of a stream: the usage chunk (if asked) after saving the state; then [DONE]."""
+        events = [finished[i] for i in range(len(finished))]
         try:
-            self.check_finish(event)
             if save_path is not None:
-                await self.context.state_files.save(save_path, event.state)
+                await self.context.state_files.save(save_path, events[0].state)
         except ApiError as e:
             return [sse(error_body(e.message, e.type, e.param, e.code)), SSE_DONE]
-        lines = [sse(render.finish_chunk(event))]
-        if render.include_usage:
-            lines.append(sse(render.usage_chunk(event)))
+        lines = [sse(render.usage_chunk(events))] if render.include_usage else []
         return [*lines, SSE_DONE]
 
-    def cancel_unfinished(self, record: _StreamRecord, handle) -> None:
-        """The client left before the end: cancel the engine request (once)."""
-        if not record.finished:
-            record.finished = True
+    def cancel_unfinished(self, record: _StreamRecord, handles: list, count: bool = True) -> None:
+        """The client left (or the stream failed) before the end: cancel what still runs (once)."""
+        if record.done:
+            return
+        record.done = True
+        if count:
             self.counters["client_disconnects"] += 1
-            self.engine.cancel(handle)
+        for index, handle in enumerate(handles):
+            if index not in record.finished:
+                self.engine.cancel(handle)
 
     def streaming_response(
-        self, record: _StreamRecord, handle, body: AsyncIterator[str]
+        self, record: _StreamRecord, handles: list, body: AsyncIterator[str]
     ) -> StreamingResponse:
         # The background task also covers a client that leaves before the body starts.
         return StreamingResponse(
             body,
             media_type="text/event-stream",
             headers=SSE_HEADERS,
-            background=BackgroundTask(self.cancel_unfinished, record, handle),
+            background=BackgroundTask(self.cancel_unfinished, record, handles),
         )
 
 
 # ---------------------------------------------------------------------------------------------- generation
 
 
+def usage_of(events: list[FinishEvent], n: int) -> dict:
+    """The usage of an answer: each prompt's tokens once (its first choice's), every choice's tokens."""
+    leaders = events[::n]
+    prompt = sum(e.prompt_tokens for e in leaders)
+    completion = sum(e.completion_tokens for e in events)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(e.cached_tokens for e in leaders)},
+    }
+
+
 class Render:
-    """The response shapes of one generation request (a chunk of a stream, or the whole answer)."""
+    """The response shapes of one generation request (the chunks of a stream, or the whole answer);
+    choices are numbered ``index`` = prompt * n + choice."""
 
     object_name = ""
     id_prefix = ""
 
-    def __init__(self, model_name: str, include_usage: bool):
+    def __init__(self, model_name: str, include_usage: bool, n: int, count: int):
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model_name = model_name
         self.include_usage = include_usage
+        self.n = n  # choices per prompt
+        self.count = count  # choices in all
 
     def envelope(self, object_name: str, choices: list[dict]) -> dict:
         return {
@@ -338,31 +460,41 @@ class Render:
     def prelude(self) -> list[dict]:
         return []
 
-    def filter_text(self, text: str) -> str:
+    def filter_text(self, index: int, text: str) -> str:
         return text
 
-    def text_chunk(self, text: str) -> dict:
+    def text_chunk(self, index: int, text: str, logprobs: list) -> dict:
         raise NotImplementedError
 
-    def finish_chunk(self, event: FinishEvent) -> dict:
+    def prompt_chunk(self, index: int, prompt_logprobs: list) -> dict:
         raise NotImplementedError
 
-    def usage_chunk(self, event: FinishEvent) -> dict:
-        return {**self.envelope(self.object_name, []), "usage": usage(event)}
+    def finish_chunk(self, index: int, event: FinishEvent) -> dict:
+        raise NotImplementedError
 
-    def response(self, event: FinishEvent) -> dict:
+    def usage_chunk(self, events: list[FinishEvent]) -> dict:
+        return {**self.envelope(self.object_name, []), "usage": usage_of(events, self.n)}
+
+    def response(self, events: list[FinishEvent]) -> dict:
         raise NotImplementedError
 
 
 class GenerationServing(Serving):
-    """The one generation path of /v1/completions and /v1/chat/completions: the subclass gives the prompt,
-    the checks of its own fields, the token limit, the stop strings and the response shapes."""
+    """The one generation path of /v1/completions and /v1/chat/completions: the subclass gives the
+    prompts, the checks of its own fields, the token limit, the stop strings, the log-probabilities
+    asked for and the response shapes."""
+
+    max_choices = 16  # n at most (and at most the engine's batch)
 
     def check_fields(self, body) -> None:
         """Refuse the fields this endpoint does not support."""
 
-    def prompt_tokens(self, body) -> list[int]:
+    def prompts(self, body) -> list[list[int]]:
         raise NotImplementedError
+
+    def logprob_settings(self, body) -> tuple[int | None, int | None]:
+        """(top_logprobs of generated tokens, or None; top alternatives of scored prompt tokens, or None)."""
+        return None, None
 
     def request_max_tokens(self, body) -> int:
         raise NotImplementedError
@@ -370,37 +502,53 @@ class GenerationServing(Serving):
     def request_stops(self, body) -> list[str]:
         return self.stop_strings(body.stop)
 
-    def render(self, body) -> Render:
+    def render(self, body, prompts: list[list[int]]) -> Render:
         raise NotImplementedError
+
+    def choices(self, body) -> int:
+        n = 1 if body.n is None else body.n
+        limit = min(self.max_choices, self.engine.max_batch)
+        if not 1 <= n <= limit:
+            raise ApiError(400, f"n = {n} is out of range: this server gives 1 to {limit} choices", param="n")
+        return n
 
     async def create(self, body, http_request: Request) -> Response:
         """Answer one request: checked in the order of its fields' meaning, then run on the engine and
         answered as a stream (``stream``) or as one JSON object."""
         self.context.check_model(body.model)
         self.check_fields(body)
-        tokens = self.prompt_tokens(body)
-        params = self.sampling(body)
+        prompts = self.prompts(body)
+        n = self.choices(body)
+        params = [self.sampling(body, j) for j in range(n)]
+        top_logprobs, score_prompt = self.logprob_settings(body)
         max_tokens = self.request_max_tokens(body)
         stops = self.request_stops(body)
         state_files = self.context.state_files
         save_path = state_files.path(body.save_state, "save_state") if body.save_state is not None else None
+        if save_path is not None and len(prompts) * n > 1:
+            raise ApiError(400, "save_state needs a single choice (n = 1, one prompt)", param="save_state")
         state = await state_files.load(body.state)
 
         queue: asyncio.Queue = asyncio.Queue()
-        handle = self.submit(tokens, params, max_tokens, stops, state, queue, texts=bool(body.stream))
-        render = self.render(body)
-        if body.stream:
+        stream = bool(body.stream)
+        handles = self.submit_choices(
+            prompts, params, max_tokens, stops, state, queue, stream, top_logprobs, score_prompt
+        )
+        render = self.render(body, prompts)
+        if stream:
             record = _StreamRecord()
-            stream = self.stream(record, handle, queue, render, save_path)
-            return self.streaming_response(record, handle, stream)
+            return self.streaming_response(
+                record, handles, self.stream(record, handles, queue, render, save_path)
+            )
         try:
-            event = await self.wait_finish(http_request, queue, handle)
+            events = await self.wait_all(http_request, queue, handles)
         except ClientGone:
             return self.client_gone()
-        self.check_finish(event)
+        for event in events:
+            self.check_finish(event)
         if save_path is not None:
-            await state_files.save(save_path, event.state)
-        return JSONResponse(render.response(event))
+            await state_files.save(save_path, events[0].state)
+        return JSONResponse(render.response(events))
 
 
 def wants_usage(body: SamplingRequest) -> bool:

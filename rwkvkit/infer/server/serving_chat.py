@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from rwkvkit.infer.chat_format import STOP_STRING, format_conversation
 from rwkvkit.infer.engine import FinishEvent
+from rwkvkit.infer.server.logprob_format import chat_logprobs
 from rwkvkit.infer.server.protocol import ApiError, ChatCompletionRequest, ChatMessage
-from rwkvkit.infer.server.serving import GenerationServing, Render, check_text, usage, wants_usage
+from rwkvkit.infer.server.serving import GenerationServing, Render, check_text, usage_of, wants_usage
 
 
 class _LeadingSpace:
@@ -26,30 +27,38 @@ class ChatRender(Render):
     object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
-    def __init__(self, model_name: str, include_usage: bool):
-        super().__init__(model_name, include_usage)
-        self._leading_space = _LeadingSpace()
+    def __init__(self, model_name: str, include_usage: bool, n: int, count: int, tokenizer, logprobs: bool):
+        super().__init__(model_name, include_usage, n, count)
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs
+        self._leading_space = [_LeadingSpace() for _ in range(count)]
 
-    def filter_text(self, text: str) -> str:
-        return self._leading_space(text)
+    def filter_text(self, index: int, text: str) -> str:
+        return self._leading_space[index](text)
 
-    def chunk(self, delta: dict, finish_reason: str | None) -> dict:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(self, index: int, delta: dict, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return self.envelope(self.object_name, [choice])
 
     def prelude(self) -> list[dict]:
-        return [self.chunk({"role": "assistant"}, None)]
+        return [self.chunk(i, {"role": "assistant"}, None) for i in range(self.count)]
 
-    def text_chunk(self, text: str) -> dict:
-        return self.chunk({"content": text}, None)
+    def text_chunk(self, index: int, text: str, logprobs: list) -> dict:
+        formatted = chat_logprobs(self.tokenizer, logprobs) if self.logprobs else None
+        return self.chunk(index, {"content": text} if text else {}, None, formatted)
 
-    def finish_chunk(self, event: FinishEvent) -> dict:
-        return self.chunk({}, event.reason)
+    def finish_chunk(self, index: int, event: FinishEvent) -> dict:
+        return self.chunk(index, {}, event.reason)
 
-    def response(self, event: FinishEvent) -> dict:
-        message = {"role": "assistant", "content": _LeadingSpace()(event.text)}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": event.reason}
-        return {**self.envelope("chat.completion", [choice]), "usage": usage(event)}
+    def response(self, events: list[FinishEvent]) -> dict:
+        choices = []
+        for index, event in enumerate(events):
+            message = {"role": "assistant", "content": _LeadingSpace()(event.text)}
+            logprobs = chat_logprobs(self.tokenizer, event.logprobs or []) if self.logprobs else None
+            choices.append(
+                {"index": index, "message": message, "logprobs": logprobs, "finish_reason": event.reason}
+            )
+        return {**self.envelope("chat.completion", choices), "usage": usage_of(events, self.n)}
 
 
 def message_text(message: ChatMessage, index: int) -> str:
@@ -86,11 +95,14 @@ class ChatServing(GenerationServing):
     the next user turn (plus the client's stops) and the reply loses the space after ``Assistant:``."""
 
     def check_fields(self, body: ChatCompletionRequest) -> None:
-        if body.logprobs:
-            raise ApiError(400, "logprobs are not supported", param="logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
-    def prompt_tokens(self, body: ChatCompletionRequest) -> list[int]:
-        return self.encode(build_chat_prompt(body.messages), "messages")
+    def prompts(self, body: ChatCompletionRequest) -> list[list[int]]:
+        return [self.encode(build_chat_prompt(body.messages), "messages")]
+
+    def logprob_settings(self, body: ChatCompletionRequest) -> tuple[int | None, int | None]:
+        return ((body.top_logprobs or 0) if body.logprobs else None), None
 
     def request_max_tokens(self, body: ChatCompletionRequest) -> int:
         if body.max_completion_tokens is not None:
@@ -100,5 +112,7 @@ class ChatServing(GenerationServing):
     def request_stops(self, body: ChatCompletionRequest) -> list[str]:
         return [STOP_STRING, *self.stop_strings(body.stop)]
 
-    def render(self, body: ChatCompletionRequest) -> Render:
-        return ChatRender(self.context.model_name, wants_usage(body))
+    def render(self, body: ChatCompletionRequest, prompts: list[list[int]]) -> Render:
+        n = self.choices(body)
+        tokenizer = self.engine.tokenizer
+        return ChatRender(self.context.model_name, wants_usage(body), n, n, tokenizer, bool(body.logprobs))
