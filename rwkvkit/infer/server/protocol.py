@@ -108,6 +108,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: Count | None = None
     max_completion_tokens: Count | None = None
     logprobs: StrictBool | None = Field(False, description="not supported")
+    tools: list[dict] | None = Field(
+        None, description="passed to a --chat-template as its 'tools' (the World format ignores them)"
+    )
 
 
 class EmbeddingRequest(RequestBody):

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from rwkvkit.errors import RwkvkitError
+from rwkvkit.infer.chat_template import WORLD, ChatTemplate, WorldChatTemplate
 from rwkvkit.infer.engine import Engine, EngineFull, FinishEvent, TextEvent
 from rwkvkit.infer.sampling import DEFAULT_PENALTY_DECAY, SamplingParams
 from rwkvkit.infer.server.bridge import SSE_DONE, SSE_HEADERS, ClientGone, EventBridges, next_event, sse
@@ -49,8 +50,18 @@ COUNTERS = (
 class ServerContext:
     """What every endpoint of one server shares."""
 
-    def __init__(self, engine: Engine, model_name: str, max_tokens_limit: int, state_dir: Path | None):
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        max_tokens_limit: int,
+        state_dir: Path | None,
+        chat_template: ChatTemplate | WorldChatTemplate = WORLD,
+        reasoning_parser: str | None = None,
+    ):
         self.engine = engine
+        self.chat_template = chat_template  # how /v1/chat/completions turns messages into the prompt
+        self.reasoning_parser = reasoning_parser  # None, or "think": split <think>...</think> off replies
         self.model_name = model_name
         self.max_tokens_limit = max_tokens_limit
         self.created = int(time.time())
