@@ -14,6 +14,7 @@ streaming path (``ChatServing.stream`` with ``ChatRender``) fed with made-up tex
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
@@ -28,6 +29,7 @@ import uvicorn
 from checkpoints import random_state_dict
 
 from rwkvkit.cli import main
+from rwkvkit.cli.serve import add_arguments, load_chat_template
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer import SamplingParams, generate_text
 from rwkvkit.infer.chat_format import format_conversation
@@ -424,3 +426,35 @@ def test_server_reasoning_when_the_template_opens_think(chatml):
     assert bad.status_code == 400
     error = bad.json()["error"]
     assert error["param"] == "messages" and "developer role is not supported" in error["message"]
+
+
+def test_serve_flags_build_the_template(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    config = {
+        "chat_template": "{{ bos_token }}{{ messages[0].content }}|",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "hi"}]
+
+    template = load_chat_template(parser.parse_args(["-m", str(folder)]))
+    assert template.render(messages) == "User: hi\n\nAssistant:" and template.stop_strings == ("\n\nUser:",)
+    template = load_chat_template(
+        parser.parse_args(["-m", "x.pth", "--chat-stop", "\\n\\nQ:", "--chat-stop", "##"])
+    )
+    assert template.render(messages) == "User: hi\n\nAssistant:" and template.stop_strings == ("\n\nQ:", "##")
+
+    template = load_chat_template(
+        parser.parse_args(["-m", str(folder), "--chat-template", "model", "--chat-stop", "|"])
+    )
+    assert template.render(messages) == "<s>hi|" and template.stop_strings == ("|",)
+    assert capsys.readouterr().err == ""
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ eos_token }}{{ messages[0].content }}")
+    template = load_chat_template(parser.parse_args(["-m", str(folder), "--chat-template", str(path)]))
+    assert template.render(messages) == "</s>hi" and template.stop_strings == ()  # the folder's tokens
+    assert "without --chat-stop" in capsys.readouterr().err
