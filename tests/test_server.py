@@ -444,7 +444,7 @@ def test_errors_through_the_client(byte, world):
 
     bad_chats = [
         {"messages": []},
-        {"messages": [{"role": "tool", "content": "x"}]},
+        {"messages": [{"role": "function", "content": "x"}]},
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         {"messages": [{"role": "user"}], "max_tokens": 300},
         {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000},

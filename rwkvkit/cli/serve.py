@@ -19,6 +19,7 @@ from rwkvkit.cli.common import (
     load_model_and_tokenizer,
     non_negative_int,
     positive_int,
+    unescape,
 )
 from rwkvkit.errors import RwkvkitError
 
@@ -89,6 +90,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory for state files (the 'state' / 'save_state' request fields); created if missing. "
         "Without it, state files are disabled",
     )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE|model",
+        help="a Jinja chat template (the Hugging Face format) for /v1/chat/completions, or 'model' for the "
+        "one the model's Hugging Face folder ships (chat_template.jinja or tokenizer_config.json); "
+        "default: the World chat format 'User: ...\\n\\nAssistant:'",
+    )
+    parser.add_argument(
+        "--chat-stop",
+        action="append",
+        default=None,
+        metavar="STRING",
+        help="a text that ends the model's turn in the chat template (repeat for several; \\n, \\t, \\r, "
+        "\\\\ are escapes): chat generation stops there. Default: '\\n\\nUser:' for the World format, "
+        "none for --chat-template (then replies end at the end-of-text token or the length limit)",
+    )
+    parser.add_argument(
+        "--reasoning-parser",
+        choices=["think"],
+        default=None,
+        help="'think': a chat reply that opens with <think>...</think> returns that block as "
+        "message.reasoning_content (delta.reasoning_content when streamed) and the rest as content",
+    )
+
+
+def load_chat_template(args: argparse.Namespace):
+    """The chat template of --chat-template / --chat-stop (World by default), checked by rendering a user
+    message (RwkvkitError for a template that does not parse or fails)."""
+    from rwkvkit.infer.chat_template import (
+        ChatTemplate,
+        WorldChatTemplate,
+        folder_chat_template,
+        folder_special_tokens,
+    )
+
+    stops = [unescape(s) for s in args.chat_stop] if args.chat_stop is not None else None
+    if any(not s for s in stops or ()):
+        raise RwkvkitError("--chat-stop needs a non-empty string")
+    if args.chat_template is None:
+        return WorldChatTemplate() if stops is None else WorldChatTemplate(stops)
+    if args.chat_template == "model":
+        if not Path(args.model).is_dir():
+            raise RwkvkitError("--chat-template model needs a Hugging Face model folder as --model")
+        template = folder_chat_template(args.model, stops or ())
+    else:
+        template = ChatTemplate.from_file(
+            args.chat_template, stops or (), **folder_special_tokens(args.model)
+        )
+    template.check()
+    if not template.stop_strings:
+        print(
+            "warning: --chat-template without --chat-stop: chat replies end only at the end-of-text token, "
+            "the client's stop strings or the length limit",
+            file=sys.stderr,
+        )
+    return template
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.api_key is not None and not args.api_key:
         raise RwkvkitError("--api-key needs a non-empty key")
+    chat_template = load_chat_template(args)  # before the model: a bad template fails at once
     model, tokenizer = load_model_and_tokenizer(args)
     cache = PrefixCache(args.cache_mb * 2**20) if args.cache_mb > 0 else None
     engine = Engine(
@@ -117,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_tokens_limit=args.max_tokens_limit,
         state_dir=args.state_dir,
+        chat_template=chat_template,
+        reasoning_parser=args.reasoning_parser,
     )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:

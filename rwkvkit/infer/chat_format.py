@@ -26,7 +26,7 @@ SYSTEM_PREFIX = "System: "
 TURN_SEPARATOR = "\n\n"
 STOP_STRING = "\n\nUser:"
 # OpenAI's message roles -> the speaker names of the World format
-ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
 def normalize_message(text: str) -> str:

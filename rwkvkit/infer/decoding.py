@@ -13,7 +13,10 @@ sequence it owns:
   waits until the next tokens show whether it is one, and a stop string is never shown;
 - the flush at the end, which releases what is held back (and may still find a stop string in it);
 - when asked (``top_logprobs``), each generated token's log-probability and the most likely alternatives
-  (:mod:`rwkvkit.infer.logprobs`), the stop token's included.
+  (:mod:`rwkvkit.infer.logprobs`), the stop token's included;
+- an optional ``constraint`` (a grammar matcher, :mod:`rwkvkit.infer.constrained`): tokens it does not
+  allow are masked out before sampling (and in the log-probabilities), each token taken advances it, and
+  the sequence ends ("stop") as soon as the constrained value is complete.
 
 The loop around it::
 
@@ -134,6 +137,8 @@ class SequenceDecoder:
             global random state without a seed). A chat passes one generator to all of its replies.
         top_logprobs: None = no log-probabilities; else 0-20: record each generated token's
             log-probability with that many alternatives (``logprobs``; pass the logits to :meth:`take`).
+        constraint: None, or a matcher with ``mask_logits(logits) -> logits``, ``advance(token)`` and
+            ``is_complete()`` (one per sequence).
 
     Attributes: ``tokens`` (generated so far, stop token excluded), ``pieces`` (the texts shown),
     ``finish_reason`` and ``stop`` (the stop token or stop string that ended it) once finished,
@@ -151,8 +156,10 @@ class SequenceDecoder:
         stop_strings: Iterable[str] = (),
         generator: torch.Generator | None = None,
         top_logprobs: int | None = None,
+        constraint=None,
     ):
         self.params = params if params is not None else SamplingParams()
+        self.constraint = constraint
         if top_logprobs is not None:
             check_top_logprobs("top_logprobs", top_logprobs)
         self.top_logprobs = top_logprobs
@@ -185,7 +192,9 @@ class SequenceDecoder:
     def plain(self) -> bool:
         """Whether sampling needs only the logits and the four filter settings (no bias, bans, penalties)."""
         params = self.params
-        return not (params.logit_bias or params.banned_tokens or params.penalised)
+        return not (
+            params.logit_bias or params.banned_tokens or params.penalised or self.constraint is not None
+        )
 
     def scored_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (V,) cut to the usable vocabulary, with this sequence's bias, bans and penalties."""
@@ -193,6 +202,8 @@ class SequenceDecoder:
         params = self.params
         if params.logit_bias or params.banned_tokens or params.penalised:
             logits = adjust_logits(logits, params, self._penalty_on(logits.device))
+        if self.constraint is not None:
+            logits = self.constraint.mask_logits(logits)
         return logits
 
     def sample(self, logits: torch.Tensor) -> int:
@@ -232,7 +243,18 @@ class SequenceDecoder:
         text, stop = self._stops.push(self._text.feed(token))
         if stop is not None:
             self._end("stop", stop)
+        elif self.constraint is not None:
+            self.constraint.advance(token)
+            if self.constraint.is_complete():  # the value is whole: release the held-back text, stop
+                return self._complete(text)
         return DecodeStep(token, self._show(text), self.finish_reason)
+
+    def _complete(self, text: str) -> DecodeStep:
+        """End a constrained sequence whose value is complete (its last token is still fed)."""
+        tail, stop = self._stops.push(self._text.flush())
+        text += tail if stop is not None else tail + self._stops.flush()
+        self._end("stop", stop)
+        return DecodeStep(self.tokens[-1], self._show(text), "stop")
 
     def finish(self, reason: str, stop: int | str | None = None) -> DecodeStep:
         """End the sequence now with ``reason`` (e.g. "interrupted") and release the held-back text.

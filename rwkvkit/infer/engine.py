@@ -211,10 +211,12 @@ class Engine:
         on_event: Sequence[Callable[[TextEvent | FinishEvent], None] | None] | None = None,
         top_logprobs: int | None = None,
         score_prompt: int | None = None,
+        constraint: Callable[[], object] | None = None,
     ) -> list[Request]:
         """Queue one request per entry of ``params`` on the same prompt (``on_event[i]`` reports the
         i-th): the prompt is prefilled once, then each decodes from a copy of that state with its own
-        settings and random stream. They take ``len(params)`` slots together (at most ``max_batch``)."""
+        settings and random stream. They take ``len(params)`` slots together (at most ``max_batch``).
+        ``constraint`` makes each one's grammar matcher (see :class:`SequenceDecoder`)."""
         if not 1 <= len(params) <= self.max_batch:
             raise RwkvkitError(
                 f"{len(params)} choices for one prompt: this engine runs 1 to {self.max_batch} "
@@ -231,6 +233,7 @@ class Engine:
                 stop_tokens=stop_tokens,
                 stop_strings=stop_strings,
                 top_logprobs=top_logprobs,
+                constraint=constraint() if constraint is not None else None,
             )
             for p in params
         ]

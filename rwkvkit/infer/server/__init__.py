@@ -25,7 +25,12 @@ Endpoints (``/v1/*`` and ``/metrics`` need ``Authorization: Bearer KEY`` when an
   or a list of text parts) become the World chat prompt ``System: ...\\n\\nUser: ...\\n\\nAssistant:``
   (:mod:`rwkvkit.infer.chat_format`; each message normalised: blank lines collapse to one newline, so a
   message cannot start a new turn); generation always stops at ``\\n\\nUser:`` (plus the client's stops)
-  and the reply loses the one space the model writes after ``Assistant:``.
+  and the reply loses the one space the model writes after ``Assistant:``. With ``chat_template`` (``rwkvkit
+  serve --chat-template``) the messages go through that Jinja template instead (``tools`` reach it as its
+  ``tools``; a render error caused by the request is a 400) and generation stops at its stop strings
+  (``--chat-stop``). With ``reasoning_parser="think"`` a reply that opens with ``<think>...</think>`` answers
+  that block as ``message.reasoning_content`` (``delta.reasoning_content`` chunks before the ``content``
+  ones when streamed); one that never closes it is all ``reasoning_content``, ``content`` null.
   ``max_completion_tokens`` (or ``max_tokens``) defaults to ``--max-tokens-limit``.
 * ``POST /v1/embeddings``: one vector per input (a string, a list of strings, a list of token ids or a
   list of such lists). The vector is the last layer's ``ffn_shift`` row of the state after reading the

@@ -19,6 +19,7 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from rwkvkit.errors import RwkvkitError
+from rwkvkit.infer.chat_template import WORLD, ChatTemplate, WorldChatTemplate
 from rwkvkit.infer.engine import Engine
 from rwkvkit.infer.server.errors import add_exception_handlers, error_response
 from rwkvkit.infer.server.protocol import (
@@ -37,6 +38,7 @@ from rwkvkit.infer.server.state_files import open_state_dir
 logger = logging.getLogger("rwkvkit.serve")
 
 MAX_BODY_BYTES = 8 * 2**20
+REASONING_PARSERS = (None, "think")
 # module level: with postponed annotations, FastAPI resolves dependency annotations in the module globals
 BEARER = HTTPBearer(auto_error=False, description="the server's --api-key")
 
@@ -200,16 +202,26 @@ def create_app(
     *,
     max_tokens_limit: int = 4096,
     state_dir: str | os.PathLike | None = None,
+    chat_template: ChatTemplate | WorldChatTemplate = WORLD,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """The FastAPI application serving ``engine`` (already started: ``engine.start()``) as ``model_name``.
 
     api_key: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <api_key>``.
     max_tokens_limit: the most tokens one request may ask for (more is a 400).
     state_dir: the directory of state files (created if missing); None disables them.
+    chat_template: how /v1/chat/completions turns messages into the prompt (and where replies stop):
+        the World chat format by default, or a :class:`~rwkvkit.infer.chat_template.ChatTemplate`.
+    reasoning_parser: None, or ``"think"``: chat replies that open with ``<think>...</think>`` answer that
+        block as ``reasoning_content`` (:mod:`rwkvkit.infer.reasoning`).
     """
     if isinstance(max_tokens_limit, bool) or not isinstance(max_tokens_limit, int) or max_tokens_limit < 1:
         raise RwkvkitError(f"max_tokens_limit must be an integer >= 1, got {max_tokens_limit!r}")
-    context = ServerContext(engine, model_name, max_tokens_limit, open_state_dir(state_dir))
+    if reasoning_parser not in REASONING_PARSERS:
+        raise RwkvkitError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {reasoning_parser!r}")
+    context = ServerContext(
+        engine, model_name, max_tokens_limit, open_state_dir(state_dir), chat_template, reasoning_parser
+    )
     app = FastAPI(title="rwkvkit", summary="OpenAI-compatible API of one RWKV model", version="1")
     app.state.context = context
     # add_middleware puts each one outside the ones before it: CountResponses ends up outermost

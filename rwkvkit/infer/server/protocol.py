@@ -102,10 +102,59 @@ class ContentPart(RequestBody):
     text: StrictStr | None = None
 
 
+FunctionName = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class CalledFunction(RequestBody):
+    name: StrictStr
+    arguments: StrictStr = Field(description="the arguments as a JSON string")
+
+
+class ToolCall(RequestBody):
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(RequestBody):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = Field(None, description="ignored")
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant message's calls")
+    tool_call_id: StrictStr | None = Field(None, description="a tool message: the call it answers")
+
+
+class FunctionDef(RequestBody):
+    name: FunctionName
+    description: StrictStr | None = None
+    parameters: dict | None = Field(None, description="a JSON schema (an object's)")
+    strict: StrictBool | None = None
+
+
+class ToolDef(RequestBody):
+    type: StrictStr = "function"
+    function: FunctionDef | None = None
+
+
+class NamedFunction(RequestBody):
+    name: StrictStr
+
+
+class NamedToolChoice(RequestBody):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaFormat(RequestBody):
+    name: StrictStr = "response"
+    description: StrictStr | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(RequestBody):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -113,6 +162,10 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: Count | None = None
     max_completion_tokens: Count | None = None
     logprobs: StrictBool | None = Field(False, description="each generated token's log-probability")
+    tools: list[ToolDef] | None = None
+    tool_choice: StrictStr | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = True
+    response_format: ResponseFormat | None = None
     top_logprobs: TopLogprobs | None = Field(
         None, description="0-20 most likely alternatives (needs logprobs)"
     )

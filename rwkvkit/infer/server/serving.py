@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from rwkvkit.errors import RwkvkitError
+from rwkvkit.infer.chat_template import WORLD, ChatTemplate, WorldChatTemplate
 from rwkvkit.infer.engine import Engine, EngineFull, FinishEvent, TextEvent
 from rwkvkit.infer.sampling import DEFAULT_PENALTY_DECAY, SamplingParams
 from rwkvkit.infer.server.bridge import SSE_DONE, SSE_HEADERS, ClientGone, EventBridges, next_event, sse
@@ -49,8 +50,18 @@ COUNTERS = (
 class ServerContext:
     """What every endpoint of one server shares."""
 
-    def __init__(self, engine: Engine, model_name: str, max_tokens_limit: int, state_dir: Path | None):
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        max_tokens_limit: int,
+        state_dir: Path | None,
+        chat_template: ChatTemplate | WorldChatTemplate = WORLD,
+        reasoning_parser: str | None = None,
+    ):
         self.engine = engine
+        self.chat_template = chat_template  # how /v1/chat/completions turns messages into the prompt
+        self.reasoning_parser = reasoning_parser  # None, or "think": split <think>...</think> off replies
         self.model_name = model_name
         self.max_tokens_limit = max_tokens_limit
         self.created = int(time.time())
@@ -220,6 +231,7 @@ class Serving:
         texts: bool,
         top_logprobs: int | None,
         score_prompt: int | None,
+        constraint=None,
     ) -> list:
         """Queue ``len(params)`` choices of every prompt (choice j of prompt i has index i * n + j, its
         events arrive on ``queue`` tagged so); returns the engine requests in index order. If the engine
@@ -246,6 +258,7 @@ class Serving:
                     on_event=[callback(i * n + j) for j in range(n)],
                     top_logprobs=top_logprobs,
                     score_prompt=score_prompt,
+                    constraint=constraint,
                 )
         except (EngineFull, RwkvkitError) as e:
             for handle in handles:
@@ -350,9 +363,9 @@ class Serving:
 
         def flush() -> None:
             if current is not None and (texts or scored):
-                text = render.filter_text(current, "".join(texts))
-                if text or scored:
-                    lines.append(sse(render.text_chunk(current, text, list(scored))))
+                lines.extend(
+                    sse(chunk) for chunk in render.text_chunks(current, "".join(texts), list(scored))
+                )
             texts.clear()
             scored.clear()
 
@@ -377,7 +390,7 @@ class Serving:
                 lines += [sse(error_body(e.message, e.type, e.param, e.code)), SSE_DONE]
                 return lines, True
             finished[index] = event
-            lines.append(sse(render.finish_chunk(index, event)))
+            lines.extend(sse(chunk) for chunk in render.finish_chunks(index, event))
         flush()
         return lines, False
 
@@ -466,11 +479,20 @@ class Render:
     def text_chunk(self, index: int, text: str, logprobs: list) -> dict:
         raise NotImplementedError
 
+    def text_chunks(self, index: int, text: str, logprobs: list) -> list[dict]:
+        """The chunks for text (and the scores of its tokens) that arrived for choice ``index``."""
+        text = self.filter_text(index, text)
+        return [self.text_chunk(index, text, logprobs)] if text or logprobs else []
+
     def prompt_chunk(self, index: int, prompt_logprobs: list) -> dict:
         raise NotImplementedError
 
     def finish_chunk(self, index: int, event: FinishEvent) -> dict:
         raise NotImplementedError
+
+    def finish_chunks(self, index: int, event: FinishEvent) -> list[dict]:
+        """The chunks that end choice ``index``."""
+        return [self.finish_chunk(index, event)]
 
     def usage_chunk(self, events: list[FinishEvent]) -> dict:
         return {**self.envelope(self.object_name, []), "usage": usage_of(events, self.n)}
@@ -498,6 +520,10 @@ class GenerationServing(Serving):
 
     def request_max_tokens(self, body) -> int:
         raise NotImplementedError
+
+    def request_constraint(self, body):
+        """A factory of grammar matchers that constrain every choice (structured output), or None."""
+        return None
 
     def request_stops(self, body) -> list[str]:
         return self.stop_strings(body.stop)
@@ -531,8 +557,9 @@ class GenerationServing(Serving):
 
         queue: asyncio.Queue = asyncio.Queue()
         stream = bool(body.stream)
+        constraint = self.request_constraint(body)
         handles = self.submit_choices(
-            prompts, params, max_tokens, stops, state, queue, stream, top_logprobs, score_prompt
+            prompts, params, max_tokens, stops, state, queue, stream, top_logprobs, score_prompt, constraint
         )
         render = self.render(body, prompts)
         if stream:
