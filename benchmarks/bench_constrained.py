@@ -1,7 +1,9 @@
 """Constrained JSON decoding libraries on the RWKV World vocab: setup, schema compile and per-token cost.
 
 Measures each candidate that can be imported (llguidance, xgrammar, outlines-core, lm-format-enforcer)
-and says which cannot. For each one, on the 65536-id World vocab:
+and says which cannot; the "rwkvkit" row is rwkvkit.infer.constrained (on llguidance), whose step
+includes turning the bitmask into the (V,) bool tensor the engine uses. For each one, on the 65536-id
+World vocab:
 
 * vocab: building the library's tokenizer object from the raw token bytes (done once per process);
 * compile: turning a typical JSON schema (a string, an integer, an enum, an array of numbers and a nested
@@ -224,17 +226,50 @@ def _lm_format_enforcer(token_bytes: list[bytes]):
     return "lm-format-enforcer", importlib.metadata.version("lm-format-enforcer"), build, compile_, Matcher
 
 
+def _rwkvkit(token_bytes: list[bytes]):
+    """rwkvkit.infer.constrained itself (llguidance underneath): the (V,) bool mask the engine gets."""
+    import importlib.metadata
+
+    from rwkvkit.infer import constrained
+
+    world = WorldTokenizer()
+
+    def build():
+        constrained._LLTOKENIZERS.clear()
+        return constrained._lltokenizer(constrained._llguidance(), world)
+
+    def compile_(_lltok, schema):
+        return constrained.compile_json_constraint(world, schema, vocab_size=len(token_bytes))
+
+    class Matcher:
+        def __init__(self, grammar):
+            self.m = grammar.new_matcher()
+
+        def step(self, token: int) -> bool:
+            ok = bool(self.m.allowed_mask()[token])
+            if ok:
+                self.m.advance(token)
+            return ok
+
+        def allows_eos(self) -> bool:
+            return bool(self.m.allowed_mask()[0])
+
+    return "rwkvkit mask (llg)", importlib.metadata.version("llguidance"), build, compile_, Matcher
+
+
 CANDIDATES: dict[str, Callable] = {
     "llguidance": _llguidance,
     "xgrammar": _xgrammar,
     "outlines-core": _outlines_core,
     "lm-format-enforcer": _lm_format_enforcer,
+    "rwkvkit": _rwkvkit,
 }
 IMPORT_NAMES = {
     "llguidance": "llguidance",
     "xgrammar": "xgrammar",
     "outlines-core": "outlines_core",
     "lm-format-enforcer": "lmformatenforcer",
+    "rwkvkit": "llguidance",
 }
 
 
