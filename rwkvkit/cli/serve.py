@@ -119,6 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_chat_template(args: argparse.Namespace):
     """The chat template of --chat-template / --chat-stop (World by default), checked by rendering a user
     message (RwkvkitError for a template that does not parse or fails)."""
+    # imported here: jinja2 (the "serve" extra) is only needed once a template is asked for
     from rwkvkit.infer.chat_template import (
         ChatTemplate,
         WorldChatTemplate,
