@@ -203,3 +203,122 @@ def test_32_concurrent_streams_are_4x_faster_than_one_by_one(tmp_path):
     assert con_tps >= MIN_SPEEDUP * seq_tps, report
     if rss_start is not None and rss_end is not None:
         assert rss_end - rss_start < MAX_RSS_GROWTH_MB, report
+
+
+NUMBER = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}, "ok": {"type": "boolean"}},
+    "required": ["n", "ok"],
+    "additionalProperties": False,
+}
+
+
+def _mixed_one(client: httpx.Client, kind: str, i: int) -> dict:
+    """One streamed request of a kind: plain, n3 (3 choices), json (a JSON-schema chat reply) or logprobs."""
+    if kind == "json":
+        path = "/v1/chat/completions"
+        body = {
+            "model": "load",
+            "messages": [{"role": "user", "content": f"client {i}: a number"}],
+            "max_tokens": 2 * TOKENS,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": NUMBER}},
+            "seed": i,
+        }
+    else:
+        path = "/v1/completions"
+        body = {"model": "load", "prompt": f"client {i} says: ", "max_tokens": TOKENS, "temperature": 0}
+        body["logit_bias"] = {"0": -100}
+        body.update(
+            {"n3": {"n": 3, "temperature": 1.0, "seed": i}, "logprobs": {"logprobs": 2}}.get(kind, {})
+        )
+    body.update(stream=True, stream_options={"include_usage": True})
+    out = {"kind": kind, "status": None, "done": False, "usage": None, "error": None}
+    out.update(texts={}, finish={}, scored={})
+    try:
+        with client.stream("POST", path, json=body) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                payload = line[len("data: ") :]
+                if payload == "[DONE]":
+                    out["done"] = True
+                    continue
+                chunk = json.loads(payload)
+                out["usage"] = chunk.get("usage") or out["usage"]
+                for choice in chunk.get("choices", []):
+                    k = choice["index"]
+                    piece = choice.get("text") if "text" in choice else choice["delta"].get("content")
+                    out["texts"][k] = out["texts"].get(k, "") + (piece or "")
+                    if choice.get("logprobs"):
+                        out["scored"][k] = out["scored"].get(k, 0) + len(choice["logprobs"]["token_logprobs"])
+                    if choice["finish_reason"]:
+                        out["finish"][k] = choice["finish_reason"]
+    except Exception as e:  # reported by the test, with the others
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _check_mixed(r: dict) -> None:
+    assert r["error"] is None and r["status"] == 200 and r["done"], r
+    choices = 3 if r["kind"] == "n3" else 1
+    assert sorted(r["finish"]) == list(range(choices)), r
+    if r["kind"] == "json":
+        if r["finish"][0] == "stop":  # a complete reply is valid JSON of the schema
+            value = json.loads(r["texts"][0])
+            assert set(value) == {"n", "ok"} and 0 <= value["n"] <= 999 and isinstance(value["ok"], bool), r
+        else:
+            assert r["finish"][0] == "length", r
+        return
+    assert all(reason == "length" for reason in r["finish"].values()), r
+    assert r["usage"]["completion_tokens"] == choices * TOKENS, r
+    if r["kind"] == "logprobs":
+        assert r["scored"] == {0: TOKENS}, r
+
+
+def _run_concurrently(client: httpx.Client, kinds: list[str]) -> tuple[list[dict], float]:
+    results: list[dict | None] = [None] * len(kinds)
+    barrier = threading.Barrier(len(kinds) + 1)
+
+    def run_client(i: int) -> None:
+        barrier.wait()
+        results[i] = _mixed_one(client, kinds[i], i)
+
+    threads = [threading.Thread(target=run_client, args=(i,)) for i in range(len(kinds))]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join(timeout=180)
+    return results, time.perf_counter() - t0
+
+
+def test_32_mixed_streams_plain_n3_json_schema_logprobs(tmp_path):
+    """32 concurrent streams, 8 of each kind, all valid; the throughput beside 32 plain streams."""
+    model_path = tmp_path / "load.pth"
+    torch.save(random_state_dict("7", seed=5, **MODEL), model_path)
+    server = Server(model_path)
+    limits = httpx.Limits(max_connections=2 * CLIENTS, max_keepalive_connections=2 * CLIENTS)
+    client = httpx.Client(base_url=server.url, timeout=180, limits=limits)
+    kinds = ["plain", "n3", "json", "logprobs"] * (CLIENTS // 4)
+    try:
+        for kind in ("plain", "json"):  # warm-up (the grammar library's tokenizer is built once)
+            _check_mixed(_mixed_one(client, kind, 0))
+        plain, t_plain = _run_concurrently(client, ["plain"] * CLIENTS)
+        mixed, t_mixed = _run_concurrently(client, kinds)
+        for r in plain + mixed:
+            _check_mixed(r)
+        metrics = client.get("/metrics").json()
+        assert metrics["server"]["http_5xx"] == 0 and metrics["rejected"] == 0, metrics
+    finally:
+        client.close()
+        server.stop()
+    plain_tps = sum(r["usage"]["completion_tokens"] for r in plain) / t_plain
+    mixed_tokens = sum(r["usage"]["completion_tokens"] for r in mixed)
+    report = (
+        f"{CLIENTS} plain streams: {plain_tps:.0f} tok/s ({t_plain:.2f} s); {CLIENTS} mixed streams "
+        f"(8 plain, 8 n=3, 8 JSON-schema, 8 logprobs): {mixed_tokens / t_mixed:.0f} tok/s, "
+        f"{mixed_tokens} tokens in {t_mixed:.2f} s"
+    )
+    print("\n" + report)
