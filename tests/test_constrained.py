@@ -251,6 +251,14 @@ def test_invalid_schema(world, schema, message):
     assert "\n" not in str(info.value)
 
 
+def test_model_vocab_smaller_or_bad(world):
+    matcher = compile_json_constraint(world, None, vocab_size=1000).new_matcher()
+    assert matcher.allowed_mask().shape == (1000,)  # ids the model lacks are simply absent
+    for bad in (0, -5, True, 3.0):
+        with pytest.raises(RwkvkitError, match="vocab_size"):
+            compile_json_constraint(world, None, vocab_size=bad)
+
+
 def test_tokenizer_object_is_cached(world):
     a = compile_json_constraint(world, None, vocab_size=world.vocab_size)
     b = compile_json_constraint(WorldTokenizer(), SCHEMA, vocab_size=world.vocab_size + PAD)

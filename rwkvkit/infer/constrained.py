@@ -38,9 +38,8 @@ MAX_WHITESPACE = 24  # JSON whitespace characters allowed at one place (between 
 _EOT_MARK = b"\xff<|endoftext|>"  # llguidance treats a token whose bytes start with 0xff as special
 _PARAM = "response_format"
 
-_LLTOKENIZERS: dict[
-    tuple[str, str, int], Any
-] = {}  # (tokenizer class, vocab path, vocab size) -> LLTokenizer
+# (tokenizer class, vocab path, vocab size) -> llguidance.LLTokenizer
+_LLTOKENIZERS: dict[tuple[str, str, int], Any] = {}
 _LLTOKENIZERS_LOCK = threading.Lock()
 
 
@@ -147,7 +146,8 @@ class JsonMatcher:
     """One sequence's position in the JSON grammar: the mask of allowed next tokens, and advancing by one.
 
     Per step: ``allowed_mask()`` (or ``mask_logits(logits)``), sample, ``advance(token)``. The mask is
-    computed once per position (a second call returns the same tensor) in ~20-40 us for 65536 tokens.
+    computed once per position (a second call returns the same tensor); mask + advance cost ~50-70 us a
+    token for 65536 tokens (benchmarks/RESULTS.md), most of it llguidance's mask and the bool unpacking.
     """
 
     def __init__(self, matcher: Any, grammar: JsonGrammar) -> None:
@@ -157,9 +157,7 @@ class JsonMatcher:
         self._bits = np.zeros((n + 31) // 32, dtype=np.int32)  # (ceil(n/32),) llguidance's bitmask
         self._mask: torch.Tensor | None = None  # (V,) bool, for the current position
         self._n = min(n, grammar.vocab_size)  # ids that the model and the tokenizer both have
-        self._refused = (
-            ""  # why advance() refused a token outside the vocabulary (llguidance's own errors aside)
-        )
+        self._refused = ""  # why advance() refused an id outside the vocabulary (not llguidance's errors)
 
     def allowed_mask(self) -> torch.Tensor:
         """(vocab_size,) bool on the CPU: True for each token that may come next. Do not modify it."""
