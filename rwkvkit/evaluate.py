@@ -11,6 +11,10 @@ is scored too and bits per byte covers every byte of the text.
     bits per byte         = sum of -log2 p(token) / UTF-8 bytes of the tokens scored
 
 Bits per byte compares models with different tokenizers; nats per token does not.
+
+:func:`score_tokens` is the scoring under it, for a batch of sequences (the summed log-probability of each
+one's last tokens, and whether they are all greedy): the lm-evaluation-harness adapter
+(:mod:`rwkvkit.eval_harness`) scores its requests with it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from rwkvkit.errors import RwkvkitError
 
@@ -40,20 +43,52 @@ class TextEvaluation:
 
 
 @torch.inference_mode()
+def score_tokens(
+    model, sequences: list[list[int]], n_scored: list[int], chunk_len: int = DEFAULT_CHUNK_LEN
+) -> list[tuple[float, bool]]:
+    """For each sequence, the summed log-probability (nats) of its last ``n_scored`` tokens, each given all
+    the tokens before it, and whether every one of them is the model's most likely next token (greedy).
+
+    The sequences run as one batch, right-padded with id 0 (the padding comes after every scored token,
+    so it changes no score), in chunks of ``chunk_len`` positions with the state carried between chunks:
+    memory stays bounded for any length and every token sees all of its sequence before it.
+    """
+    if chunk_len < 1:
+        raise RwkvkitError(f"chunk length must be positive, got {chunk_len}")
+    if len(sequences) != len(n_scored) or not sequences:
+        raise RwkvkitError("score_tokens needs one n_scored per sequence, and at least one sequence")
+    lengths = [len(s) for s in sequences]
+    for length, n in zip(lengths, n_scored, strict=True):
+        if not 1 <= n < length:
+            raise RwkvkitError(f"cannot score {n} tokens of a sequence of {length} (1 to length - 1)")
+    n_pos = max(lengths) - 1  # input positions
+    ids = torch.zeros(len(sequences), n_pos + 1, dtype=torch.long)  # (B, T + 1)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    logp = torch.zeros(len(sequences), n_pos, dtype=torch.float64)  # (B, T): log p(ids[:, t + 1])
+    greedy = torch.zeros(len(sequences), n_pos, dtype=torch.bool)  # (B, T)
+    state = None
+    for start in range(0, n_pos, chunk_len):
+        end = min(start + chunk_len, n_pos)
+        x = ids[:, start:end].to(model.device)  # (B, t)
+        y = ids[:, start + 1 : end + 1].to(model.device)  # (B, t)
+        logits, state = model(x, state)  # (B, t, V)
+        logits = logits.float()
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, t)
+        logp[:, start:end] = picked.double().cpu()
+        greedy[:, start:end] = (logits.argmax(dim=-1) == y).cpu()
+    results = []
+    for row, (length, n) in enumerate(zip(lengths, n_scored, strict=True)):
+        span = slice(length - 1 - n, length - 1)
+        results.append((float(logp[row, span].sum()), bool(greedy[row, span].all())))
+    return results
+
+
 def evaluate_tokens(model, ids: list[int], chunk_len: int = DEFAULT_CHUNK_LEN) -> float:
     """The summed next-token cross-entropy (nats) of ids[1:] given what precedes each one."""
     if len(ids) < 2:
         raise RwkvkitError(f"need at least 2 tokens to evaluate, got {len(ids)}")
-    if chunk_len < 1:
-        raise RwkvkitError(f"chunk length must be positive, got {chunk_len}")
-    ids_t = torch.tensor(ids, dtype=torch.long)
-    total, state = 0.0, None
-    for start in range(0, len(ids) - 1, chunk_len):
-        x = ids_t[start : min(start + chunk_len, len(ids) - 1)].unsqueeze(0).to(model.device)  # (1, T)
-        y = ids_t[start + 1 : start + 1 + x.shape[1]].to(model.device)  # (T,)
-        logits, state = model(x, state)  # (1, T, V)
-        total += F.cross_entropy(logits[0].float(), y, reduction="sum").item()
-    return total
+    return -score_tokens(model, [list(ids)], [len(ids) - 1], chunk_len)[0][0]
 
 
 def evaluate_text(

@@ -9,10 +9,12 @@ runs it under uvicorn). The package, one job per module (on the pattern of vLLM'
 * :mod:`.bridge`: the thread-to-asyncio event bridge, the client-gone check, Server-Sent Events;
 * :mod:`.serving`: the shared serving path (request checks, sampling, engine, streaming);
   :mod:`.serving_completion`, :mod:`.serving_chat`, :mod:`.serving_embedding`: the three endpoints on it;
+* :mod:`.serving_tokenize`: ``/tokenize``, ``/detokenize`` and ``/tokenizer_info``;
 * :mod:`.state_files`: state files inside ``--state-dir``;
 * :mod:`.app`: :func:`create_app`, the API-key check, the middleware and the routes.
 
-Endpoints (``/v1/*`` and ``/metrics`` need ``Authorization: Bearer KEY`` when an API key is set):
+Endpoints (``/v1/*``, ``/metrics`` and the tokenizer routes need ``Authorization: Bearer KEY`` when an
+API key is set):
 
 * ``GET /v1/models``, ``GET /v1/models/{id}``: the one model served (OpenAI list / model objects).
 * ``POST /v1/completions``: ``prompt`` is one string or one list of token ids (arrays of prompts are
@@ -37,6 +39,10 @@ Endpoints (``/v1/*`` and ``/metrics`` need ``Authorization: Bearer KEY`` when an
   input: the layer-normalised input of the last channel mix at the last token (dimension ``n_embd``),
   L2-normalised. Inputs run through the engine with ``max_tokens=0`` (so they share its batching, its
   bounded queue and its prefix cache), at most ``max_batch`` of one request at a time.
+* ``POST /tokenize`` (``prompt``, or chat ``messages`` + ``add_generation_prompt``; ``return_token_strs``)
+  -> ``{"count", "max_model_len", "tokens", "token_strs"}``; ``POST /detokenize`` (``tokens``) ->
+  ``{"prompt"}``; ``GET /tokenizer_info``: as vLLM's, what lm-eval's remote tokenizer reads
+  (:mod:`.serving_tokenize`; ``max_model_len`` is ``--max-tokens-limit``: RWKV has no context window).
 * ``GET /health`` (never needs the key), ``GET /metrics``: ``engine.stats()`` (waiting, running,
   tokens/s, counters, prefix-cache hits / misses / hit_rate) plus this server's own counters.
 

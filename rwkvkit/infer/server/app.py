@@ -26,13 +26,16 @@ from rwkvkit.infer.server.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
+    TokenizeRequest,
     documented_errors,
 )
 from rwkvkit.infer.server.serving import ServerContext
 from rwkvkit.infer.server.serving_chat import ChatServing
 from rwkvkit.infer.server.serving_completion import CompletionServing
 from rwkvkit.infer.server.serving_embedding import EmbeddingServing
+from rwkvkit.infer.server.serving_tokenize import TokenizeServing
 from rwkvkit.infer.server.state_files import open_state_dir
 
 logger = logging.getLogger("rwkvkit.serve")
@@ -151,11 +154,13 @@ def api_key_check(api_key: str | None):
 
 
 def api_router(context: ServerContext, api_key: str | None) -> APIRouter:
-    """The routes: ``/health`` (never keyed), ``/metrics`` and ``/v1/*`` (keyed when ``api_key`` is set)."""
+    """The routes: ``/health`` (never keyed); ``/metrics``, ``/v1/*`` and the tokenizer routes (keyed when
+    ``api_key`` is set)."""
     router = APIRouter()
     keyed = [Depends(api_key_check(api_key))]
     errors = documented_errors(400, 401, 404, 429, 500)
     completion, chat, embedding = CompletionServing(context), ChatServing(context), EmbeddingServing(context)
+    tokenize = TokenizeServing(context)
 
     @router.get("/health", summary="liveness: always ok while the server runs")
     async def health() -> dict:
@@ -188,6 +193,20 @@ def api_router(context: ServerContext, api_key: str | None) -> APIRouter:
     @router.post("/v1/embeddings", dependencies=keyed, responses=errors)
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         return await embedding.create(body, request)
+
+    tokenizer_errors = documented_errors(400, 401, 404)
+
+    @router.post("/tokenize", dependencies=keyed, responses=tokenizer_errors, summary="text to token ids")
+    async def tokenize_text(body: TokenizeRequest) -> dict:
+        return tokenize.tokenize(body)
+
+    @router.post("/detokenize", dependencies=keyed, responses=tokenizer_errors, summary="token ids to text")
+    async def detokenize_tokens(body: DetokenizeRequest) -> dict:
+        return tokenize.detokenize(body)
+
+    @router.get("/tokenizer_info", dependencies=keyed, responses=documented_errors(401), summary="tokenizer")
+    async def tokenizer_info() -> dict:
+        return tokenize.tokenizer_info()
 
     return router
 

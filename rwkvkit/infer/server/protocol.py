@@ -179,6 +179,26 @@ class EmbeddingRequest(RequestBody):
     user: StrictStr | None = Field(None, description="ignored")
 
 
+class TokenizeRequest(RequestBody):
+    """``POST /tokenize``: a ``prompt`` (completion form) or ``messages`` (chat form), one of the two."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: StrictBool = Field(True, description="accepted; RWKV adds no special tokens")
+    add_generation_prompt: StrictBool = Field(
+        True, description="chat form: end with the assistant's turn opening (Assistant:)"
+    )
+    return_token_strs: StrictBool = Field(False, description="also return each token as a string")
+
+
+class DetokenizeRequest(RequestBody):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: StrictStr | None = None
+    tokens: TokenIds
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
