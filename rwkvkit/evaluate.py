@@ -13,8 +13,9 @@ is scored too and bits per byte covers every byte of the text.
 Bits per byte compares models with different tokenizers; nats per token does not.
 
 :func:`score_tokens` is the scoring under it, for a batch of sequences (the summed log-probability of each
-one's last tokens, and whether they are all greedy): the lm-evaluation-harness adapter
-(:mod:`rwkvkit.eval_harness`) scores its requests with it.
+one's last tokens, and whether they are all greedy), and :func:`score_continuations` the same for the
+continuations of one context, read once: the lm-evaluation-harness adapter (:mod:`rwkvkit.eval_harness`)
+scores its requests with them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from rwkvkit.errors import RwkvkitError
+from rwkvkit.infer.generate import prefill
+from rwkvkit.state import RWKVState
 
 DEFAULT_CHUNK_LEN = 512
 
@@ -44,14 +47,19 @@ class TextEvaluation:
 
 @torch.inference_mode()
 def score_tokens(
-    model, sequences: list[list[int]], n_scored: list[int], chunk_len: int = DEFAULT_CHUNK_LEN
+    model,
+    sequences: list[list[int]],
+    n_scored: list[int],
+    chunk_len: int = DEFAULT_CHUNK_LEN,
+    state: RWKVState | None = None,
 ) -> list[tuple[float, bool]]:
     """For each sequence, the summed log-probability (nats) of its last ``n_scored`` tokens, each given all
     the tokens before it, and whether every one of them is the model's most likely next token (greedy).
 
     The sequences run as one batch, right-padded with id 0 (the padding comes after every scored token,
     so it changes no score), in chunks of ``chunk_len`` positions with the state carried between chunks:
-    memory stays bounded for any length and every token sees all of its sequence before it.
+    memory stays bounded for any length and every token sees all of its sequence before it. ``state``
+    (one row per sequence): what the sequences continue from (None: they start a text).
     """
     if chunk_len < 1:
         raise RwkvkitError(f"chunk length must be positive, got {chunk_len}")
@@ -67,7 +75,6 @@ def score_tokens(
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     logp = torch.zeros(len(sequences), n_pos, dtype=torch.float64)  # (B, T): log p(ids[:, t + 1])
     greedy = torch.zeros(len(sequences), n_pos, dtype=torch.bool)  # (B, T)
-    state = None
     for start in range(0, n_pos, chunk_len):
         end = min(start + chunk_len, n_pos)
         x = ids[:, start:end].to(model.device)  # (B, t)
@@ -81,6 +88,32 @@ def score_tokens(
     for row, (length, n) in enumerate(zip(lengths, n_scored, strict=True)):
         span = slice(length - 1 - n, length - 1)
         results.append((float(logp[row, span].sum()), bool(greedy[row, span].all())))
+    return results
+
+
+@torch.inference_mode()
+def score_continuations(
+    model, context: list[int], continuations: list[list[int]], chunk_len: int = DEFAULT_CHUNK_LEN
+) -> list[tuple[float, bool]]:
+    """:func:`score_tokens` of ``context + continuation`` for each (non-empty) continuation, scoring the
+    continuation's tokens, with the shared context read once: its state is copied for each continuation
+    (an RNN's answer to a multiple-choice question costs the context once, not once per choice)."""
+    if not context or not all(continuations):
+        raise RwkvkitError("score_continuations needs a context and non-empty continuations")
+    logits, state = prefill(model, context, chunk_size=chunk_len)  # logits (V,) after the context
+    logp = torch.log_softmax(logits.double(), dim=-1)  # (V,)
+    best = int(logits.argmax())
+    rest = [i for i, c in enumerate(continuations) if len(c) > 1]
+    later = {}
+    if rest:
+        rows = state.select([0] * len(rest))  # one copy of the context's state per continuation
+        scored = [len(continuations[i]) - 1 for i in rest]
+        answers = score_tokens(model, [continuations[i] for i in rest], scored, chunk_len, rows)
+        later = dict(zip(rest, answers, strict=True))
+    results = []
+    for i, continuation in enumerate(continuations):
+        value, greedy = later.get(i, (0.0, True))
+        results.append((float(logp[continuation[0]]) + value, greedy and continuation[0] == best))
     return results
 
 

@@ -7,8 +7,10 @@ transformers wrapper for the multiple-choice log-likelihoods; tasks are local fi
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from checkpoints import random_state_dict  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
 from reference import reference_logits, reference_model  # noqa: E402
 
 from rwkvkit.errors import RwkvkitError  # noqa: E402
@@ -153,12 +156,15 @@ def test_loglikelihood_edge_cases_and_greedy(lm, ref):
     requests = [
         (("a", "b"), context, greedy),  # the reference's own greedy tokens: is_greedy
         (("a", "c"), context, [greedy[0], (greedy[1] + 1) % 65536 or 1]),
-        (("a", "d"), [0], tok.encode("no context")),
+        (("a", "e"), context, greedy[:1]),
+        (("a", "d"), [0], tok.encode("no context")),  # these two share no context: one padded batch
+        (("a", "f"), tok.encode("Another context, longer than that one"), tok.encode(" here")),
+        (("a", "g"), context, []),  # nothing to score
     ]
     got = lm._loglikelihood_tokens(requests)
-    want = [ref_loglikelihood(ref, ctx, cont) for _, ctx, cont in requests]
+    want = [ref_loglikelihood(ref, ctx, cont) for _, ctx, cont in requests[:-1]] + [(0.0, True)]
     assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
-    assert [g[1] for g in got] == [w[1] for w in want] and got[0][1] and not got[1][1]
+    assert [g[1] for g in got] == [w[1] for w in want] and got[0][1] and got[2][1] and not got[1][1]
     # an empty context is the end-of-text id 0 (lm-eval's prefix token)
     ((value, _),) = lm.loglikelihood([Instance("loglikelihood", {}, ("", " no context"), 0)])
     assert value == pytest.approx(ref_loglikelihood(ref, [0], tok.encode(" no context"))[0], abs=1e-4)
@@ -176,7 +182,9 @@ def test_generate_until_is_greedy_text_cut_at_the_stop(lm, ref, checkpoint):
     cut = full.text[: full.text.index(stop)]
     requests = [
         Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 24}), 0),
-        Instance("generate_until", {}, (context, {"until": ["\x00never"], "do_sample": False}), 1),
+        Instance(
+            "generate_until", {}, (context, {"until": ["\x00no"], "do_sample": False, "max_tokens": 30}), 1
+        ),
         Instance("generate_until", {}, (context, {"until": [], "max_gen_toks": 24, "temperature": 0.0}), 2),
         Instance("generate_until", {}, (context, {"until": stop, "max_new_tokens": 5}), 3),
     ]
@@ -184,7 +192,7 @@ def test_generate_until_is_greedy_text_cut_at_the_stop(lm, ref, checkpoint):
     got = lm.generate_until(requests)
     assert got[0] == cut
     assert got[2] == full.text
-    assert got[1] == generate_text(model, tok, context, max_tokens=256, temperature=0).text
+    assert got[1] == generate_text(model, tok, context, max_tokens=30, temperature=0).text
     assert got[3] == (short[: short.index(stop)] if stop in short else short)
     # sampling with a seed is repeatable
     sampled = {"until": [], "do_sample": True, "temperature": 1.0, "top_k": 5, "seed": 3, "max_gen_toks": 8}
@@ -236,29 +244,33 @@ def test_chat_template_and_bad_arguments(lm, checkpoint):
 
 
 def test_command_line_and_lazy_import(checkpoint, tasks, tmp_path, monkeypatch, capsys):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     lazy = "import sys, rwkvkit; assert 'lm_eval' not in sys.modules, 'import rwkvkit imported lm_eval'"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", lazy], check=True, env=env, timeout=120)
+
+    # python -m rwkvkit.eval_harness ..., run here (runpy, as -m does) to skip a second start-up; lm-eval's
+    # command line indexes its thousands of built-in tasks first, which only this local task needs not
+    import lm_eval.tasks
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
     out = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "rwkvkit.eval_harness",
+    args = [
         "--model", "rwkvkit", "--model_args", f"pretrained={checkpoint}",
         "--tasks", "rwkvkit_mc", "--include_path", str(tasks), "--device", "cpu", "--batch_size", "2",
         "--output_path", str(out),
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", ["python -m rwkvkit.eval_harness", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("rwkvkit.eval_harness", run_name="__main__")
+    assert exit_info.value.code == 0
     (results,) = list(out.rglob("results_*.json"))
     assert 0 <= json.loads(results.read_text())["results"]["rwkvkit_mc"]["acc,none"] <= 1
-    # a RwkvkitError inside lm-eval's command line (a bad checkpoint...): one line and exit status 2
-    import lm_eval.__main__
 
-    from rwkvkit.eval_harness import main
-
-    def fails() -> None:
-        RwkvkitLM(pretrained=str(checkpoint) + ".missing", device="cpu")
-
-    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fails)
-    assert main() == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: no such file") and err.count("\n") == 1, err
+    # a bad checkpoint: one line on stderr and exit status 2
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["lm_eval", *args[:3], f"pretrained={checkpoint}.missing", *args[4:]])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("rwkvkit.eval_harness", run_name="__main__")
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after lm-eval's own log lines
+    assert last.startswith("error: no such file") and last.endswith(".missing"), last

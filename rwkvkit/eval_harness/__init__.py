@@ -23,8 +23,11 @@ available, else cpu), ``batch_size`` (log-likelihood requests scored together; "
 What each request computes:
 
 * ``loglikelihood``: the summed log-softmax of the continuation's tokens given the context (and whether
-  each is the argmax), by :func:`rwkvkit.evaluate.score_tokens`; an empty context is the end-of-text id
-  0 (lm-eval's prefix token). Requests are scored ``batch_size`` at a time, longest first, right-padded.
+  each is the argmax), by :mod:`rwkvkit.evaluate`; an empty context is the end-of-text id 0 (lm-eval's
+  prefix token). Continuations of the same context (the choices of a multiple-choice question) read the
+  context once and go on from copies of its state, ``batch_size`` at a time
+  (:func:`~rwkvkit.evaluate.score_continuations`); the other requests run ``batch_size`` at a time,
+  longest first, right-padded (:func:`~rwkvkit.evaluate.score_tokens`).
 * ``loglikelihood_rolling``: the whole text's log-likelihood after the end-of-text id 0, in one pass
   read in chunks with the state carried (RWKV has no context window, so nothing is cut into windows):
   the same number ``rwkvkit eval`` reports as loss times tokens.
@@ -48,7 +51,7 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.evaluate import DEFAULT_CHUNK_LEN, score_tokens
+from rwkvkit.evaluate import DEFAULT_CHUNK_LEN, score_continuations, score_tokens
 from rwkvkit.infer.chat_format import ASSISTANT_PROMPT, TURN_SEPARATOR, format_conversation
 from rwkvkit.infer.generate import generate_text
 from rwkvkit.infer.sampling import SamplingParams
@@ -141,22 +144,42 @@ class RwkvkitLM(TemplateLM):
         disable_tqdm: bool = False,
         **kwargs,
     ) -> list[tuple[float, bool]]:
-        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+        """(log-likelihood, is_greedy) of each (key, context ids, continuation ids): continuations that
+        share their context (the choices of one question) read it once, the others run in batches."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            if continuation:
+                groups.setdefault(tuple(context), []).append(i)
+            else:
+                results[i] = (0.0, True)  # nothing to score
+        singles = sorted(
+            (g[0] for g in groups.values() if len(g) == 1),
+            key=lambda i: -(len(requests[i][1]) + len(requests[i][2])),  # longest first: less padding
+        )
+        batches = [("", singles[k : k + self.batch_size]) for k in range(0, len(singles), self.batch_size)]
+        for context, group in groups.items():
+            if len(group) > 1:
+                batches += [
+                    (context, group[k : k + self.batch_size]) for k in range(0, len(group), self.batch_size)
+                ]
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="rwkvkit loglikelihood")
-        for first in range(0, len(order), self.batch_size):
-            batch = order[first : first + self.batch_size]
-            sequences = [requests[i][1] + requests[i][2] for i in batch]
-            n_scored = [len(requests[i][2]) for i in batch]
-            for i, answer in zip(
-                batch, score_tokens(self.model, sequences, n_scored, self.chunk_len), strict=True
-            ):
+        for context, batch in batches:
+            for i, answer in zip(batch, self._score_batch(requests, context, batch), strict=True):
                 results[i] = answer
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
             bar.update(len(batch))
         bar.close()
         return results  # type: ignore[return-value]
+
+    def _score_batch(self, requests: list, context: tuple[int, ...] | str, batch: list[int]) -> list:
+        """The answers of one batch: continuations of the shared ``context``, or ("") whole requests."""
+        if context:
+            return score_continuations(
+                self.model, list(context), [requests[i][2] for i in batch], self.chunk_len
+            )
+        sequences = [requests[i][1] + requests[i][2] for i in batch]
+        return score_tokens(self.model, sequences, [len(requests[i][2]) for i in batch], self.chunk_len)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         results = []
@@ -234,7 +257,3 @@ def main() -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
