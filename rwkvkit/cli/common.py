@@ -14,7 +14,6 @@ from typing import Any, TextIO
 from rwkvkit.errors import RwkvkitError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-TOKENIZER_BY_VOCAB = {65536: "world", 256: "byte"}
 # The same values as rwkvkit.infer.generate.DEFAULT_* (repeated so that --help does not import torch).
 DEFAULT_MAX_TOKENS = 200
 DEFAULT_TEMPERATURE = 1.0
@@ -166,17 +165,6 @@ def torch_device(name: str) -> Any:
     return device
 
 
-def default_tokenizer(vocab_size: int) -> str:
-    """The built-in tokenizer for a vocabulary size (RwkvkitError when none matches)."""
-    name = TOKENIZER_BY_VOCAB.get(vocab_size)
-    if name is None:
-        raise RwkvkitError(
-            f"the model's vocabulary has {vocab_size} tokens, which matches no built-in tokenizer "
-            "(world: 65536, byte: 256); choose one with --tokenizer"
-        )
-    return name
-
-
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     """(model, tokenizer) from a command's --model, --device, --dtype and --tokenizer flags (the device is
     checked first; the tokenizer defaults to the one a Hugging Face folder ships, else to the built-in one
@@ -185,7 +173,7 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from rwkvkit.checkpoint import folder_tokenizer  # imports torch: only when a command runs
     from rwkvkit.models import load_model
-    from rwkvkit.tokenizer import load_tokenizer
+    from rwkvkit.tokenizer import default_tokenizer, load_tokenizer
 
     device = torch_device(args.device)
     model = load_model(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))

@@ -41,7 +41,6 @@ What each request computes:
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
@@ -50,13 +49,17 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
+from rwkvkit.checkpoint import folder_tokenizer
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.evaluate import DEFAULT_CHUNK_LEN, score_continuations, score_tokens
 from rwkvkit.infer.chat_format import ASSISTANT_PROMPT, TURN_SEPARATOR, format_conversation
 from rwkvkit.infer.generate import generate_text
 from rwkvkit.infer.sampling import SamplingParams
+from rwkvkit.models import load_model
+from rwkvkit.tokenizer import default_tokenizer, load_tokenizer
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "auto": "fp32"}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_GEN_TOKS = 256
 GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed"}
 
@@ -74,17 +77,17 @@ def _batch_size(value: int | str) -> int:
 
 
 def load_for_eval(pretrained: str, tokenizer: str | None, device: str | None, dtype: str) -> tuple[Any, Any]:
-    """(model, tokenizer) as the ``rwkvkit`` commands load them (:func:`load_model_and_tokenizer`)."""
-    from rwkvkit.cli.common import DTYPES, load_model_and_tokenizer
-
+    """(model, tokenizer) as the ``rwkvkit`` commands load them: any checkpoint or folder
+    (:func:`rwkvkit.models.load_model`), the tokenizer a folder ships, else the vocabulary's built-in one."""
     name = DTYPE_NAMES.get(str(dtype), str(dtype))
-    if name not in DTYPES:
+    if name not in TORCH_DTYPES:
         raise RwkvkitError(
             f"dtype must be one of fp32, bf16, fp16 (or float32, bfloat16, float16), got {dtype}"
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args = argparse.Namespace(model=pretrained, tokenizer=tokenizer, device=device, dtype=name)
-    return load_model_and_tokenizer(args)
+    model = load_model(pretrained, device=torch.device(device), dtype=TORCH_DTYPES[name])
+    shipped = folder_tokenizer(pretrained)
+    return model, load_tokenizer(tokenizer or shipped or default_tokenizer(model.config.vocab_size))
 
 
 @register_model("rwkvkit")
@@ -106,9 +109,6 @@ class RwkvkitLM(TemplateLM):
         if isinstance(pretrained, str):
             self.model, self.rwkv_tokenizer = load_for_eval(pretrained, tokenizer, device, dtype)
         else:  # a model object; tokenizer: a tokenizer object or a name for load_tokenizer
-            from rwkvkit.cli.common import default_tokenizer
-            from rwkvkit.tokenizer import load_tokenizer
-
             self.model = pretrained
             if tokenizer is None or isinstance(tokenizer, str):
                 tokenizer = load_tokenizer(tokenizer or default_tokenizer(pretrained.config.vocab_size))

@@ -110,3 +110,17 @@ class IncrementalDecoder:
     def pending(self) -> bytes:
         """The bytes held back, waiting for the rest of their character."""
         return self._utf8.getstate()[0]
+
+
+TOKENIZER_BY_VOCAB = {65536: "world", 256: "byte"}  # the built-in tokenizer of each vocabulary size
+
+
+def default_tokenizer(vocab_size: int) -> str:
+    """The built-in tokenizer for a vocabulary size (RwkvkitError when none matches)."""
+    name = TOKENIZER_BY_VOCAB.get(vocab_size)
+    if name is None:
+        raise RwkvkitError(
+            f"the model's vocabulary has {vocab_size} tokens, which matches no built-in tokenizer "
+            "(world: 65536, byte: 256); choose one with --tokenizer"
+        )
+    return name
