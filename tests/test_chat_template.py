@@ -18,15 +18,13 @@ import argparse
 import asyncio
 import json
 import re
-import threading
-import time
 
 import httpx
 import jinja2
 import openai
 import pytest
-import uvicorn
 from checkpoints import random_state_dict
+from test_server import ServerThread
 
 from rwkvkit.cli import main
 from rwkvkit.cli.serve import add_arguments, load_chat_template
@@ -337,30 +335,6 @@ def test_streamed_chat_render_splits_reasoning_from_made_up_events(text, cut, sp
 
 
 # ---------------------------------------------------------------------------------------------- server
-
-
-class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1 (a free port) in a background thread."""
-
-    def __init__(self, app):
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            assert self.thread.is_alive(), "the server thread died"
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,12 @@ def check_text(text: str, param: str) -> None:
         raise ApiError(400, f"'{param}' is not valid Unicode text (a lone surrogate?)", param=param) from None
 
 
+def server_busy(e: EngineFull) -> ApiError:
+    """The 429 of a full engine queue, with Retry-After."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
+    return ApiError(429, str(e), type="rate_limit_error", code="server_busy", headers=headers)
+
+
 class _StreamRecord:
     """Bookkeeping of one streamed answer: which of its engine requests finished on their own."""
 
@@ -210,13 +216,7 @@ class Serving:
                 on_event=on_event,
             )
         except EngineFull as e:
-            raise ApiError(
-                429,
-                str(e),
-                type="rate_limit_error",
-                code="server_busy",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            ) from None
+            raise server_busy(e) from None
         except RwkvkitError as e:
             raise bad_request(e) from None
 
@@ -263,15 +263,7 @@ class Serving:
         except (EngineFull, RwkvkitError) as e:
             for handle in handles:
                 self.engine.cancel(handle)
-            if isinstance(e, EngineFull):
-                raise ApiError(
-                    429,
-                    str(e),
-                    type="rate_limit_error",
-                    code="server_busy",
-                    headers={"Retry-After": str(RETRY_AFTER_S)},
-                ) from None
-            raise bad_request(e) from None
+            raise (server_busy(e) if isinstance(e, EngineFull) else bad_request(e)) from None
         return handles
 
     async def wait_all(self, http_request: Request, queue: asyncio.Queue, handles: list) -> list[FinishEvent]:
