@@ -56,6 +56,9 @@ def test_no_server_errors_under_fuzzing(served):
         [
             "GET /health",
             "GET /metrics",
+            "GET /tokenizer_info",
+            "POST /tokenize",
+            "POST /detokenize",
             "GET /v1/models",
             "GET /v1/models/{model_id}",
             "POST /v1/completions",
