@@ -8,8 +8,11 @@ This module owns:
   (the format lives in :mod:`rwkvkit.train.binidx`; ``BinIdxWriter`` and ``read_binidx`` are re-exported);
 * ``load_token_array``: the flat token stream a training run reads, from any of the kinds above or a
   ``.npy``, memory-mapped where the data is already tokens;
-* ``sample_batch`` and ``eval_windows``: windows of that stream as int64 tensors. Batches are a pure
-  function of (seed, step): a resumed or repeated run sees exactly the same data.
+* ``load_training_data``: that stream and, for chat / instruction ``.jsonl`` (:mod:`.chat_data`), its
+  loss mask;
+* ``sample_batch`` and ``eval_windows``: windows of that stream as int64 tensors (``sample_mask``: the
+  same windows of the mask). Batches are a pure function of (seed, step): a resumed or repeated run
+  sees exactly the same data.
 
 Importing this module does not import torch.
 """
@@ -39,6 +42,7 @@ from rwkvkit.train.binidx import (  # noqa: F401 (BinIdx and binidx_paths re-exp
     binidx_paths,
     read_binidx,
 )
+from rwkvkit.train.chat_data import first_record_is_chat, load_chat_jsonl
 
 if TYPE_CHECKING:
     import torch
@@ -405,6 +409,25 @@ def load_token_array(
     return tokens
 
 
+def load_training_data(
+    path: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
+    text_key: str = "text",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens, loss mask or None): a chat / instruction ``.jsonl`` (records with ``messages`` or
+    ``prompt`` + ``completion``) gives its mask (:func:`rwkvkit.train.chat_data.load_chat_jsonl`); any
+    other data is :func:`load_token_array` with no mask (every token carries loss)."""
+    path = Path(path)
+    if path.suffix.lower() == ".jsonl" and path.is_file() and first_record_is_chat(path):
+        if tokenizer is None:
+            raise RwkvkitError(f"{path} is text: a tokenizer is needed to turn it into tokens")
+        tokens, mask = load_chat_jsonl(path, _resolve_tokenizer(tokenizer))
+        if tokens.size < 2 or not mask[1:].any():
+            raise RwkvkitError(f"{path} holds too little data to train on ({tokens.size} tokens)")
+        return tokens, mask
+    return load_token_array(path, tokenizer, text_key), None
+
+
 # ---------------------------------------------------------------------------------------------- batches
 
 
@@ -431,17 +454,32 @@ def sample_batch(
     ``rows`` picks rows of the same global batch (for one rank of a distributed run): the result equals
     ``sample_batch(...)[rows]`` without reading the other rows.
     """
-    if tokens.size <= ctx_len + 1:
-        raise RwkvkitError(f"data has {tokens.size} tokens, fewer than ctx_len + 2 = {ctx_len + 2}")
-    rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, tokens.size - ctx_len - 1, size=batch_size)  # (B,) the global batch
-    if rows is not None:
-        starts = starts[rows]
+    starts = _window_starts(tokens.size, step, batch_size, ctx_len, seed, rows)
     windows = np.empty((starts.size, ctx_len + 1), dtype=np.int64)  # (B, T + 1)
     for i, s in enumerate(starts.tolist()):
         windows[i] = tokens[s : s + ctx_len + 1]
     batch = _int64_tensor(windows)
     return batch[:, :-1], batch[:, 1:]
+
+
+def _window_starts(size: int, step: int, batch_size: int, ctx_len: int, seed: int, rows: slice | None):
+    """Where this step's windows start, a function of (seed, step) only."""
+    if size <= ctx_len + 1:
+        raise RwkvkitError(f"data has {size} tokens, fewer than ctx_len + 2 = {ctx_len + 2}")
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, size - ctx_len - 1, size=batch_size)  # (B,) the global batch
+    return starts if rows is None else starts[rows]
+
+
+def sample_mask(
+    mask: np.ndarray, step: int, batch_size: int, ctx_len: int, seed: int, rows: slice | None = None
+) -> torch.Tensor:
+    """The loss mask of :func:`sample_batch`'s targets for the same arguments: (B, T) float32."""
+    import torch  # here, not at the top: `rwkvkit data` runs without importing torch
+
+    starts = _window_starts(mask.size, step, batch_size, ctx_len, seed, rows)
+    windows = np.stack([mask[s + 1 : s + ctx_len + 1] for s in starts.tolist()])  # (B, T) of targets
+    return torch.from_numpy(windows.astype(np.float32))
 
 
 def eval_windows(tokens: np.ndarray, ctx_len: int) -> tuple[torch.Tensor, torch.Tensor]:

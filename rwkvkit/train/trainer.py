@@ -37,7 +37,7 @@ from rwkvkit.tokenizer import load_tokenizer
 from rwkvkit.train import distributed, finetune
 from rwkvkit.train.checkpointing import Checkpointer, ModelParts
 from rwkvkit.train.config import TrainConfig, check_config, config_to_json
-from rwkvkit.train.data import eval_windows, load_token_array, sample_batch
+from rwkvkit.train.data import eval_windows, load_training_data, sample_batch, sample_mask
 from rwkvkit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog
 from rwkvkit.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
 
@@ -49,9 +49,18 @@ def compute_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of the next-token cross-entropy of logits (B, T, V) over targets (B, T) where mask (B, T) is 1."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*T,)
+    return (ce * mask.flatten().to(ce.dtype)).sum()
+
+
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 16) -> float:
-    """Mean cross-entropy (nats per token) over windows x, y (W, T), each from the initial state.
+def evaluate(
+    model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 16, mask: torch.Tensor | None = None
+) -> float:
+    """Mean cross-entropy (nats per token) over windows x, y (W, T), each from the initial state; with
+    ``mask`` (W, T), over the targets it marks only (chat data: the assistant's tokens).
 
     Under several processes every process evaluates all windows through its (DDP or FSDP) module, so
     the collectives of a sharded forward line up and every process gets the same number.
@@ -63,8 +72,13 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 16) -> f
     for start in range(0, x.shape[0], batch_size):
         xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
         logits, _ = model(xb)  # (B, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(), reduction="sum").item()
-        count += yb.numel()
+        if mask is None:
+            total += F.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(), reduction="sum").item()
+            count += yb.numel()
+        else:
+            mb = mask[start : start + batch_size].to(device)  # (B, T)
+            total += masked_loss_sum(logits, yb, mb).item()
+            count += int(mb.sum().item())
     model.train(was_training)
     return total / count
 
@@ -165,6 +179,7 @@ class Trainer:
         self.loss_value = float("nan")  # the last finite training loss
         self.val_loss: float | None = None
         self.val: tuple[torch.Tensor, torch.Tensor] | None = None  # validation windows (W, T)
+        self.val_mask: torch.Tensor | None = None  # which validation targets count (chat data), (W, T)
 
     def __enter__(self) -> Trainer:
         return self
@@ -193,12 +208,14 @@ class Trainer:
         cfg = self.cfg
         tokenizer = load_tokenizer(cfg.tokenizer)
         self.vocab_size = tokenizer.vocab_size
-        self.tokens = load_token_array(cfg.data, tokenizer)
+        self.tokens, self.mask = load_training_data(cfg.data, tokenizer)  # mask: chat data's loss mask
         if cfg.val_data:
-            val_tokens = load_token_array(cfg.val_data, tokenizer)
+            val_tokens, val_mask = load_training_data(cfg.val_data, tokenizer)
             if cfg.eval_tokens:
                 val_tokens = val_tokens[: cfg.eval_tokens + 1]
             self.val = eval_windows(val_tokens, cfg.ctx_len)
+            if val_mask is not None:
+                self.val_mask = eval_windows(val_mask[: val_tokens.size], cfg.ctx_len)[1].float()
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -259,6 +276,8 @@ class Trainer:
         accumulation = self.local_rows // self.micro_rows
         share = self.micro_rows / self.local_rows  # of this process's mean loss (DDP averages processes)
         loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
+        if self.mask is not None:
+            return self.masked_forward_backward()
         for micro in range(accumulation):
             first = world.rank * self.local_rows + micro * self.micro_rows
             rows = slice(first, first + self.micro_rows)
@@ -270,6 +289,39 @@ class Trainer:
                 objective = L2Wrap.apply(loss, logits) if cfg.l2wrap else loss
                 (objective * share).backward()
             loss_sum += loss.detach().double() * share
+        return (distributed.all_reduce_sum(loss_sum, world) / world.world_size).item()
+
+    def masked_forward_backward(self) -> float:
+        """:meth:`forward_backward` for chat data: the loss is the mean over the targets the mask marks in
+        the whole step's batch (every process and micro-batch), so accumulation and processes change
+        nothing; L2Wrap's term keeps its per-row weight as without a mask."""
+        cfg, world, module, autocast = self.cfg, self.world, self.parts.module, self.autocast
+        accumulation = self.local_rows // self.micro_rows
+        share = self.micro_rows / self.local_rows
+        rows = [
+            slice(f, f + self.micro_rows)
+            for f in range(world.rank * self.local_rows, (world.rank + 1) * self.local_rows, self.micro_rows)
+        ]
+        masks = [
+            sample_mask(self.mask, self.step, cfg.batch_size, cfg.ctx_len, cfg.seed, rows=r) for r in rows
+        ]
+        counted = torch.tensor(
+            float(sum(m.sum().item() for m in masks)), dtype=torch.float64, device=world.device
+        )
+        total = distributed.all_reduce_sum(counted, world).item()  # marked targets in the global batch
+        weight = world.world_size / total if total > 0 else float("nan")  # no marked target: skipped
+        loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
+        for micro, (r, mask) in enumerate(zip(rows, masks, strict=True)):
+            x, y = sample_batch(self.tokens, self.step, cfg.batch_size, cfg.ctx_len, cfg.seed, rows=r)
+            x, y, mask = x.to(world.device), y.to(world.device), mask.to(world.device)  # (B, T)
+            with distributed.no_sync(module, sync=micro == accumulation - 1), autocast:
+                logits, _ = module(x)  # (B, T, V)
+                part = masked_loss_sum(logits, y, mask) * weight
+                objective = part
+                if cfg.l2wrap:
+                    objective = part + L2Wrap.apply(torch.zeros((), device=world.device), logits) * share
+                objective.backward()
+            loss_sum += part.detach().double()
         return (distributed.all_reduce_sum(loss_sum, world) / world.world_size).item()
 
     def train_step(self, progress: float) -> tuple[dict, float]:
@@ -307,7 +359,7 @@ class Trainer:
 
     def evaluate(self) -> float:
         """The validation loss now (every process evaluates every window)."""
-        self.val_loss = evaluate(self.parts.module, *self.val, batch_size=self.micro_rows)
+        self.val_loss = evaluate(self.parts.module, *self.val, batch_size=self.micro_rows, mask=self.val_mask)
         return self.val_loss
 
     def save(self, elapsed: float) -> None:
