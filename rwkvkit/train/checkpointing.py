@@ -54,6 +54,17 @@ MUST_MATCH = (
     "lora_dropout",
     "freeze",
     "train_only",
+    "objective",
+    "pack",
+    "seq_len",
+    "state_grad_windows",
+    "dpo_beta",
+    "reward",
+    "group_size",
+    "max_new_tokens",
+    "temperature",
+    "kl_coef",
+    "clip_eps",
     "ctx_len",
     "batch_size",
     "seed",
@@ -101,9 +112,10 @@ def load_training_state(path: Path, config: TrainConfig) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise RwkvkitError(f"{path} is not an rwkvkit training state")
     saved = state["config"]
+    defaults = TrainConfig()  # a setting newer than the saved run had its default there
     known = {f.name for f in fields(TrainConfig)}
     for name in MUST_MATCH:
-        if name in known and saved.get(name) != getattr(config, name):
+        if name in known and saved.get(name, getattr(defaults, name)) != getattr(config, name):
             raise RwkvkitError(
                 f"cannot resume {path}: it was trained with {name}={saved.get(name)!r}, this run has "
                 f"{name}={getattr(config, name)!r}"

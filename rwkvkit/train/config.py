@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rwkvkit.errors import RwkvkitError
+from rwkvkit.train.objective import OBJECTIVE_NAMES
 
 
 @dataclass
@@ -39,6 +40,20 @@ class TrainConfig:
     lora_dropout: float = 0.0
     freeze: list[str] = field(default_factory=list)
     train_only: list[str] = field(default_factory=list)
+    # the objective and how windows are formed
+    objective: str = "lm"
+    pack: bool = False
+    seq_len: int = 0
+    state_grad_windows: int = 1
+    # preference tuning (--objective dpo)
+    dpo_beta: float = 0.1
+    # reinforcement learning with verifiable rewards (--objective grpo)
+    reward: str = ""
+    group_size: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    kl_coef: float = 0.04
+    clip_eps: float = 0.2
     # batches and schedule
     ctx_len: int = 256
     batch_size: int = 16
@@ -89,6 +104,25 @@ FLAG_HELP = {
     "(repeatable)",
     "train_only": "train only parameters whose name matches this glob (repeatable); everything else is "
     "frozen",
+    "objective": "what to optimise: 'lm' (next-token prediction; chat data trains the assistant's tokens "
+    "only), 'dpo' (preference pairs: .jsonl with prompt / chosen / rejected) or 'grpo' (rewards from "
+    "--reward on completions sampled for .jsonl prompts)",
+    "pack": "treat each window as packed documents: the WKV state and the token shifts restart at every "
+    "document start inside a window (the end-of-text id 0 ends a document), as if each ran alone",
+    "seq_len": "infinite-context training: each sequence is this many tokens, run in --ctx-len windows "
+    "with the state (WKV and token shifts) carried from window to window; memory is that of a window "
+    "(0 = off: sequences are one window)",
+    "state_grad_windows": "with --seq-len: the gradient flows through the carried state across this many "
+    "consecutive windows before it is cut (memory grows with it; 1 = cut at every window boundary)",
+    "dpo_beta": "DPO: strength of the implicit KL constraint to the reference model (beta)",
+    "reward": "GRPO: the reward, 'module:function' (a Python function (prompt, completion) -> float; "
+    "module may be a .py path) or a verifier script path (prompt and completion as JSON on stdin, "
+    "the reward printed on stdout)",
+    "group_size": "GRPO: completions sampled per prompt (they share one prefill of the prompt)",
+    "max_new_tokens": "GRPO: most tokens sampled per completion",
+    "temperature": "GRPO: sampling temperature of the rollouts",
+    "kl_coef": "GRPO: weight of the KL penalty to the reference model (0 = none)",
+    "clip_eps": "GRPO: clipping range of the policy ratio (PPO-style)",
     "ctx_len": "training window length in tokens",
     "batch_size": "sequences per optimizer step, summed over all processes",
     "micro_batch_size": "sequences per forward/backward on one process; gradients are accumulated over "
@@ -221,6 +255,7 @@ def check_config(cfg: TrainConfig) -> None:
         if getattr(cfg, name) not in allowed:
             raise RwkvkitError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)}")
     _check_tuning(cfg)
+    _check_objective(cfg)
 
 
 def _flag(name: str) -> str:
@@ -248,6 +283,18 @@ def _check_tuning(cfg: TrainConfig) -> None:
         raise RwkvkitError("--fsdp with --tune lora is not supported; LoRA runs replicate the model (DDP)")
     if cfg.tune != "full" and (cfg.freeze or cfg.train_only):
         raise RwkvkitError(f"--freeze / --train-only apply to --tune full, not to --tune {cfg.tune}")
+
+
+def _check_objective(cfg: TrainConfig) -> None:
+    """The objective and the options of the window forms (packing, infinite context)."""
+    if cfg.objective not in OBJECTIVE_NAMES:
+        raise RwkvkitError(f"--objective must be one of {', '.join(OBJECTIVE_NAMES)}, got {cfg.objective}")
+    if cfg.seq_len < 0 or cfg.state_grad_windows < 1:
+        raise RwkvkitError("--seq-len must be >= 0 and --state-grad-windows >= 1")
+    if cfg.seq_len and cfg.seq_len % cfg.ctx_len:
+        raise RwkvkitError(f"--seq-len {cfg.seq_len} must be a multiple of --ctx-len {cfg.ctx_len}")
+    if cfg.objective != "lm" and (cfg.pack or cfg.seq_len):
+        raise RwkvkitError(f"--pack and --seq-len go with --objective lm, not {cfg.objective}")
 
 
 def config_to_json(cfg: TrainConfig) -> str:

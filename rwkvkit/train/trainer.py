@@ -39,6 +39,7 @@ from rwkvkit.train.checkpointing import Checkpointer, ModelParts
 from rwkvkit.train.config import TrainConfig, check_config, config_to_json
 from rwkvkit.train.data import eval_windows, load_training_data, sample_batch, sample_mask
 from rwkvkit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog
+from rwkvkit.train.objective import StepOutput, make_objective
 from rwkvkit.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
 
 log = logging.getLogger("rwkvkit.train")
@@ -168,6 +169,7 @@ class Trainer:
         check_config(cfg)
         self.cfg = cfg
         self.loss_fn = loss_fn
+        self.objective = make_objective(cfg.objective)  # None: next-token prediction (this module's loop)
         self.out = Path(cfg.out)
         self.world = distributed.setup(cfg.device)
         self.checkpointer = Checkpointer(cfg, self.world)
@@ -200,14 +202,19 @@ class Trainer:
         self._build()
         if saved is not None:
             self._resume(saved)
+        if self.objective is not None:
+            self.objective.setup(self)
         if self.world.is_main:
             self._announce()
         self.metrics.open()
 
     def _load_data(self) -> None:
         cfg = self.cfg
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        self.tokenizer = tokenizer = load_tokenizer(cfg.tokenizer)
         self.vocab_size = tokenizer.vocab_size
+        if self.objective is not None:
+            self.objective.load_data(self)
+            return
         self.tokens, self.mask = load_training_data(cfg.data, tokenizer)  # mask: chat data's loss mask
         if cfg.val_data:
             val_tokens, val_mask = load_training_data(cfg.val_data, tokenizer)
@@ -243,13 +250,13 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "train_config.json").write_text(config_to_json(cfg))
         log.info(
-            "%s %s, %.2fM parameters (%.2fM trained, --tune %s), %d training tokens, %d process(es)%s",
+            "%s %s, %.2fM parameters (%.2fM trained, --tune %s), --objective %s, %d process(es)%s",
             f"resuming at step {self.start_step}:" if self.start_step else "model",
             parts.model.config.describe(),
             sum(p.numel() for p in parts.model.parameters()) / 1e6,
             sum(p.numel() for p in parts.trained.parameters() if p.requires_grad) / 1e6,
             cfg.tune,
-            len(self.tokens),
+            cfg.objective,
             self.world.world_size,
             ", FSDP" if cfg.fsdp and self.world.enabled else "",
         )
@@ -269,6 +276,12 @@ class Trainer:
             if distributed.broadcast_flag(progress >= 1.0, self.world):
                 return None
         return progress
+
+    def step_output(self) -> StepOutput:
+        """The gradients of this step's batch, from the objective (or next-token prediction)."""
+        if self.objective is not None:
+            return self.objective.forward_backward(self)
+        return StepOutput(self.forward_backward(), self.cfg.batch_size * self.cfg.ctx_len)
 
     def forward_backward(self) -> float:
         """Gradients of this step's batch, summed over micro-batches; returns the loss (mean of processes)."""
@@ -332,7 +345,8 @@ class Trainer:
         cfg, optimizer = self.cfg, self.optimizer
         lr = lr_at(self.step, progress, cfg.lr, cfg.lr_final, cfg.warmup_steps)
         set_lr(optimizer, lr)
-        loss = self.forward_backward()
+        out = self.step_output()
+        loss = out.loss
         grad_norm = _clip_gradients(self.parts.trained, cfg.grad_clip)
         self.step += 1
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -343,7 +357,7 @@ class Trainer:
             return {"step": self.step, "skipped": True, "loss": None, "lr": lr}, self.elapsed()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self.tokens_seen += cfg.batch_size * cfg.ctx_len
+        self.tokens_seen += out.tokens
         self.loss_value = loss
         elapsed = self.elapsed()
         entry = {
@@ -351,16 +365,26 @@ class Trainer:
             "loss": round(loss, 6),
             "lr": lr,
             "grad_norm": round(grad_norm, 4),
+            **{name: round(value, 6) for name, value in out.metrics.items()},
             "tokens": self.tokens_seen,
             "tokens_per_s": round(self.tokens_seen / max(elapsed, 1e-9), 1),
             "elapsed_s": round(elapsed, 2),
         }
         return entry, elapsed
 
-    def evaluate(self) -> float:
-        """The validation loss now (every process evaluates every window)."""
-        self.val_loss = evaluate(self.parts.module, *self.val, batch_size=self.micro_rows, mask=self.val_mask)
-        return self.val_loss
+    def has_validation(self) -> bool:
+        return self.val is not None or (self.objective is not None and self.objective.has_validation)
+
+    def evaluate(self) -> dict[str, float]:
+        """The validation metrics now (every process evaluates every window): ``val_loss`` and the
+        objective's own."""
+        if self.objective is not None:
+            metrics = self.objective.evaluate(self)
+        else:
+            module, micro = self.parts.module, self.micro_rows
+            metrics = {"val_loss": evaluate(module, *self.val, batch_size=micro, mask=self.val_mask)}
+        self.val_loss = metrics.get("val_loss", self.val_loss)
+        return {name: round(value, 6) for name, value in metrics.items()}
 
     def save(self, elapsed: float) -> None:
         """model.pth, train_state.pt (and the adapter) at the current step; collective."""
@@ -390,8 +414,8 @@ class Trainer:
                     self.metrics.record(entry)
                     continue
                 self._after_step(entry, elapsed, bar)
-            if self.val is not None and not (self._eval_due() and self.step > self.start_step):
-                self.metrics.record({"step": self.step, "val_loss": round(self.evaluate(), 6)})
+            if self.has_validation() and not (self._eval_due() and self.step > self.start_step):
+                self.metrics.record({"step": self.step, **self.evaluate()})
             elapsed = self.elapsed()
             self.save(elapsed)
         finally:
@@ -417,8 +441,8 @@ class Trainer:
     def _after_step(self, entry: dict, elapsed: float, bar: tqdm) -> None:
         """Evaluate, record, save and plot as due after a completed step; move the progress bar."""
         cfg, step = self.cfg, self.step
-        if self.val is not None and self._eval_due():
-            entry["val_loss"] = round(self.evaluate(), 6)
+        if self.has_validation() and self._eval_due():
+            entry.update(self.evaluate())
         self.metrics.record(entry)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             self.save(elapsed)
@@ -426,7 +450,9 @@ class Trainer:
             self.metrics.plot(self.out / PLOT_FILE)
         bar.update(min(round(elapsed), bar.total) - bar.n if cfg.time_budget > 0 else 1)
         lr, tok_s = f"{entry['lr']:.1e}", f"{entry['tokens_per_s']:,.0f}"
-        bar.set_postfix(step=step, loss=f"{self.loss_value:.3f}", lr=lr, tok_s=tok_s)
+        names = self.objective.bar_metrics if self.objective is not None else ()
+        shown = {name: f"{entry[name]:.3g}" for name in names if name in entry}
+        bar.set_postfix(step=step, loss=f"{self.loss_value:.3f}", **shown, lr=lr, tok_s=tok_s)
 
     def _progress_bar(self) -> tqdm:
         cfg = self.cfg
