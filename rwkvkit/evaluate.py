@@ -21,6 +21,7 @@ scores its requests with them.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer.generate import prefill
 from rwkvkit.state import RWKVState
+from rwkvkit.train.chat_data import iter_chat_records
 
 DEFAULT_CHUNK_LEN = 512
 
@@ -69,7 +71,21 @@ def score_tokens(
     for length, n in zip(lengths, n_scored, strict=True):
         if not 1 <= n < length:
             raise RwkvkitError(f"cannot score {n} tokens of a sequence of {length} (1 to length - 1)")
-    n_pos = max(lengths) - 1  # input positions
+    logp, greedy = _token_logprobs(model, sequences, chunk_len, state)
+    results = []
+    for row, (length, n) in enumerate(zip(lengths, n_scored, strict=True)):
+        span = slice(length - 1 - n, length - 1)
+        results.append((float(logp[row, span].sum()), bool(greedy[row, span].all())))
+    return results
+
+
+def _token_logprobs(
+    model, sequences: list[list[int]], chunk_len: int, state: RWKVState | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(seq[t + 1] | seq[: t + 1]) and whether it is the argmax, for every position of every sequence:
+    (B, T) float64 and bool, T = longest length - 1, right-padded with id 0 (positions past a sequence's
+    end are meaningless). Runs in chunks of ``chunk_len`` with the state carried."""
+    n_pos = max(len(s) for s in sequences) - 1  # input positions
     ids = torch.zeros(len(sequences), n_pos + 1, dtype=torch.long)  # (B, T + 1)
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
@@ -84,11 +100,7 @@ def score_tokens(
         picked = torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, t)
         logp[:, start:end] = picked.double().cpu()
         greedy[:, start:end] = (logits.argmax(dim=-1) == y).cpu()
-    results = []
-    for row, (length, n) in enumerate(zip(lengths, n_scored, strict=True)):
-        span = slice(length - 1 - n, length - 1)
-        results.append((float(logp[row, span].sum()), bool(greedy[row, span].all())))
-    return results
+    return logp, greedy
 
 
 @torch.inference_mode()
@@ -128,8 +140,6 @@ def evaluate_text(
     model, tokenizer, text: str, chunk_len: int = DEFAULT_CHUNK_LEN, eot_prefix: bool = True
 ) -> TextEvaluation:
     """Loss, perplexity and bits per byte of ``model`` on ``text`` (see the module docstring)."""
-    import time
-
     t0 = time.perf_counter()
     ids = tokenizer.encode(text)
     if eot_prefix:
@@ -148,6 +158,65 @@ def evaluate_text(
     loss = nats / n_scored
     return TextEvaluation(
         tokens=n_scored,
+        bytes=n_bytes,
+        loss=loss,
+        perplexity=math.exp(min(loss, 700.0)),
+        bits_per_byte=nats / math.log(2) / max(n_bytes, 1),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+@dataclass
+class ChatEvaluation:
+    records: int
+    tokens: int  # assistant tokens scored (the targets the SFT loss mask marks)
+    bytes: int  # UTF-8 bytes of the scored tokens
+    loss: float  # nats per scored token: the masked loss of rwkvkit train on this data
+    perplexity: float
+    bits_per_byte: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def evaluate_chat(
+    model, tokenizer, path, chunk_len: int = DEFAULT_CHUNK_LEN, batch_size: int = 16
+) -> ChatEvaluation:
+    """The masked loss of a chat ``.jsonl`` file (records with ``messages`` or ``prompt`` + ``completion``,
+    rendered as for SFT, :mod:`rwkvkit.train.chat_data`): each record from the initial state, after the
+    end-of-text id (as after the record before it in training), scoring only the tokens its loss mask
+    marks (the assistant's replies and what ends them)."""
+    t0 = time.perf_counter()
+    records = [(tokens, mask) for _, tokens, mask in iter_chat_records(path, tokenizer)]
+    if not records:
+        raise RwkvkitError(f"{path}: no records")
+    for tokens, _ in records:
+        if tokens.size and int(tokens.max()) >= model.config.vocab_size:
+            raise RwkvkitError(
+                f"the tokenizer gives id {int(tokens.max())}, outside the model's vocabulary of "
+                f"{model.config.vocab_size}; choose the tokenizer the model was trained with"
+            )
+    nats, scored, n_bytes = 0.0, 0, 0
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        sequences = [[tokenizer.eot_id, *tokens.tolist()] for tokens, _ in batch]
+        logp, _ = _token_logprobs(model, sequences, chunk_len, None)  # (B, T)
+        for row, (tokens, mask) in enumerate(batch):
+            marked = torch.from_numpy(mask.astype(bool))  # (n,) which targets of the record count
+            nats -= float(logp[row, : tokens.size][marked].sum())
+            scored += int(marked.sum())
+            text_ids = [
+                t for t, m in zip(tokens.tolist(), mask.tolist(), strict=True) if m and t != tokenizer.eot_id
+            ]
+            n_bytes += len(tokenizer.decode_bytes(text_ids))
+    if scored == 0:
+        raise RwkvkitError(f"{path}: no assistant token to score")
+    loss = nats / scored
+    return ChatEvaluation(
+        records=len(records),
+        tokens=scored,
         bytes=n_bytes,
         loss=loss,
         perplexity=math.exp(min(loss, 700.0)),

@@ -14,13 +14,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cli import assert_one_line_error, run_cli
 from tiny_training import tiny_config
 
 from rwkvkit.errors import RwkvkitError
+from rwkvkit.evaluate import evaluate_chat
 from rwkvkit.infer.chat_format import format_conversation
+from rwkvkit.models import load_model, new_model, save_model
 from rwkvkit.tokenizer import load_tokenizer
+from rwkvkit.train.binidx import read_binidx
 from rwkvkit.train.chat_data import encode_record, load_chat_jsonl
-from rwkvkit.train.data import load_training_data, sample_batch, sample_mask
+from rwkvkit.train.data import load_training_data, prepare_dataset, sample_batch, sample_mask
 from rwkvkit.train.trainer import Trainer, train
 
 CONVERSATION = {
@@ -133,3 +137,85 @@ def test_accumulation_keeps_the_chat_loss_curve(chat_file, tmp_path):
     accumulated = curve(tmp_path / "acc", micro_batch_size=2)
     assert len(whole) == 4 and all(math.isfinite(v) for v in whole)
     assert accumulated == pytest.approx(whole, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- rwkvkit data
+
+
+def test_rwkvkit_data_writes_the_mask_beside_the_binidx_and_train_reads_it(chat_file, tmp_path):
+    prefix = tmp_path / "chat"
+    summary = prepare_dataset([chat_file], prefix, tokenizer="byte", progress=False)
+    assert summary.mask_path == tmp_path / "chat.mask.npy" and summary.documents == 120
+    tokens, mask = load_training_data(prefix, "byte")
+    expected_tokens, expected_mask = load_chat_jsonl(chat_file, load_tokenizer("byte"))
+    assert np.array_equal(np.asarray(tokens), expected_tokens)
+    assert mask is not None and np.array_equal(np.asarray(mask), expected_mask)
+    assert len(read_binidx(prefix)) == 120  # one sequence per record
+    # the same masked loss from the binidx as from the .jsonl
+    losses = []
+    for data in (chat_file, prefix):
+        cfg = tiny_config(data, "", tmp_path / f"run{len(losses)}", n_embd=32, ctx_len=48, steps=1)
+        with Trainer(cfg) as trainer:
+            trainer.setup()
+            losses.append(trainer.forward_backward())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_a_mask_of_other_data_is_refused_and_a_plain_rewrite_removes_it(chat_file, tmp_path):
+    prefix = tmp_path / "chat"
+    prepare_dataset([chat_file], prefix, tokenizer="byte", progress=False)
+    np.save(tmp_path / "chat.mask.npy", np.ones(5, dtype=np.uint8))
+    with pytest.raises(RwkvkitError, match="chat.mask.npy: a loss mask of 5 .* written for other data"):
+        load_training_data(prefix, "byte")
+    text = tmp_path / "plain.txt"
+    text.write_text("plain text, no chat here. " * 20)
+    summary = prepare_dataset([text], prefix, tokenizer="byte", progress=False)
+    assert summary.mask_path is None and not (tmp_path / "chat.mask.npy").exists()
+    assert load_training_data(prefix, "byte")[1] is None
+
+
+def test_chat_and_plain_inputs_are_not_mixed(chat_file, tmp_path):
+    text = tmp_path / "plain.jsonl"
+    text.write_text(json.dumps({"text": "a document"}) + "\n")
+    with pytest.raises(RwkvkitError, match="plain.jsonl is not chat data"):
+        prepare_dataset([chat_file, text], tmp_path / "mixed", tokenizer="byte", progress=False)
+    assert not list(tmp_path.glob("mixed*"))
+
+
+# ---------------------------------------------------------------------------------------------- rwkvkit eval
+
+
+def test_eval_of_chat_data_is_the_masked_loss_of_each_record(chat_file):
+    torch.manual_seed(0)
+    model = new_model("7", 2, 32, 256, 16).eval()
+    tok = load_tokenizer("byte")
+    result = evaluate_chat(model, tok, chat_file, chunk_len=7, batch_size=5)
+    # by hand: each record after id 0, one forward, cross-entropy of the marked targets
+    nats, count = 0.0, 0
+    for line in chat_file.read_text().splitlines():
+        ids, mask = encode_record(tok, json.loads(line), "r")
+        x = torch.tensor([[0, *ids[:-1].tolist()]])
+        with torch.no_grad():
+            logits, _ = model(x)
+        ce = F.cross_entropy(logits[0].double(), torch.from_numpy(ids), reduction="none")
+        nats += float(ce[torch.from_numpy(mask.astype(bool))].sum())
+        count += int(mask.sum())
+    assert result.records == 120 and result.tokens == count
+    assert result.loss == pytest.approx(nats / count, rel=1e-5)
+
+
+def test_rwkvkit_eval_reports_the_masked_loss(chat_file, tmp_path, capsys):
+    torch.manual_seed(0)
+    model_path = tmp_path / "m.pth"
+    save_model(new_model("7", 2, 32, 256, 16), model_path)
+    code, out, _ = run_cli(capsys, "eval", model_path, "--text", chat_file, "--tokenizer", "byte", "--json")
+    assert code == 0
+    report = json.loads(out)
+    expected = evaluate_chat(load_model(model_path), load_tokenizer("byte"), chat_file)
+    assert report["masked"] and report["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        chat_file.read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "hi", "completion": ""})
+    )
+    code, _, err = run_cli(capsys, "eval", model_path, "--text", bad, "--tokenizer", "byte")
+    assert_one_line_error(code, err, "bad.jsonl: line 2", "completion is empty")

@@ -16,8 +16,10 @@ DESCRIPTION = (
     "the uint16 token ids of every document, each followed by the end-of-text id 0, and OUT_PREFIX.idx "
     "the index. Inputs: .txt (the whole file is one document), .jsonl (one JSON object per line; the "
     "--text-key field is the document) and .parquet (the --text-key column, one document per row; needs "
-    "pyarrow). Documents keep their input order whatever the number of workers. The files appear only "
-    "once everything succeeded."
+    "pyarrow). Chat / instruction .jsonl (records with 'messages' or 'prompt' + 'completion') is rendered "
+    "with the World chat format, one sequence per record, and its loss mask (1 on the assistant's tokens) "
+    "goes beside the pair in OUT_PREFIX.mask.npy, which rwkvkit train reads with it. Documents keep their "
+    "input order whatever the number of workers. The files appear only once everything succeeded."
 )
 
 
@@ -76,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
         text_key=args.text_key,
         progress=args.progress,
     )
+    what = "chat records" if summary.mask_path else "documents"
+    mask = f" and the loss mask {summary.mask_path}" if summary.mask_path else ""
     print(
-        f"{summary.documents:,} documents, {summary.tokens:,} tokens in {summary.seconds:.1f}s "
-        f"({summary.tokens_per_second:,.0f} tokens/s): wrote {summary.bin_path} and {summary.idx_path}"
+        f"{summary.documents:,} {what}, {summary.tokens:,} tokens in {summary.seconds:.1f}s "
+        f"({summary.tokens_per_second:,.0f} tokens/s): wrote {summary.bin_path}, {summary.idx_path}{mask}"
     )
     return 0

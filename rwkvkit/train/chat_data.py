@@ -15,6 +15,8 @@ Each segment is tokenized on its own, so a mask boundary is always a token bound
 The stream is the records one after another (each ending with id 0) with a uint8 mask of the same
 length: ``mask[i] = 1`` when token ``i`` is a target that carries loss. A bad record (no messages, an
 unknown role, an empty message, no assistant reply, an empty completion) is an error naming its line.
+``rwkvkit data`` writes such files as a binidx pair (one sequence per record) with the mask beside it in
+``PREFIX.mask.npy``, which training reads with the pair.
 
 Importing this module does not import torch.
 """
@@ -22,15 +24,21 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer.chat_format import ROLES, normalize_message
+from rwkvkit.train.binidx import BinIdxWriter, binidx_paths
 
 EOT_ID = 0  # as rwkvkit.train.data.EOT_ID
 TURN_SEPARATOR = "\n\n"
+MASK_SUFFIX = ".mask.npy"
 
 
 def is_chat_record(record: dict) -> bool:
@@ -97,11 +105,12 @@ def encode_record(tokenizer, record: dict, where: str) -> tuple[np.ndarray, np.n
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
 
 
-def load_chat_jsonl(path: str | Path, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """The token stream and loss mask of a chat ``.jsonl`` file (every record must be chat data)."""
+def iter_chat_records(path: str | Path, tokenizer) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(where, token ids, mask) of each record of a chat ``.jsonl`` file, in order (every record must be
+    chat data; a bad one is an error naming its line)."""
     path = Path(path)
-    ids: list[np.ndarray] = []
-    masks: list[np.ndarray] = []
+    if not path.is_file():
+        raise RwkvkitError(f"no such data file: {path}")
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}: line {line_no}"
@@ -120,11 +129,77 @@ def load_chat_jsonl(path: str | Path, tokenizer) -> tuple[np.ndarray, np.ndarray
                     f"{where}: not a chat record (expected 'messages' or 'prompt' + 'completion')"
                 )
             tokens, mask = encode_record(tokenizer, record, where)
-            ids.append(tokens)
-            masks.append(mask)
+            yield where, tokens, mask
+
+
+def load_chat_jsonl(path: str | Path, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """The token stream and loss mask of a chat ``.jsonl`` file (every record must be chat data)."""
+    ids: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    for _, tokens, mask in iter_chat_records(path, tokenizer):
+        ids.append(tokens)
+        masks.append(mask)
     if not ids:
         raise RwkvkitError(f"{path}: no records")
     return np.concatenate(ids), np.concatenate(masks)
+
+
+# ---------------------------------------------------------------------------------------------- binidx + mask
+
+
+def mask_path(prefix: str | os.PathLike[str]) -> Path:
+    """The loss-mask file that goes with a binidx prefix: ``PREFIX.mask.npy`` (uint8, one per token)."""
+    bin_path, _ = binidx_paths(prefix)
+    return bin_path.with_name(bin_path.name[: -len(".bin")] + MASK_SUFFIX)
+
+
+def write_chat_dataset(
+    paths: list[Path], output_prefix: str | os.PathLike[str], tokenizer, progress: bool = True
+) -> tuple[int, int, Path]:
+    """Tokenize chat ``.jsonl`` files into a binidx pair (one sequence per record, ending with id 0) and
+    its loss mask ``PREFIX.mask.npy``; returns (records, tokens, mask path). All three files appear only
+    when everything succeeded."""
+    target = mask_path(output_prefix)
+    masks: list[np.ndarray] = []
+    bar = tqdm(desc="tokenizing", unit="record", disable=not progress, dynamic_ncols=True)
+    try:
+        with BinIdxWriter(output_prefix, np.uint16) as writer:
+            for path in paths:
+                for _, tokens, mask in iter_chat_records(path, tokenizer):
+                    writer.add_document(tokens)
+                    masks.append(mask)
+                    bar.update(1)
+            if not masks:
+                raise RwkvkitError(f"no records found in {', '.join(str(p) for p in paths)}")
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, np.concatenate(masks), allow_pickle=False)
+                os.replace(tmp, target)  # before the binidx pair appears: a pair never lacks its mask
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    finally:
+        bar.close()
+    return writer.documents, sum(m.size for m in masks), target
+
+
+def read_mask(prefix: str | os.PathLike[str], n_tokens: int) -> np.ndarray | None:
+    """The loss mask beside a binidx prefix (memory-mapped), None when it has none; checked against the
+    number of tokens of the binidx."""
+    path = mask_path(prefix)
+    if not path.is_file():
+        return None
+    try:
+        mask = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise RwkvkitError(f"{path}: not a readable loss mask ({' '.join(str(e).split())})") from None
+    if mask.ndim != 1 or mask.dtype != np.uint8 or mask.size != n_tokens:
+        raise RwkvkitError(
+            f"{path}: a loss mask of {mask.size} {mask.dtype} entries, but the binidx holds {n_tokens} "
+            "tokens: it was written for other data (write both again with rwkvkit data)"
+        )
+    return mask
 
 
 def first_record_is_chat(path: str | Path) -> bool:

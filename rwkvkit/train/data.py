@@ -42,7 +42,13 @@ from rwkvkit.train.binidx import (  # noqa: F401 (BinIdx and binidx_paths re-exp
     binidx_paths,
     read_binidx,
 )
-from rwkvkit.train.chat_data import first_record_is_chat, load_chat_jsonl
+from rwkvkit.train.chat_data import (
+    first_record_is_chat,
+    load_chat_jsonl,
+    mask_path,
+    read_mask,
+    write_chat_dataset,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -186,6 +192,7 @@ class PrepareSummary:
     seconds: float
     bin_path: Path
     idx_path: Path
+    mask_path: Path | None = None  # chat data: the loss mask beside the pair
 
     @property
     def tokens_per_second(self) -> float:
@@ -299,6 +306,12 @@ def prepare_dataset(
             "(ids 0..65535)"
         )
     spec = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else tok
+    chat = [p.suffix.lower() == ".jsonl" and first_record_is_chat(p) for p in paths]
+    if any(chat):
+        if not all(chat):
+            plain = paths[chat.index(False)]
+            raise RwkvkitError(f"{plain} is not chat data, but other inputs are: write them apart")
+        return _prepare_chat_dataset(paths, output_prefix, tok, progress)
 
     start = time.perf_counter()
     n_tokens = 0
@@ -325,6 +338,7 @@ def prepare_dataset(
         if pool is not None:
             pool.terminate()
             pool.join()
+    mask_path(output_prefix).unlink(missing_ok=True)  # a chat dataset's mask left at this prefix earlier
     return PrepareSummary(
         documents=writer.documents,
         tokens=n_tokens,
@@ -332,6 +346,17 @@ def prepare_dataset(
         bin_path=writer.bin_path,
         idx_path=writer.idx_path,
     )
+
+
+def _prepare_chat_dataset(
+    paths: list[Path], output_prefix: str | os.PathLike[str], tokenizer: Tokenizer, progress: bool
+) -> PrepareSummary:
+    """:func:`prepare_dataset` of chat ``.jsonl`` files: one sequence per record and the loss mask beside
+    the pair (:func:`rwkvkit.train.chat_data.write_chat_dataset`)."""
+    start = time.perf_counter()
+    records, tokens, written_mask = write_chat_dataset(paths, output_prefix, tokenizer, progress)
+    bin_path, idx_path = binidx_paths(output_prefix)
+    return PrepareSummary(records, tokens, time.perf_counter() - start, bin_path, idx_path, written_mask)
 
 
 # ---------------------------------------------------------------------------------------------- token stream
@@ -416,7 +441,8 @@ def load_training_data(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(tokens, loss mask or None): a chat / instruction ``.jsonl`` (records with ``messages`` or
     ``prompt`` + ``completion``) gives its mask (:func:`rwkvkit.train.chat_data.load_chat_jsonl`); any
-    other data is :func:`load_token_array` with no mask (every token carries loss)."""
+    binidx prefix with a ``PREFIX.mask.npy`` beside it (chat data written by ``rwkvkit data``) gives that
+    mask; any other data is :func:`load_token_array` with no mask (every token carries loss)."""
     path = Path(path)
     if path.suffix.lower() == ".jsonl" and path.is_file() and first_record_is_chat(path):
         if tokenizer is None:
@@ -425,7 +451,13 @@ def load_training_data(
         if tokens.size < 2 or not mask[1:].any():
             raise RwkvkitError(f"{path} holds too little data to train on ({tokens.size} tokens)")
         return tokens, mask
-    return load_token_array(path, tokenizer, text_key), None
+    tokens = load_token_array(path, tokenizer, text_key)
+    if path.suffix.lower() in BINIDX_SUFFIXES or _is_binidx_prefix(path):
+        mask = read_mask(path, tokens.size)  # written by rwkvkit data for chat data
+        if mask is not None and not mask[1:].any():
+            raise RwkvkitError(f"{mask_path(path)} marks no token to train on")
+        return tokens, mask
+    return tokens, None
 
 
 # ---------------------------------------------------------------------------------------------- batches
