@@ -112,22 +112,24 @@ class Block(nn.Module):
         v_first: torch.Tensor | None,
         dtype: torch.dtype,
         wkv_out: torch.Tensor | None = None,
+        resets: torch.Tensor | None = None,
     ) -> BlockOutput:
         """x (B, T, C) residual -> the new residual and this layer's new state (:class:`BlockOutput`).
 
         Layer 0 applies ln0 first. ``wkv_state`` None means a fresh sequence (:meth:`initial_wkv`). The
-        new wkv state is written into ``wkv_out`` when given. Parameters are only read in here, so the
-        block can be a shard unit of FSDP.
+        new wkv state is written into ``wkv_out`` when given; ``resets`` (B, T) marks packed sequences
+        (see :meth:`RWKVModel.forward`). Parameters are only read in here, so the block can be a shard
+        unit of FSDP.
         """
         if hasattr(self, "ln0"):
             x = layer_norm(self.ln0, x, torch.float32)  # the residual stream, fp32
         if wkv_state is None:
             wkv_state = self.initial_wkv(x.shape[0], x.device)
         xa = layer_norm(self.ln1, x, dtype)
-        out, wkv_state, v_first = self.att(xa, att_shift, wkv_state, v_first, wkv_out)
+        out, wkv_state, v_first = self.att(xa, att_shift, wkv_state, v_first, wkv_out, resets)
         x = x + out.float() / self.att.output_scale
         xf = layer_norm(self.ln2, x, dtype)
-        x = x + self.ffn(xf, ffn_shift).float() / self.ffn.output_scale
+        x = x + self.ffn(xf, ffn_shift, resets).float() / self.ffn.output_scale
         return BlockOutput(x, xa[:, -1], wkv_state, xf[:, -1], v_first)
 
 
@@ -228,14 +230,24 @@ class RWKVModel(nn.Module):
             raise RwkvkitError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
     def forward(
-        self, tokens: torch.Tensor, state: RWKVState | None = None, *, last_only: bool = False
+        self,
+        tokens: torch.Tensor,
+        state: RWKVState | None = None,
+        *,
+        last_only: bool = False,
+        resets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RWKVState]:
         """Run tokens (B, T) from ``state`` (the initial state if None). Returns (logits, new state).
 
         logits is float32 (B, T, V), or (B, 1, V) for the last position only when ``last_only``.
+        ``resets`` (B, T) bool: packed rows of fresh sequences (``state`` None); each True position starts
+        a new document from the initial state (WKV state and token shifts), so every document comes out
+        as if it ran alone; the returned state is that of each row's last document.
         """
         self.check_tokens(tokens)
         B, T = tokens.shape
+        if resets is not None:
+            self._check_resets(resets, tokens, state)
         dtype, L = self.dtype, self.config.n_layer
         if state is None:  # fresh sequences: zero shifts; each block makes its initial wkv state
             zeros = torch.zeros(L, B, self.config.n_embd, device=self.device, dtype=dtype)
@@ -256,7 +268,7 @@ class RWKVModel(nn.Module):
         x = self.emb(tokens.to(self.device, torch.long))  # (B, T, C)
         threads = _one_torch_thread() if decoding and B == 1 and _blas_matvecs(self) else nullcontext()
         with threads:
-            x, new_state = self._run_blocks(x, layer_states, dtype, write_in_place=decoding)
+            x, new_state = self._run_blocks(x, layer_states, dtype, write_in_place=decoding, resets=resets)
             if last_only:
                 x = x[:, -1:]
             logits = blas.linear(self.head, layer_norm(self.ln_out, x, dtype)).float()  # (B, T, V)
@@ -276,7 +288,23 @@ class RWKVModel(nn.Module):
         x, new_state = self._run_blocks(x, layer_states, self.dtype, write_in_place=False)
         return layer_norm(self.ln_out, x, self.dtype), new_state
 
-    def _run_blocks(self, x: torch.Tensor, layer_states, dtype: torch.dtype, write_in_place: bool):
+    def _check_resets(self, resets: torch.Tensor, tokens: torch.Tensor, state: RWKVState | None) -> None:
+        if not isinstance(resets, torch.Tensor) or resets.dtype != torch.bool or resets.shape != tokens.shape:
+            got = tuple(resets.shape) if isinstance(resets, torch.Tensor) else type(resets).__name__
+            raise RwkvkitError(
+                f"resets must be a bool tensor shaped like the tokens {tuple(tokens.shape)}, got {got}"
+            )
+        if state is not None:
+            raise RwkvkitError("resets (packed sequences) start every document fresh: pass state=None")
+
+    def _run_blocks(
+        self,
+        x: torch.Tensor,
+        layer_states,
+        dtype: torch.dtype,
+        write_in_place: bool,
+        resets: torch.Tensor | None = None,
+    ):
         """The layers: (x after the last block, the new state). ``write_in_place``: the blocks write
         their new wkv states into one preallocated next state (no stacking copy)."""
         att_shift, wkv_states, ffn_shift = [], [], []
@@ -287,12 +315,16 @@ class RWKVModel(nn.Module):
             if write_in_place
             else None
         )
+        if resets is not None:
+            resets = resets.to(x.device)
         for i, (block, (att_i, wkv_i, ffn_i)) in enumerate(zip(self.blocks, layer_states, strict=True)):
             layer_inputs = (x, att_i, wkv_i, ffn_i, v_first, dtype)
             if recompute:  # keep only the block inputs; recompute the rest in the backward
-                out = torch.utils.checkpoint.checkpoint(block, *layer_inputs, use_reentrant=False)
+                out = torch.utils.checkpoint.checkpoint(
+                    block, *layer_inputs, None, resets, use_reentrant=False
+                )
             else:
-                out = block(*layer_inputs, None if wkv_next is None else wkv_next[i])
+                out = block(*layer_inputs, None if wkv_next is None else wkv_next[i], resets)
             x, v_first = out.x, out.v_first
             att_shift.append(out.att_shift)
             wkv_states.append(out.wkv_state)

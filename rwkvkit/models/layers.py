@@ -37,11 +37,15 @@ def channel_mix_key_scale(layer_id: int) -> float:
     return 2.0 ** -math.ceil((layer_id // RESCALE_EVERY) / 2)
 
 
-def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """x_prev: x shifted one step back in time, with ``prev`` (B, C) as the token before x[:, 0]."""
+def token_shift(x: torch.Tensor, prev: torch.Tensor, resets: torch.Tensor | None = None) -> torch.Tensor:
+    """x_prev: x shifted one step back in time, with ``prev`` (B, C) as the token before x[:, 0]; zeros
+    (a fresh sequence's shift) where ``resets`` (B, T) marks the start of a packed sequence."""
     if x.shape[1] == 1:
         return prev.unsqueeze(1)  # (B, 1, C), no copy
-    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)  # (B, T, C)
+    x_prev = torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)  # (B, T, C)
+    if resets is not None:
+        x_prev = x_prev.masked_fill(resets.unsqueeze(-1), 0.0)
+    return x_prev
 
 
 def lerp_shift(x: torch.Tensor, x_prev: torch.Tensor, time_mix: torch.Tensor) -> torch.Tensor:
@@ -96,39 +100,60 @@ def _into(out: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
 
 
 def run_wkv4(
-    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: Tensor, out: Tensor | None = None
+    w: Tensor,
+    u: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Tensor,
+    out: Tensor | None = None,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """WKV-4 for k, v (B, T, A) fp32 from state (B, 3, A) (aa, bb, pp): (y (B, T, A), new state), the new
-    state written into ``out`` when given."""
+    state written into ``out`` when given. ``resets`` (B, T): packed rows (:mod:`rwkvkit.wkv.varlen`)."""
     if one_decode_token(k):
         y, state = wkv4_step(w, u, k[:, 0], v[:, 0], state, out=out)
         return y.unsqueeze(1), state
-    y, (aa, bb, pp) = wkv4(w, u, k, v, state.unbind(1))
+    y, (aa, bb, pp) = wkv4(w, u, k, v, state.unbind(1), resets=resets)
     return y, _into(out, torch.stack((aa, bb, pp), dim=1))
 
 
 def run_wkv6(
-    r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor, out: Tensor | None = None
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    u: Tensor,
+    state: Tensor,
+    out: Tensor | None = None,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """WKV-5/6 for r, w, k, v (B, T, H, N) fp32, u (H, N), state (B, H, N, N): (y (B, T, H, N), new
-    state), the new state written into ``out`` when given."""
+    state), the new state written into ``out`` when given. ``resets`` (B, T): packed rows."""
     if one_decode_token(r):
         y, state = wkv6_step(r[:, 0], w[:, 0], k[:, 0], v[:, 0], u, state, out)
         return y.unsqueeze(1), state
-    y, state = wkv6(r, w, k, v, u, state)
+    y, state = wkv6(r, w, k, v, u, state, resets=resets)
     return y, _into(out, state)
 
 
 def run_wkv7(
-    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor, out: Tensor | None = None
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    state: Tensor,
+    out: Tensor | None = None,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """WKV-7 for r, w, k, v, a, b (B, T, H, N) (w fp32), state (B, H, N, N): (y (B, T, H, N) fp32, new
-    state), the new state written into ``out`` when given."""
+    state), the new state written into ``out`` when given. ``resets`` (B, T): packed rows."""
     if one_decode_token(r):
         step = (t[:, 0].float() for t in (r, w, k, v, a, b))
         y, state = wkv7_step(*step, state, out)
         return y.unsqueeze(1), state
-    y, state = wkv7(r.float(), w, k, v, a, b, state)
+    y, state = wkv7(r.float(), w, k, v, a, b, state, resets=resets)
     return y, _into(out, state)
 
 
@@ -161,9 +186,11 @@ class SquaredReluChannelMix(nn.Module):
         """(xk, xr) from x and x_prev (B, T, C); xr None without receptance."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C), shift (B, C) -> out (B, T, C) (times ``output_scale``)."""
-        xk, xr = self.shifted(x, token_shift(x, shift))
+    def forward(
+        self, x: torch.Tensor, shift: torch.Tensor, resets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, C), shift (B, C) -> out (B, T, C) (times ``output_scale``); resets (B, T): packed rows."""
+        xk, xr = self.shifted(x, token_shift(x, shift, resets))
         # in place on the projection's fresh output (saves two (B, T, F) tensors; autograd-safe: the
         # product keeps no output, and relu's output, which it keeps, is not written afterwards)
         k = torch.relu_(linear(self.key, xk).mul_(self.key_scale))  # (B, T, F)
@@ -219,6 +246,7 @@ class MatrixStateTimeMix(nn.Module):
         log_decay: Tensor,
         wkv_state: Tensor,
         wkv_out: Tensor | None = None,
+        resets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The token-shifted inputs x{r,k,v,g} (B, T, C) and the log-decay (B, T, H, N): project r, k, v
         and the gate, run the WKV, normalise per head, gate and project out. Returns (out, new state)."""
@@ -228,6 +256,6 @@ class MatrixStateTimeMix(nn.Module):
         k = linear(self.key, xk).float().view(B, T, H, N)
         v = linear(self.value, xv).float().view(B, T, H, N)
         g = F.silu(linear(self.gate, xg))  # (B, T, C)
-        y, wkv_state = run_wkv6(r, log_decay, k, v, self.time_faaaa.float(), wkv_state, wkv_out)
+        y, wkv_state = run_wkv6(r, log_decay, k, v, self.time_faaaa.float(), wkv_state, wkv_out, resets)
         y = group_norm(self.ln_x, y.reshape(B, T, C), xr.dtype)
         return linear(self.output, y * g * self.output_scale), wkv_state

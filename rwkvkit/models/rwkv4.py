@@ -53,15 +53,21 @@ class TimeMix(nn.Module):
         self.output_scale = time_mix_output_scale(layer_id)
 
     def forward(
-        self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: None, wkv_out: Tensor | None = None
+        self,
+        x: Tensor,
+        shift: Tensor,
+        wkv_state: Tensor,
+        v_first: None,
+        wkv_out: Tensor | None = None,
+        resets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, None]:
         """x (B, T, C); shift (B, C); wkv_state (B, 3, A) fp32 (aa, bb, pp) -> (out, new state, None)."""
-        x_prev = token_shift(x, shift)  # (B, T, C)
+        x_prev = token_shift(x, shift, resets)  # (B, T, C)
         k = linear(self.key, lerp_shift(x, x_prev, self.time_mix_k)).float()  # (B, T, A)
         v = linear(self.value, lerp_shift(x, x_prev, self.time_mix_v)).float()
         r = torch.sigmoid(linear(self.receptance, lerp_shift(x, x_prev, self.time_mix_r)))
         log_decay = -torch.exp(self.time_decay.float())  # (A,)
-        y, wkv_state = run_wkv4(log_decay, self.time_first.float(), k, v, wkv_state, wkv_out)
+        y, wkv_state = run_wkv4(log_decay, self.time_first.float(), k, v, wkv_state, wkv_out, resets)
         return linear(self.output, r * y.to(r.dtype) * self.output_scale), wkv_state, v_first
 
 

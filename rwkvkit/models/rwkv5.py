@@ -49,11 +49,17 @@ class TimeMix(MatrixStateTimeMix):
         self.time_decay = head_params(config)
 
     def forward(
-        self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: None, wkv_out: Tensor | None = None
+        self,
+        x: Tensor,
+        shift: Tensor,
+        wkv_state: Tensor,
+        v_first: None,
+        wkv_out: Tensor | None = None,
+        resets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, None]:
         """x (B, T, C); shift (B, C); wkv_state (B, H, N, N) fp32 [value, key] -> (out, state, None)."""
         B, T, _ = x.shape
-        x_prev = token_shift(x, shift)  # (B, T, C)
+        x_prev = token_shift(x, shift, resets)  # (B, T, C)
         log_decay = (-torch.exp(self.time_decay.float())).expand(B, T, self.n_head, self.head_size)
         out, wkv_state = self.project_wkv_output(
             lerp_shift(x, x_prev, self.time_mix_r),
@@ -63,6 +69,7 @@ class TimeMix(MatrixStateTimeMix):
             log_decay,  # constant in time
             wkv_state,
             wkv_out,
+            resets,
         )
         return out, wkv_state, v_first
 

@@ -48,11 +48,17 @@ class TimeMix(MatrixStateTimeMix):
         self.time_decay_w2 = nn.Parameter(torch.zeros(Dd, C))
 
     def forward(
-        self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: None, wkv_out: Tensor | None = None
+        self,
+        x: Tensor,
+        shift: Tensor,
+        wkv_state: Tensor,
+        v_first: None,
+        wkv_out: Tensor | None = None,
+        resets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, None]:
         """x (B, T, C); shift (B, C); wkv_state (B, H, N, N) fp32 [value, key] -> (out, state, None)."""
         B, T, C = x.shape
-        xx = token_shift(x, shift) - x  # (B, T, C)
+        xx = token_shift(x, shift, resets) - x  # (B, T, C)
         xxx = torch.addcmul(x, xx, self.time_maa_x)
         m = torch.tanh(matmul(xxx, self.time_maa_w1)).view(B * T, 5, -1).transpose(0, 1)  # (5, B*T, D)
         mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).view(5, B, T, C).unbind(0)
@@ -67,6 +73,7 @@ class TimeMix(MatrixStateTimeMix):
             log_decay,
             wkv_state,
             wkv_out,
+            resets,
         )
         return out, wkv_state, v_first
 

@@ -76,12 +76,14 @@ class TimeMix(nn.Module):
         wkv_state: Tensor,
         v_first: Tensor | None,
         wkv_out: Tensor | None = None,
+        resets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, C) normalised input; shift (B, C); wkv_state (B, H, N, N) fp32; v_first (B, T, C)
-        (None in layer 0, which makes it). Returns (out (B, T, C), new wkv_state, v_first)."""
+        (None in layer 0, which makes it); resets (B, T) bool: packed rows (see RWKVModel.forward). Returns
+        (out (B, T, C), new wkv_state, v_first)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, shift) - x  # (B, T, C)
+        xx = token_shift(x, shift, resets) - x  # (B, T, C)
         mixes = torch.cat((self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)).unsqueeze(1)
         xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, mixes).unbind(0)  # (6, 1, 1, C) -> each (B, T, C)
 
@@ -102,7 +104,9 @@ class TimeMix(nn.Module):
             return t.view(B, T, H, N)
 
         rh, kh, vh = heads(r), heads(k), heads(v)
-        y, wkv_state = run_wkv7(rh, heads(log_decay), kh, vh, -kk, kk * heads(iclr), wkv_state, wkv_out)
+        y, wkv_state = run_wkv7(
+            rh, heads(log_decay), kh, vh, -kk, kk * heads(iclr), wkv_state, wkv_out, resets
+        )
         y = group_norm(self.ln_x, y.reshape(B, T, C), x.dtype)  # y (B, T, H, N) fp32 -> (B, T, C)
         bonus = (rh * kh * self.r_k).sum(dim=-1, keepdim=True) * vh  # (B, T, H, N)
         y = y + bonus.view(B, T, C)

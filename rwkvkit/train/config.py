@@ -107,8 +107,9 @@ FLAG_HELP = {
     "objective": "what to optimise: 'lm' (next-token prediction; chat data trains the assistant's tokens "
     "only), 'dpo' (preference pairs: .jsonl with prompt / chosen / rejected) or 'grpo' (rewards from "
     "--reward on completions sampled for .jsonl prompts)",
-    "pack": "treat each window as packed documents: the WKV state and the token shifts restart at every "
-    "document start inside a window (the end-of-text id 0 ends a document), as if each ran alone",
+    "pack": "treat each window as packed documents: at every end-of-text id 0 (which rwkvkit data writes "
+    "after each document) the WKV state and the token shifts restart, so the 0 begins the next document "
+    "and each document trains as if it ran alone",
     "seq_len": "infinite-context training: each sequence is this many tokens, run in --ctx-len windows "
     "with the state (WKV and token shifts) carried from window to window; memory is that of a window "
     "(0 = off: sequences are one window)",
@@ -295,6 +296,10 @@ def _check_objective(cfg: TrainConfig) -> None:
         raise RwkvkitError(f"--seq-len {cfg.seq_len} must be a multiple of --ctx-len {cfg.ctx_len}")
     if cfg.objective != "lm" and (cfg.pack or cfg.seq_len):
         raise RwkvkitError(f"--pack and --seq-len go with --objective lm, not {cfg.objective}")
+    if cfg.pack and cfg.seq_len:
+        raise RwkvkitError(
+            "--pack restarts the state inside a window and --seq-len carries it across: choose one"
+        )
 
 
 def config_to_json(cfg: TrainConfig) -> str:

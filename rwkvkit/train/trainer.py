@@ -37,7 +37,7 @@ from rwkvkit.tokenizer import load_tokenizer
 from rwkvkit.train import distributed, finetune
 from rwkvkit.train.checkpointing import Checkpointer, ModelParts
 from rwkvkit.train.config import TrainConfig, check_config, config_to_json
-from rwkvkit.train.data import eval_windows, load_training_data, sample_batch, sample_mask
+from rwkvkit.train.data import EOT_ID, eval_windows, load_training_data, sample_batch, sample_mask
 from rwkvkit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog
 from rwkvkit.train.objective import StepOutput, make_objective
 from rwkvkit.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
@@ -57,11 +57,23 @@ def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
 
 
 @torch.no_grad()
+def pack_resets(x: torch.Tensor) -> torch.Tensor:
+    """Where the packed documents of windows x (B, T) start (``--pack``): at every end-of-text id, which
+    ends one document and begins the next (the model's ``resets``)."""
+    return x == EOT_ID
+
+
 def evaluate(
-    model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 16, mask: torch.Tensor | None = None
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 16,
+    mask: torch.Tensor | None = None,
+    pack: bool = False,
 ) -> float:
     """Mean cross-entropy (nats per token) over windows x, y (W, T), each from the initial state; with
-    ``mask`` (W, T), over the targets it marks only (chat data: the assistant's tokens).
+    ``mask`` (W, T), over the targets it marks only (chat data: the assistant's tokens); with ``pack``,
+    each document in a window from the initial state (:func:`pack_resets`).
 
     Under several processes every process evaluates all windows through its (DDP or FSDP) module, so
     the collectives of a sharded forward line up and every process gets the same number.
@@ -72,7 +84,7 @@ def evaluate(
     total, count = 0.0, 0
     for start in range(0, x.shape[0], batch_size):
         xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
-        logits, _ = model(xb)  # (B, T, V)
+        logits, _ = model(xb, resets=pack_resets(xb) if pack else None)  # (B, T, V)
         if mask is None:
             total += F.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(), reduction="sum").item()
             count += yb.numel()
@@ -283,6 +295,10 @@ class Trainer:
             return self.objective.forward_backward(self)
         return StepOutput(self.forward_backward(), self.cfg.batch_size * self.cfg.ctx_len)
 
+    def resets(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The document starts of windows x (B, T) under ``--pack`` (None without it)."""
+        return pack_resets(x) if self.cfg.pack else None
+
     def forward_backward(self) -> float:
         """Gradients of this step's batch, summed over micro-batches; returns the loss (mean of processes)."""
         cfg, world, module, autocast = self.cfg, self.world, self.parts.module, self.autocast
@@ -297,7 +313,7 @@ class Trainer:
             x, y = sample_batch(self.tokens, self.step, cfg.batch_size, cfg.ctx_len, cfg.seed, rows=rows)
             x, y = x.to(world.device), y.to(world.device)  # (B, T)
             with distributed.no_sync(module, sync=micro == accumulation - 1), autocast:
-                logits, _ = module(x)  # (B, T, V)
+                logits, _ = module(x, resets=self.resets(x))  # (B, T, V)
                 loss = self.loss_fn(logits, y)
                 objective = L2Wrap.apply(loss, logits) if cfg.l2wrap else loss
                 (objective * share).backward()
@@ -328,7 +344,7 @@ class Trainer:
             x, y = sample_batch(self.tokens, self.step, cfg.batch_size, cfg.ctx_len, cfg.seed, rows=r)
             x, y, mask = x.to(world.device), y.to(world.device), mask.to(world.device)  # (B, T)
             with distributed.no_sync(module, sync=micro == accumulation - 1), autocast:
-                logits, _ = module(x)  # (B, T, V)
+                logits, _ = module(x, resets=self.resets(x))  # (B, T, V)
                 part = masked_loss_sum(logits, y, mask) * weight
                 objective = part
                 if cfg.l2wrap:
@@ -382,7 +398,8 @@ class Trainer:
             metrics = self.objective.evaluate(self)
         else:
             module, micro = self.parts.module, self.micro_rows
-            metrics = {"val_loss": evaluate(module, *self.val, batch_size=micro, mask=self.val_mask)}
+            val_loss = evaluate(module, *self.val, batch_size=micro, mask=self.val_mask, pack=self.cfg.pack)
+            metrics = {"val_loss": val_loss}
         self.val_loss = metrics.get("val_loss", self.val_loss)
         return {name: round(value, 6) for name, value in metrics.items()}
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rwkvkit.wkv import varlen
 from rwkvkit.wkv.common import check_chunk_size, check_tensors, full_precision
 
 __all__ = [
@@ -65,9 +66,10 @@ class WKVOp:
     The tensors come in the order of ``args``; ``lead`` (one of them) has shape ``dims`` and fixes B, T
     and the device; the ``per_step`` tensors have the lead's shape and the ``per_channel`` ones its
     trailing shape (``dims[2:]``). ``check_state(op_name, state, lead)`` validates the state. The forms
-    take ``(*tensors, state)``, the chunked one also ``chunk_size=``; ``check_chunked(tensors,
-    chunk_len)`` is a precondition of the chunked form (None: none). ``step`` is the one-token kernel the
-    models' decode fast path calls directly (listed here, not dispatched).
+    take ``(*tensors, state)``, the chunked one also ``chunk_size=`` and ``resets=`` (the variable-length
+    form, :mod:`rwkvkit.wkv.varlen`), and ``chunk_length(T, chunk_size, tensors)`` is the chunk length
+    it uses; ``check_chunked(tensors, chunk_len)`` is a precondition of the chunked form (None: none).
+    ``step`` is the one-token kernel the models' decode fast path calls directly (not dispatched).
     """
 
     name: str
@@ -82,6 +84,7 @@ class WKVOp:
     chunked: Callable[..., tuple]
     step: Callable[..., tuple]
     default_chunk_size: int
+    chunk_length: Callable[[int, int, Sequence[torch.Tensor]], int]  # (T, chunk_size, tensors) -> n
     recurrent_max_t: float = AUTO_STEP_MAX_T  # auto: "recurrent" for T <= this, "chunked" above
     recurrent_max_t_no_grad: float | None = None  # the bound when no input needs a gradient (None: same)
     check_chunked: Callable[[Sequence[torch.Tensor], int], None] | None = None
@@ -189,18 +192,31 @@ def run(
     *,
     impl: str | None,
     chunk_size: int | None,
+    resets: torch.Tensor | None = None,
 ) -> tuple:
     """Run `op` on `tensors` (in the order of ``op.args``) from `state`: validate, resolve the
-    implementation, check the chunk size, switch autocast off, call the chosen form."""
+    implementation, check the chunk size, switch autocast off, call the chosen form. ``resets`` (B, T)
+    bool: packed rows, a new sequence from `state` at every True (:mod:`rwkvkit.wkv.varlen`; "auto" runs
+    the chunked form there, "reference" / "recurrent" each sequence alone)."""
     validate(op, tensors, state)
     lead = tensors[op.args.index(op.lead)]
     T = lead.shape[1]
+    if resets is not None:
+        varlen.check_resets(op.name, resets, lead)
+        if not bool(resets[:, 1:].any()):
+            resets = None  # one sequence per row: the plain forms
+    if resets is not None and (WKV_IMPL.get() if impl is None else impl) == AUTO:
+        impl = "chunked"  # packed rows: the one form that runs them all at once
     impl = resolve_impl(op, impl, T, tensors, state)
     chunk_size = check_chunk_size(op.name, chunk_size, op.default_chunk_size)
     if impl == "chunked" and op.check_chunked is not None:
-        op.check_chunked(tensors, min(chunk_size, max(T, 1)))
+        op.check_chunked(tensors, op.chunk_length(T, chunk_size, tensors))
     with full_precision(lead.device):
         if impl == "chunked":
+            if resets is not None:
+                return varlen.run_chunked(op, tensors, state, resets, chunk_size)
             return op.chunked(*tensors, state, chunk_size=chunk_size)
         form = op.reference if impl == "reference" else op.recurrent
+        if resets is not None:
+            return varlen.run_split(op, form, tensors, state, resets)
         return form(*tensors, state)

@@ -26,10 +26,13 @@ from rwkvkit.wkv.v4 import (
     wkv4_reference,
     wkv4_step,
 )
+from rwkvkit.wkv.v4.chunked import chunk_length as wkv4_chunk_length
 from rwkvkit.wkv.v6 import DEFAULT_CHUNK_SIZE as WKV6_CHUNK_SIZE
 from rwkvkit.wkv.v6 import wkv6_chunked, wkv6_recurrent, wkv6_reference, wkv6_step
+from rwkvkit.wkv.v6.chunked import chunk_length as wkv6_chunk_length
 from rwkvkit.wkv.v7 import DEFAULT_CHUNK_SIZE as WKV7_CHUNK_SIZE
 from rwkvkit.wkv.v7 import check_w_range, wkv7_chunked, wkv7_recurrent, wkv7_reference, wkv7_step
+from rwkvkit.wkv.v7.chunked import chunk_length as wkv7_chunk_length
 
 __all__ = ["OPS", "WKV4", "WKV6", "WKV7", "wkv4", "wkv6", "wkv7"]
 
@@ -46,6 +49,7 @@ WKV4 = WKVOp(
     chunked=wkv4_chunked,
     step=wkv4_step,
     default_chunk_size=WKV4_CHUNK_SIZE,
+    chunk_length=wkv4_chunk_length,
     # Without gradients the recurrent form is the faster one at every T (benchmarks/RESULTS.md); with
     # them the chunked form is (its backward does not replay T small steps).
     recurrent_max_t_no_grad=math.inf,
@@ -64,6 +68,7 @@ WKV6 = WKVOp(
     chunked=wkv6_chunked,
     step=wkv6_step,
     default_chunk_size=WKV6_CHUNK_SIZE,
+    chunk_length=wkv6_chunk_length,
 )
 
 WKV7 = WKVOp(
@@ -79,6 +84,7 @@ WKV7 = WKVOp(
     chunked=wkv7_chunked,
     step=wkv7_step,
     default_chunk_size=WKV7_CHUNK_SIZE,
+    chunk_length=wkv7_chunk_length,
     check_chunked=check_w_range,
 )
 
@@ -94,6 +100,7 @@ def wkv4(
     *,
     impl: str | None = None,
     chunk_size: int | None = None,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, WKV4State]:
     """Run the RWKV-4 WKV (see :mod:`rwkvkit.wkv.v4` for the exact contract).
 
@@ -105,10 +112,12 @@ def wkv4(
         impl: None (the context's choice, auto unless rwkvkit.wkv.use_impl set it), "auto",
             "reference", "recurrent" or "chunked".
         chunk_size: chunk length for the chunked form (default rwkvkit.wkv.v4.DEFAULT_CHUNK_SIZE).
+        resets: (B, T) bool or None: packed rows, each True position starts a new sequence from `state`
+            (rwkvkit.wkv.varlen; the final state is that of each row's last sequence).
     Returns:
         y (B, T, C) in k's dtype, final (aa, bb, pp) each (B, C) float32 (float64 for float64 k).
     """
-    return run(WKV4, (w, u, k, v), state, impl=impl, chunk_size=chunk_size)
+    return run(WKV4, (w, u, k, v), state, impl=impl, chunk_size=chunk_size, resets=resets)
 
 
 def wkv6(
@@ -121,6 +130,7 @@ def wkv6(
     *,
     impl: str | None = None,
     chunk_size: int | None = None,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the RWKV-5.2/6 WKV recurrence (see :mod:`rwkvkit.wkv.v6` for the exact contract).
 
@@ -131,10 +141,12 @@ def wkv6(
         impl: None (the context's choice, auto unless rwkvkit.wkv.use_impl set it), "auto",
             "reference", "recurrent" or "chunked".
         chunk_size: chunk length for the chunked form (default rwkvkit.wkv.v6.DEFAULT_CHUNK_SIZE).
+        resets: (B, T) bool or None: packed rows, each True position starts a new sequence from `state`
+            (rwkvkit.wkv.varlen; the final state is that of each row's last sequence).
     Returns:
         y (B, T, H, N) in r's dtype, final state (B, H, N, N) float32 (float64 for float64 r).
     """
-    return run(WKV6, (r, w, k, v, u), state, impl=impl, chunk_size=chunk_size)
+    return run(WKV6, (r, w, k, v, u), state, impl=impl, chunk_size=chunk_size, resets=resets)
 
 
 def wkv7(
@@ -148,6 +160,7 @@ def wkv7(
     *,
     impl: str | None = None,
     chunk_size: int | None = None,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the RWKV-7 WKV recurrence (see :mod:`rwkvkit.wkv.v7` for the exact contract).
 
@@ -157,7 +170,9 @@ def wkv7(
         impl: None (the context's choice, auto unless rwkvkit.wkv.use_impl set it), "auto",
             "reference", "recurrent" or "chunked".
         chunk_size: chunk length for the chunked form (default DEFAULT_CHUNK_SIZE).
+        resets: (B, T) bool or None: packed rows, each True position starts a new sequence from `state`
+            (rwkvkit.wkv.varlen; the final state is that of each row's last sequence).
     Returns:
         y (B, T, H, N) in r's dtype, final state (B, H, N, N) float32 (float64 for float64 r).
     """
-    return run(WKV7, (r, w, k, v, a, b), state, impl=impl, chunk_size=chunk_size)
+    return run(WKV7, (r, w, k, v, a, b), state, impl=impl, chunk_size=chunk_size, resets=resets)

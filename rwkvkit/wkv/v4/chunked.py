@@ -15,9 +15,14 @@ from torch import Tensor
 
 from rwkvkit.wkv.v4.state import WKV4State, in_compute_dtype
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "wkv4_chunked"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "chunk_length", "wkv4_chunked"]
 
 DEFAULT_CHUNK_SIZE = 8  # fastest fwd+bwd on CPU (B=1, C=768): 8 > 16 > 32; the intermediates grow with it
+
+
+def chunk_length(T: int, chunk_size: int, tensors: Sequence[Tensor] = ()) -> int:
+    """The chunk length :func:`wkv4_chunked` uses for a sequence of T steps."""
+    return max(1, min(chunk_size, T))
 
 
 def _chunk_summaries(
@@ -37,11 +42,12 @@ def _chunk_summaries(
 
 
 def _scan_chunks(
-    w: Tensor, summaries: tuple[Tensor, Tensor, Tensor], state: WKV4State, L: int
+    w: Tensor, summaries: tuple[Tensor, Tensor, Tensor], state: WKV4State, L: int, resets: Tensor | None
 ) -> tuple[WKV4State, WKV4State]:
     """Carry the state across chunks of length L: the state entering every chunk, and the final one.
 
-    One step per chunk: S_end = e^{L w} S_in + (chunk summary), both in log-max form.
+    One step per chunk: S_end = e^{L w} S_in + (chunk summary), both in log-max form; a chunk that
+    ``resets`` (B, n) marks enters with ``state`` instead.
     Returns ((aa_in, bb_in, pp_in) each (B, n, C), (aa, bb, pp) each (B, C)).
     """
     a_c, b_c, p_c = summaries  # (B, n, C)
@@ -49,6 +55,9 @@ def _scan_chunks(
     lw = w * L  # (C,) log-decay over a whole chunk
     entering: list[WKV4State] = []
     for j in range(p_c.shape[1]):
+        if resets is not None:
+            again = resets[:, j, None]  # (B, 1)
+            aa, bb, pp = (torch.where(again, s0, s) for s0, s in zip(state, (aa, bb, pp), strict=True))
         entering.append((aa, bb, pp))
         q = lw + pp
         p = torch.maximum(q, p_c[:, j])
@@ -93,11 +102,11 @@ def _chunk_outputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor, entering: WKV4Sta
 
 
 def _run_chunks(
-    w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: WKV4State
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WKV4State, resets: Tensor | None = None
 ) -> tuple[torch.Tensor, WKV4State]:
     """k, v (B, n, L, C) of n whole chunks. Returns y (B, n, L, C) and the state after them."""
     summaries = _chunk_summaries(w, k, v)
-    entering, final = _scan_chunks(w, summaries, state, k.shape[2])
+    entering, final = _scan_chunks(w, summaries, state, k.shape[2], resets)
     return _chunk_outputs(w, u, k, v, entering), final
 
 
@@ -109,24 +118,31 @@ def wkv4_chunked(
     state: Sequence[Tensor] | Tensor | None = None,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, WKV4State]:
     """Chunk-parallel WKV-4. w, u (C,); k, v (B, T, C); state (aa, bb, pp) or None.
 
     The whole chunks run together; a last partial chunk (T not a multiple of chunk_size) runs as one
     shorter chunk from the state they leave. Returns y (B, T, C) in k's dtype and the final (aa, bb, pp).
+    ``resets`` (B, T / L) bool or None: chunk c of a row starts again from ``state`` instead of the state
+    the chunk before left (the variable-length form, :mod:`rwkvkit.wkv.varlen`; T must be whole chunks).
     """
     B, T, C = k.shape
     out_dtype = k.dtype
     (w, u, k, v), state = in_compute_dtype(w, u, k, v, state)
 
-    L = max(1, min(chunk_size, T))
+    L = chunk_length(T, chunk_size)
     n_full, rest = divmod(T, L)
+    if resets is not None and (rest or resets.shape != (B, n_full)):
+        raise ValueError(
+            f"wkv4: resets must be (B, T / {L}) for whole chunks of {L}, got {tuple(resets.shape)}"
+        )
     ys = []
     if n_full:
         head = n_full * L
         k_c = k[:, :head].reshape(B, n_full, L, C)  # (B, n, L, C)
         v_c = v[:, :head].reshape(B, n_full, L, C)
-        y, state = _run_chunks(w, u, k_c, v_c, state)
+        y, state = _run_chunks(w, u, k_c, v_c, state, resets)
         ys.append(y.reshape(B, head, C))
     if rest:
         y, state = _run_chunks(w, u, k[:, T - rest :].unsqueeze(1), v[:, T - rest :].unsqueeze(1), state)

@@ -8,6 +8,7 @@ exponent is a range sum of log-decays (see :func:`wkv6_chunked`). Same contract 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from rwkvkit.wkv.common import compute_dtype, start_state
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "FAST_LIMIT", "SUB_CHUNK", "wkv6_chunked"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "FAST_LIMIT", "SUB_CHUNK", "chunk_length", "chunk_plan", "wkv6_chunked"]
 
 # Chunk length of the chunked form (state passed sequentially between chunks); benchmarks/bench_wkv.py.
 DEFAULT_CHUNK_SIZE = 64
@@ -87,6 +88,29 @@ def _intra_fast(r_: torch.Tensor, w_: torch.Tensor, k_: torch.Tensor, v_: torch.
     return A @ v_  # (B, H, NC, n, V)
 
 
+def chunk_plan(T: int, chunk_size: int, w: Tensor, pairwise: bool | None = None) -> tuple[int, bool]:
+    """(chunk length, whether the exact pairwise intra-chunk form runs) for a sequence of T steps with
+    log-decays ``w``: chunk_size, or T rounded up to a multiple of SUB_CHUNK when that is shorter, and
+    shorter still (down to one sub-chunk) when strong decays would overflow the one-matmul form."""
+    n = min(chunk_size, math.ceil(T / SUB_CHUNK) * SUB_CHUNK)  # chunk length
+    if pairwise is None:
+        # The one-matmul form is exact while max(-w) * n <= FAST_LIMIT: with strong decays, shorter
+        # chunks (down to one sub-chunk) keep it (~10x faster than the pairwise form at T = 2048).
+        strongest = -float(w.detach().amin()) if w.numel() else 0.0
+        if not math.isfinite(strongest):  # -inf / NaN decays: only the pairwise form is safe
+            strongest = math.inf
+        fits = int(FAST_LIMIT / strongest) // SUB_CHUNK * SUB_CHUNK if strongest > 0 else n
+        pairwise = fits < min(n, SUB_CHUNK)
+        if not pairwise:
+            n = min(n, fits)
+    return n, pairwise
+
+
+def chunk_length(T: int, chunk_size: int, tensors: Sequence[Tensor]) -> int:
+    """The chunk length :func:`wkv6_chunked` uses for r, w, k, v, u = ``tensors`` (varlen layouts)."""
+    return chunk_plan(T, chunk_size, tensors[1])[0]
+
+
 def wkv6_chunked(
     r: Tensor,
     w: Tensor,
@@ -97,6 +121,7 @@ def wkv6_chunked(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     pairwise: bool | None = None,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunk-parallel evaluation of the recurrence; backward by autograd.
 
@@ -123,7 +148,9 @@ def wkv6_chunked(
     Everything but the state hand-off is batched over all chunks; the hand-off is one elementwise
     update of (B, H, N, N) per chunk.
 
-    Args: r, w, k, v (B, T, H, N); u (H, N); state (B, H, N, N) as [value, key] or None; chunk_size >= 1.
+    Args: r, w, k, v (B, T, H, N); u (H, N); state (B, H, N, N) as [value, key] or None; chunk_size >= 1;
+    resets (B, NC) bool or None: chunk c of a row starts again from ``state`` instead of the state the
+    chunk before left (the variable-length form, :mod:`rwkvkit.wkv.varlen`; T must then be NC chunks).
     Returns: y (B, T, H, N) in r's dtype and the final state (B, H, N, N) in the compute dtype.
     """
     B, T, H, N = r.shape
@@ -133,17 +160,7 @@ def wkv6_chunked(
     if T == 0:
         return r.new_zeros(B, 0, H, N), S
 
-    n = min(chunk_size, math.ceil(T / SUB_CHUNK) * SUB_CHUNK)  # chunk length
-    if pairwise is None:
-        # The one-matmul form is exact while max(-w) * n <= FAST_LIMIT: with strong decays, shorter
-        # chunks (down to one sub-chunk) keep it (~10x faster than the pairwise form at T = 2048).
-        strongest = -float(w.detach().amin()) if w.numel() else 0.0
-        if not math.isfinite(strongest):  # -inf / NaN decays: only the pairwise form is safe
-            strongest = math.inf
-        fits = int(FAST_LIMIT / strongest) // SUB_CHUNK * SUB_CHUNK if strongest > 0 else n
-        pairwise = fits < min(n, SUB_CHUNK)
-        if not pairwise:
-            n = min(n, fits)
+    n, pairwise = chunk_plan(T, chunk_size, w, pairwise)
     s = _sub_chunk_size(n)  # sub-chunk length
     NC = math.ceil(T / n)  # number of chunks
     pad = NC * n - T
@@ -169,8 +186,17 @@ def wkv6_chunked(
     k_out = k_ * torch.exp(G_after)  # (B, H, NC, n, K)
     incr = v_.transpose(-1, -2) @ k_out  # (B, H, NC, V, K)
     chunk_decay = torch.exp(G_total)  # (B, H, NC, 1, K)
+    if resets is not None and resets.shape != (B, NC):
+        raise ValueError(
+            f"wkv6: resets must be (B, NC) = {(B, NC)} for chunks of {n}, got {tuple(resets.shape)}"
+        )
+    S_init = S
     starts = []
-    for d_c, inc_c in zip(chunk_decay.unbind(2), incr.unbind(2), strict=True):  # (B, H, 1, K), (B, H, V, K)
+    for c, (d_c, inc_c) in enumerate(
+        zip(chunk_decay.unbind(2), incr.unbind(2), strict=True)
+    ):  # (B, H, 1, K), (B, H, V, K)
+        if resets is not None:
+            S = torch.where(resets[:, c, None, None, None], S_init, S)
         starts.append(S)
         S = S * d_c + inc_c
     S0 = torch.stack(starts, dim=2)  # (B, H, NC, V, K): the state entering each chunk

@@ -60,7 +60,7 @@ from torch import Tensor
 
 from rwkvkit.wkv.common import compute_dtype, full_precision, start_state
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "W_CHUNK_LIMIT", "check_w_range", "wkv7_chunked"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "W_CHUNK_LIMIT", "check_w_range", "chunk_length", "wkv7_chunked"]
 
 # Measured on CPU (2 cores, B=1, H=12, N=64, forward+backward): see benchmarks/RESULTS.md.
 DEFAULT_CHUNK_SIZE = 32
@@ -106,7 +106,7 @@ class _ChunkedWKV7(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, S_init, n):  # type: ignore[override]
+    def forward(ctx, r, w, k, v, a, b, S_init, n, resets):  # type: ignore[override]
         B, _, H, _ = r.shape
         r, w, k, v, a, b = (_to_chunks(x, n) for x in (r, w, k, v, a, b))
         NC, BH, n, N = r.shape
@@ -156,11 +156,17 @@ class _ChunkedWKV7(torch.autograd.Function):
         # (unbind once: per-step indexing costs more than the small ops. U0 becomes U in place and is
         # copied into uv once after the loop: baddbmm_ into the strided uv view is ~2x slower, and
         # per-step copies cost more than one batched copy.)
+        # With resets (varlen), S0[c + 1] stays the state chunk c leaves and S_in[c] is the state chunk c
+        # enters: S_init where the chunk starts a new sequence.
         S0_l = S0.unbind(0)
+        S_in = S0[:NC] if resets is None else torch.empty(NC, BH, N, N, dtype=dt, device=dev)
+        S_in_l = S_in.unbind(0)
         steps = zip(U0.unbind(0), W.unbind(0), VK.unbind(0), b_out.unbind(0), decay.unbind(0), strict=True)
         for c, (U_c, W_c, VK_c, b_out_c, decay_c) in enumerate(steps):
-            U_c.baddbmm_(W_c, S0_l[c].mT)  # U = W S0^T + U0                          (BH, n, V)
-            torch.addcmul(VK_c.baddbmm_(U_c.mT, b_out_c), S0_l[c], decay_c, out=S0_l[c + 1])
+            if resets is not None:
+                torch.where(resets[c], S_init, S0_l[c], out=S_in_l[c])
+            U_c.baddbmm_(W_c, S_in_l[c].mT)  # U = W S0^T + U0                        (BH, n, V)
+            torch.addcmul(VK_c.baddbmm_(U_c.mT, b_out_c), S_in_l[c], decay_c, out=S0_l[c + 1])
         uv[:, :, :n] = U0
 
         # All outputs in parallel: Y = r exp(g) S0^T + [lower-incl(r~b~^T) | lower-incl(r~k~^T)] [U; V].
@@ -168,10 +174,12 @@ class _ChunkedWKV7(torch.autograd.Function):
         Y = torch.empty(B, NC * n, H, N, dtype=dt, device=dev)
         torch.add(
             (G[..., n:, :] @ uv).unflatten(1, (B, H)),
-            (re @ S0[:NC].mT).unflatten(1, (B, H)),
+            (re @ S_in.mT).unflatten(1, (B, H)),
             out=_chunk_view(Y, n),
         )
-        ctx.save_for_backward(v, ar, bk, e_ar, e_m, e_lm, decay, G, L_inv, W, bk_out, uv, S0, re)
+        ctx.save_for_backward(
+            v, ar, bk, e_ar, e_m, e_lm, decay, G, L_inv, W, bk_out, uv, S0, S_in, re, resets
+        )
         ctx.B = B
         return Y, S0[NC].clone()
 
@@ -179,7 +187,7 @@ class _ChunkedWKV7(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     @_in_full_precision
     def backward(ctx, dY, dS_final):  # type: ignore[override]
-        v, ar, bk, e_ar, e_m, e_lm, decay, G, L_inv, W, bk_out, uv, S0, re = ctx.saved_tensors
+        v, ar, bk, e_ar, e_m, e_lm, decay, G, L_inv, W, bk_out, uv, S0, S_in, re, resets = ctx.saved_tensors
         NC, BH, n, N = v.shape
         dt, dev = v.dtype, v.device
         B = ctx.B
@@ -214,14 +222,17 @@ class _ChunkedWKV7(torch.autograd.Function):
         dS_l, S0_l, dgl_l = dS.unbind(0), S0.unbind(0), dg_last.unbind(0)
         per_chunk = (dU_y, b_out, dS_y, W, decay)
         steps = list(enumerate(zip(*(x.unbind(0) for x in per_chunk), strict=True)))
+        dS_reset = None if resets is None else torch.zeros(BH, N, N, dtype=dt, device=dev)
         for c, (dU_c, b_out_c, dS_y_c, W_c, decay_c) in reversed(steps):
             dS_c = dS_l[c + 1]
             dU_c.baddbmm_(b_out_c, dS_c.mT)  # dU_y becomes dU in place (copied to zyu after the loop)
             torch.sum(dS_c * S0_l[c + 1], dim=-2, keepdim=True, out=dgl_l[c])
             torch.addcmul(dS_y_c.baddbmm_(dU_c.mT, W_c), dS_c, decay_c, out=dS_l[c])
+            if dS_reset is not None and c > 0:  # a chunk entered from S_init: its state gradient goes there
+                dS_reset += dS_l[c] * resets[c]
+                dS_l[c].masked_fill_(resets[c], 0.0)
         zyu[:, :, 2 * n :] = dU_y
         dS_out = dS[1:]  # grad of each chunk's outgoing state
-        S_in = S0[:NC]
         dU = zyu[..., 2 * n :, :]
 
         # W = Linv A (A = a exp(gx)), U0 = Linv Z (Z = Mk V), Linv = (I - L)^{-1}, U = W S0^T + U0.
@@ -257,7 +268,13 @@ class _ChunkedWKV7(torch.autograd.Function):
         # g = cumsum(w): dw = reverse cumsum of dg; gx = g - w adds -dgx.
         dw_t = torch.sub(dg, dgx).add_(dg.sum(-2, keepdim=True))
         torch.sub(bh(dw_t), bh(dg.cumsum(-2)), out=dw_c)
-        return dr, dw, dk, dv, da, db, dS[0].clone(), None  # (clone: do not pin the whole dS buffer)
+        dS_init = dS[0].clone() if dS_reset is None else dS[0] + dS_reset  # (clone: do not pin dS)
+        return dr, dw, dk, dv, da, db, dS_init, None, None
+
+
+def chunk_length(T: int, chunk_size: int, tensors: Sequence[Tensor] = ()) -> int:
+    """The chunk length :func:`wkv7_chunked` uses for a sequence of T steps."""
+    return max(1, min(chunk_size, T))
 
 
 def check_w_range(tensors: Sequence[torch.Tensor], chunk_size: int) -> None:
@@ -284,9 +301,12 @@ def wkv7_chunked(
     b: Tensor,
     state: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunk-parallel evaluation; same contract as :func:`rwkvkit.wkv.v7.reference.wkv7_reference` plus
-    `chunk_size`.
+    `chunk_size` and `resets` (B, NC) bool or None: chunk c of a row starts again from ``state`` instead
+    of the state the chunk before left (the variable-length form, :mod:`rwkvkit.wkv.varlen`; T must
+    then be NC whole chunks).
 
     Precondition (not checked here): max(-w) * chunk_size <= W_CHUNK_LIMIT.
     """
@@ -297,11 +317,18 @@ def wkv7_chunked(
     if T == 0:
         return r.new_zeros(B, 0, H, N), S.view(B, H, N, N)
 
-    n = min(chunk_size, T)
+    n = chunk_length(T, chunk_size)
     NC = -(-T // n)
     pad = NC * n - T
+    if resets is not None:
+        if pad or resets.shape != (B, NC):
+            raise ValueError(
+                f"wkv7: resets must be (B, T / {n}) for whole chunks of {n}, got {tuple(resets.shape)}"
+            )
+        # (NC, BH, 1, 1): per chunk, which rows start again from the initial state
+        resets = resets.t().repeat_interleave(H, dim=1).view(NC, B * H, 1, 1)
     inputs = (x.to(dt) for x in (r, w, k, v, a, b))
     if pad:
         inputs = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in inputs)
-    Y, S = _ChunkedWKV7.apply(*inputs, S, n)  # Y: (B, NC*n, H, V)
+    Y, S = _ChunkedWKV7.apply(*inputs, S, n, resets)  # Y: (B, NC*n, H, V)
     return Y[:, :T].to(out_dtype).contiguous(), S.view(B, H, N, N)
