@@ -85,6 +85,9 @@ class WKVOp:
     step: Callable[..., tuple]
     default_chunk_size: int
     chunk_length: Callable[[int, int, Sequence[torch.Tensor]], int]  # (T, chunk_size, tensors) -> n
+    # packed rows' default chunk size: shorter than default_chunk_size where the per-step cost allows,
+    # since each document's last chunk is part filler (rwkvkit.wkv.varlen)
+    varlen_chunk_size: int
     recurrent_max_t: float = AUTO_STEP_MAX_T  # auto: "recurrent" for T <= this, "chunked" above
     recurrent_max_t_no_grad: float | None = None  # the bound when no input needs a gradient (None: same)
     check_chunked: Callable[[Sequence[torch.Tensor], int], None] | None = None
@@ -208,7 +211,8 @@ def run(
     if resets is not None and (WKV_IMPL.get() if impl is None else impl) == AUTO:
         impl = "chunked"  # packed rows: the one form that runs them all at once
     impl = resolve_impl(op, impl, T, tensors, state)
-    chunk_size = check_chunk_size(op.name, chunk_size, op.default_chunk_size)
+    default = op.default_chunk_size if resets is None else op.varlen_chunk_size
+    chunk_size = check_chunk_size(op.name, chunk_size, default)
     if impl == "chunked" and op.check_chunked is not None:
         op.check_chunked(tensors, op.chunk_length(T, chunk_size, tensors))
     with full_precision(lead.device):

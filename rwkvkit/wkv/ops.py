@@ -50,6 +50,7 @@ WKV4 = WKVOp(
     step=wkv4_step,
     default_chunk_size=WKV4_CHUNK_SIZE,
     chunk_length=wkv4_chunk_length,
+    varlen_chunk_size=WKV4_CHUNK_SIZE,
     # Without gradients the recurrent form is the faster one at every T (benchmarks/RESULTS.md); with
     # them the chunked form is (its backward does not replay T small steps).
     recurrent_max_t_no_grad=math.inf,
@@ -69,6 +70,7 @@ WKV6 = WKVOp(
     step=wkv6_step,
     default_chunk_size=WKV6_CHUNK_SIZE,
     chunk_length=wkv6_chunk_length,
+    varlen_chunk_size=32,  # per step as fast as 64, half the filler
 )
 
 WKV7 = WKVOp(
@@ -85,6 +87,7 @@ WKV7 = WKVOp(
     step=wkv7_step,
     default_chunk_size=WKV7_CHUNK_SIZE,
     chunk_length=wkv7_chunk_length,
+    varlen_chunk_size=16,  # per step as fast as 32 (RESULTS.md), half the filler
     check_chunked=check_w_range,
 )
 

@@ -149,20 +149,39 @@ def plan_layout(resets: Tensor, n: int) -> Layout:
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x (B, T, ...) at positions index (B, T') of each row -> (B, T', ...)."""
-    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # (B, 1)
-    return x[rows, index]
+    """x (B, T, ...) at positions index (B, T') of each row -> (B, T', ...), by one index_select over
+    the flattened rows (a copy of whole steps)."""
+    B, T = x.shape[:2]
+    flat = (index + T * torch.arange(B, device=x.device).unsqueeze(1)).flatten()  # (B * T',)
+    return x.reshape(B * T, *x.shape[2:]).index_select(0, flat).view(B, index.shape[1], *x.shape[2:])
+
+
+class _Move(torch.autograd.Function):
+    """x (B, T, ...) -> x at ``take`` (B, T'), positions T of ``take`` reading ``filler``. The move is
+    one-to-one, so its backward is a gather too (at ``back``, the inverse map): no scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, take, back, filler):  # type: ignore[override]
+        ctx.save_for_backward(back)
+        ctx.length = x.shape[1]
+        fill = torch.full((x.shape[0], 1, *x.shape[2:]), filler, dtype=x.dtype, device=x.device)
+        return _gather_rows(torch.cat((x, fill), dim=1), take)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (back,) = ctx.saved_tensors
+        zero = grad.new_zeros(grad.shape[0], 1, *grad.shape[2:])
+        return _gather_rows(torch.cat((grad, zero), dim=1), back), None, None, None
 
 
 def to_layout(x: Tensor, layout: Layout, filler: float = 0.0) -> Tensor:
     """A per-step tensor (B, T, ...) in the chunk-aligned layout (B, NC * n, ...), filler steps = filler."""
-    fill = torch.full((x.shape[0], 1, *x.shape[2:]), filler, dtype=x.dtype, device=x.device)
-    return _gather_rows(torch.cat((x, fill), dim=1), layout.src)
+    return _Move.apply(x, layout.src, layout.dst, filler)
 
 
 def from_layout(y: Tensor, layout: Layout) -> Tensor:
     """Outputs (B, NC * n, ...) in the layout back at their original positions (B, T, ...)."""
-    return _gather_rows(y, layout.dst)
+    return _Move.apply(y, layout.dst, layout.src, 0.0)
 
 
 def run_chunked(op: WKVOp, tensors: Sequence[Tensor], state: State, resets: Tensor, chunk_size: int) -> tuple:
