@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from rwkvkit import RwkvkitError
 from rwkvkit.models import new_model
+from rwkvkit.tokenizer import load_tokenizer
 from rwkvkit.train import grpo
 from rwkvkit.train.config import TrainConfig
 from rwkvkit.train.grpo import (
@@ -28,7 +30,8 @@ from rwkvkit.train.grpo import (
     grpo_loss_terms,
     pad_completions,
 )
-from rwkvkit.train.trainer import Trainer
+from rwkvkit.train.rewards import Reward
+from rwkvkit.train.trainer import Trainer, train
 
 TEMPERATURE, CLIP, BETA = 0.8, 0.2, 0.1
 
@@ -244,3 +247,196 @@ def test_forward_backward_equals_the_direct_formula(tune, tmp_path, monkeypatch,
     assert len(warnings) == 2 and all("\n" not in w for w in warnings)
     assert f"{data}: line 1, completion 3" in warnings[0] and "ValueError: no verdict" in warnings[0]
     assert f"{data}: line 3, completion 2" in warnings[1] and "not finite" in warnings[1]
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def test_rewards_from_a_module_a_file_and_a_verifier_script(tmp_path, monkeypatch):
+    (tmp_path / "toy_rewards.py").write_text(
+        "def count_a(prompt, completion, **extra):\n"
+        "    return completion.count('a') + (10 if extra.get('answer') == completion else 0)\n",
+        encoding="utf-8",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    verifier = tmp_path / "verify.py"
+    verifier.write_text(
+        "import json, sys\n"
+        "r = json.load(sys.stdin)\n"
+        "print(float(r['completion'] == r['answer']) + len(r['prompt']))\n",
+        encoding="utf-8",
+    )
+    by_name = Reward("toy_rewards:count_a")
+    by_path = Reward(f"{tmp_path / 'toy_rewards.py'}:count_a")
+    script = Reward(str(verifier))
+    assert by_name.score("p", "banana", {}) == (3.0, None)
+    assert by_path.score("p", "aa", {"answer": "aa"}) == (12.0, None)
+    assert script.score("four", "42", {"answer": "42"}) == (5.0, None)
+    assert script.score("four", "41", {"answer": "42"}) == (4.0, None)
+
+
+def test_reward_failures_are_reported_not_scored(tmp_path):
+    module = tmp_path / "bad_rewards.py"
+    module.write_text(
+        "import math\n"
+        "def raises(prompt, completion):\n    raise KeyError('answer')\n"
+        "def nan(prompt, completion):\n    return math.nan\n"
+        "def text(prompt, completion):\n    return 'good'\n"
+        "def flag(prompt, completion):\n    return completion == 'x'\n",
+        encoding="utf-8",
+    )
+    problems = {name: Reward(f"{module}:{name}").score("p", "x", {}) for name in ("raises", "nan", "text")}
+    assert problems["raises"][0] is None and "raised KeyError" in problems["raises"][1]
+    assert problems["nan"][0] is None and "not finite" in problems["nan"][1]
+    assert problems["text"][0] is None and "not a number" in problems["text"][1]
+    assert Reward(f"{module}:flag").score("p", "x", {}) == (1.0, None)  # a bool counts as 0 / 1
+    assert Reward(f"{module}:raises").score("p", "x", {"answer": 1})[0] is None  # unexpected field: fails
+    failing = tmp_path / "failing.py"
+    failing.write_text("import sys\nsys.exit('cannot verify')\n", encoding="utf-8")
+    value, problem = Reward(str(failing)).score("p", "x", {})
+    assert value is None and "status 1" in problem and "cannot verify" in problem
+    chatty = tmp_path / "chatty.py"
+    chatty.write_text("print('yes')\n", encoding="utf-8")
+    value, problem = Reward(str(chatty)).score("p", "x", {})
+    assert value is None and "'yes', not a number" in problem
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "needs --reward"),
+        ("no_such_module_xyz:f", "cannot import no_such_module_xyz"),
+        ("nowhere/rewards.py:f", "no such file"),
+        ("just_a_word", "expected module:function"),
+        ("math:no_function_here", "has no function no_function_here"),
+    ],
+)
+def test_a_bad_reward_spec_is_one_line(spec, message):
+    with pytest.raises(RwkvkitError, match=message) as info:
+        Reward(spec)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+TOY_REWARD = (
+    "def fraction_of_e(prompt, completion):\n"
+    "    return sum(c == 'e' for c in completion) / max(len(completion), 1)\n"
+)
+
+
+def toy_run(tmp_path: Path, out: str, **settings) -> TrainConfig:
+    """The toy verifiable task: a new 1-layer byte model; the reward is the fraction of 'e' bytes."""
+    prefixes = ["The ", "And ", "What ", "KING: ", "O ", "Then "]
+    data = write_prompts(tmp_path / "prompts.jsonl", [{"prefix": p} for p in prefixes])
+    val = write_prompts(tmp_path / "val.jsonl", [{"prefix": "Now "}, {"prefix": "She "}])
+    reward = tmp_path / "toy_reward.py"
+    reward.write_text(TOY_REWARD, encoding="utf-8")
+    base = dict(
+        data=str(data), val_data=str(val), objective="grpo", reward=f"{reward}:fraction_of_e", n_layer=1,
+        n_embd=32, head_size=16, batch_size=4, group_size=8, max_new_tokens=8, lr=1e-2, lr_final=1e-2,
+        warmup_steps=0, kl_coef=0.0, out=str(tmp_path / out), progress=False, plot_every=0,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **settings})
+
+
+def entries(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_mean_reward_rises_on_a_toy_task(tmp_path):
+    """From a random byte model (about 1 byte in 256 is an 'e'), 40 GRPO steps make most bytes 'e'."""
+    result = train(toy_run(tmp_path, "toy", steps=40))
+    rewards = [e["reward"] for e in entries(Path(result.model_path).parent) if "reward" in e]
+    assert len(rewards) == 40
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert first < 0.1 and last > first + 0.4, rewards
+
+
+def test_a_run_writes_its_outputs_and_resumes_on_the_same_curve(tmp_path, monkeypatch):
+    """model.pth, metrics.jsonl with the GRPO metrics, val_reward; a run that dies after step 4 (saved at
+    step 3) and is resumed logs the same steps and ends with the same weights as one that never stopped."""
+    settings = dict(steps=6, save_every=3, eval_every=3, kl_coef=0.05, plot_every=3)
+    whole = train(toy_run(tmp_path, "whole", **settings))
+    out = tmp_path / "whole"
+    logged = entries(out)
+    steps = [e for e in logged if "loss" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
+    for key in ("reward", "reward_std", "kl", "clip_fraction", "reward_failures", "completion_len"):
+        assert all(math.isfinite(e[key]) for e in steps), key
+    assert [e["step"] for e in logged if "val_reward" in e] == [3, 6]
+    assert (out / "model.pth").is_file() and (out / "loss.png").is_file()
+    assert Path(whole.model_path) == out / "model.pth"
+
+    original = grpo.GRPOObjective.forward_backward
+
+    def dies_at_step_5(self, trainer):
+        if trainer.step == 4:
+            raise KeyboardInterrupt  # as a kill: nothing after step 4 is written
+        return original(self, trainer)
+
+    monkeypatch.setattr(grpo.GRPOObjective, "forward_backward", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(toy_run(tmp_path, "killed", **settings))
+    killed = tmp_path / "killed"
+    assert [e["step"] for e in entries(killed) if "loss" in e] == [1, 2, 3, 4]
+    monkeypatch.setattr(grpo.GRPOObjective, "forward_backward", original)
+    train(toy_run(tmp_path, "killed", **settings, resume=True))
+    drop = ("tokens_per_s", "elapsed_s")
+    assert [{k: v for k, v in e.items() if k not in drop} for e in entries(killed)] == [
+        {k: v for k, v in e.items() if k not in drop} for e in logged
+    ]
+    a = torch.load(killed / "model.pth", weights_only=True)
+    b = torch.load(out / "model.pth", weights_only=True)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ('["a list"]', "line 2: a prompt record must be a JSON object"),
+        ('{"answer": "4"}', "line 2: a prompt record needs exactly one of 'prompt'"),
+        ('{"prompt": "a", "prefix": "b"}', "line 2: a prompt record needs exactly one of 'prompt'"),
+        ('{"prompt": 42}', "line 2: 'prompt' must be a string"),
+        ('{"prompt": "  "}', "line 2: 'prompt' is empty"),
+        ('{"prefix": ""}', "line 2: 'prefix' is empty"),
+        ('{"prompt": "2+2?", "completion": "4"}', "line 2: GRPO prompts have no 'completion'"),
+    ],
+)
+def test_a_bad_prompt_record_stops_the_run_before_it_starts(tmp_path, line, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "fine"}\n' + line + "\n", encoding="utf-8")
+    cfg = toy_run(tmp_path, "bad", steps=2)
+    cfg.data = str(data)
+    with pytest.raises(RwkvkitError, match=message) as info:
+        train(cfg)
+    assert "\n" not in str(info.value) and str(data) in str(info.value)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(group_size=1), "--group-size must be at least 2"),
+        (dict(temperature=0.0), "--temperature must be > 0"),
+        (dict(max_new_tokens=0), "--max-new-tokens must be positive"),
+        (dict(clip_eps=0.0), "--clip-eps > 0"),
+        (dict(fsdp=True), "--fsdp does not go with --objective grpo"),
+        (dict(reward=""), "needs --reward"),
+        (dict(data="nowhere.jsonl"), "no such prompts file"),
+    ],
+)
+def test_bad_grpo_settings_are_one_line(tmp_path, settings, message):
+    with pytest.raises(RwkvkitError, match=message) as info:
+        train(toy_run(tmp_path, "bad", steps=2, **settings))
+    assert "\n" not in str(info.value)
+
+
+def test_chat_prompts_are_rendered_as_sft_renders_them():
+    tokenizer = load_tokenizer("byte")
+    assert bytes(grpo.prompt_tokens(tokenizer, "2+2?", chat=True)) == b"User: 2+2?\n\nAssistant:"
+    assert bytes(grpo.prompt_tokens(tokenizer, "Once", chat=False)) == b"Once"
