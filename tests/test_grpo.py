@@ -12,6 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +140,7 @@ def test_the_loss_and_its_gradients_equal_the_direct_formula(version):
         for row, j in enumerate(kept):
             old_t[row, : len(old[i][j])] = old[i][j]
             ref_t[row, : len(ref[i][j])] = ref[i][j]
-        logp = completion_logprobs(model, prompt, ids, TEMPERATURE, 256)
+        logp = completion_logprobs(model, prompt, ids, TEMPERATURE, 256, mask)
         loss, _, clipped = grpo_loss_terms(logp, old_t, ref_t, adv, mask, CLIP, BETA)
         (loss.sum() / scored).backward()
         total += float(loss.detach().sum()) / scored
@@ -239,6 +243,8 @@ def test_forward_backward_equals_the_direct_formula(tune, tmp_path, monkeypatch,
     assert set(got) == set(want) and len(want) > 0
     for name in want:
         assert_close_rel(got[name], want[name])
+    if tune == "full":  # the end-of-text id is no input (only the padding could have leaked into it)
+        assert not got["emb.weight"][0].any()
     assert out.metrics["reward_failures"] == 2
     scored = [r for row in scores for r in row if r is not None]
     assert math.isclose(out.metrics["reward"], sum(scored) / len(scored), rel_tol=1e-9)
@@ -351,6 +357,11 @@ def test_the_mean_reward_rises_on_a_toy_task(tmp_path):
     assert len(rewards) == 40
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert first < 0.1 and last > first + 0.4, rewards
+    # the end-of-text id is never an input: its embedding only decays (AdamW's weight decay, 0.1 * lr)
+    torch.manual_seed(0)
+    start = new_model("7", 1, 32, 256, 16, torch.device("cpu")).emb.weight[0]
+    end = torch.load(result.model_path, weights_only=True)["emb.weight"][0]
+    assert torch.allclose(end, start * (1 - 0.1 * 1e-2) ** 40, rtol=1e-5, atol=0)
 
 
 def test_a_run_writes_its_outputs_and_resumes_on_the_same_curve(tmp_path, monkeypatch):
@@ -389,6 +400,39 @@ def test_a_run_writes_its_outputs_and_resumes_on_the_same_curve(tmp_path, monkey
     a = torch.load(killed / "model.pth", weights_only=True)
     b = torch.load(out / "model.pth", weights_only=True)
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """2 processes (gloo, CPU) each roll out and train half the prompts; the gradients summed over them
+    give the single-process curve and weights; rank 0 alone writes metrics.jsonl."""
+    cfg = toy_run(tmp_path, "single", steps=4, kl_coef=0.05, val_data="")
+    train(cfg)
+    argv = [
+        "--data", cfg.data, "--objective", "grpo", "--reward", cfg.reward, "--n-layer", "1", "--n-embd", "32",
+        "--head-size", "16", "--batch-size", "4", "--group-size", "8", "--max-new-tokens", "8",
+        "--lr", "1e-2", "--lr-final", "1e-2", "--warmup-steps", "0", "--kl-coef", "0.05", "--steps", "4",
+        "--no-progress", "--plot-every", "0", "--out", str(tmp_path / "ddp"),
+    ]  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), "-m", "rwkvkit.train", *argv,
+    ]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    drop = ("tokens_per_s", "elapsed_s")
+    one, two = entries(tmp_path / "single"), entries(tmp_path / "ddp")
+    assert [e["step"] for e in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
+        for key in a.keys() - set(drop):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    a = torch.load(tmp_path / "single" / "model.pth", weights_only=True)
+    b = torch.load(tmp_path / "ddp" / "model.pth", weights_only=True)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

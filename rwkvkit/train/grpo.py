@@ -249,18 +249,25 @@ def pad_completions(completions: list[list[int]], device: torch.device) -> tuple
 
 
 def completion_logprobs(
-    model, prompt: list[int], completions: torch.Tensor, temperature: float, vocab: int
+    model, prompt: list[int], completions: torch.Tensor, temperature: float, vocab: int, mask: torch.Tensor
 ) -> torch.Tensor:
     """Log-probabilities (G, L) of each completion token of ``completions`` (G, L) after ``prompt`` under
     ``log_softmax(logits / temperature)`` over the first ``vocab`` ids: the prompt runs once and the G
-    completions continue from copies of its state (gradients flow through the shared prompt)."""
+    completions continue from copies of its state (gradients flow through the shared prompt).
+
+    ``mask`` (G, L) marks each completion's tokens. An input whose next position is padding (a
+    completion's last token, the padding itself) changes no output that counts, but the chunked WKV
+    backward leaks rounding-level gradients (~1e-13) into it, which AdamW would turn into full-size steps
+    of e.g. the end-of-text embedding; such inputs are replaced by the prompt's last token, a real input
+    whose own gradient dwarfs them."""
     device = completions.device
     G, L = completions.shape
     x = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, Tp)
     prompt_logits, state = model(x)  # (1, Tp, V)
     first = prompt_logits[:, -1:].expand(G, 1, -1)  # (G, 1, V) predicts each completion's first token
     if L > 1:
-        rest, _ = model(completions[:, :-1], state.select([0] * G))  # (G, L - 1, V)
+        inputs = completions[:, :-1].masked_fill(mask[:, 1:] == 0, prompt[-1])  # (G, L - 1)
+        rest, _ = model(inputs, state.select([0] * G))  # (G, L - 1, V)
         logits = torch.cat([first, rest], dim=1)  # (G, L, V)
     else:
         logits = first
@@ -353,15 +360,19 @@ class GRPOObjective(Objective):
                     log.warning("step %d: %s, completion %d: %s; skipped", step, record.where, j, problem)
         return failures
 
-    def _ref_logprobs(self, trainer: Trainer, prompt: list[int], ids: torch.Tensor) -> torch.Tensor | None:
+    def _ref_logprobs(
+        self, trainer: Trainer, prompt: list[int], ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor | None:
         cfg = trainer.cfg
         if cfg.kl_coef == 0:
             return None
         with torch.no_grad(), trainer.autocast:
             if self.reference is not None:
-                return completion_logprobs(self.reference, prompt, ids, cfg.temperature, self.vocab)
+                return completion_logprobs(self.reference, prompt, ids, cfg.temperature, self.vocab, mask)
             with trainer.parts.trained.disable_adapter():  # LoRA: the base model is the reference
-                return completion_logprobs(trainer.parts.model, prompt, ids, cfg.temperature, self.vocab)
+                return completion_logprobs(
+                    trainer.parts.model, prompt, ids, cfg.temperature, self.vocab, mask
+                )
 
     def forward_backward(self, trainer: Trainer) -> StepOutput:
         cfg, world, step = trainer.cfg, trainer.world, trainer.step
@@ -393,10 +404,10 @@ class GRPOObjective(Objective):
                 continue
             ids, mask = pad_completions([c.tokens for c, _ in kept], world.device)  # (G, L) each
             advantages = torch.tensor([a for _, a in kept], device=world.device)  # (G,)
-            ref_logp = self._ref_logprobs(trainer, record.tokens, ids)
+            ref_logp = self._ref_logprobs(trainer, record.tokens, ids, mask)
             with trainer.autocast:
                 logp = completion_logprobs(
-                    trainer.parts.model, record.tokens, ids, cfg.temperature, self.vocab
+                    trainer.parts.model, record.tokens, ids, cfg.temperature, self.vocab, mask
                 )
             loss, kl, clipped = grpo_loss_terms(
                 logp, logp.detach(), ref_logp, advantages, mask, cfg.clip_eps, cfg.kl_coef
