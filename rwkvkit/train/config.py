@@ -119,13 +119,14 @@ FLAG_HELP = {
     "reward": "GRPO: the reward, 'module:function' (a Python function (prompt, completion) -> float; "
     "module may be a .py path) or a verifier script path (prompt and completion as JSON on stdin, "
     "the reward printed on stdout)",
-    "group_size": "GRPO: completions sampled per prompt (they share one prefill of the prompt)",
+    "group_size": "GRPO: completions sampled per prompt (>= 2; they share one prefill of the prompt)",
     "max_new_tokens": "GRPO: most tokens sampled per completion",
     "temperature": "GRPO: sampling temperature of the rollouts",
     "kl_coef": "GRPO: weight of the KL penalty to the reference model (0 = none)",
     "clip_eps": "GRPO: clipping range of the policy ratio (PPO-style)",
     "ctx_len": "training window length in tokens",
-    "batch_size": "sequences per optimizer step, summed over all processes",
+    "batch_size": "sequences per optimizer step, summed over all processes (--objective grpo: prompts per "
+    "step, each sampled --group-size times)",
     "micro_batch_size": "sequences per forward/backward on one process; gradients are accumulated over "
     "batch_size / (processes * micro_batch_size) of them (0 = no accumulation)",
     "steps": "number of optimizer steps; also the horizon of the cosine schedule",
