@@ -185,3 +185,47 @@ def test_auto_rule(op: wkv.WKVOp, monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == ["recurrent", no_grad_rule, "chunked", no_grad_rule]
     entry(*short, impl="reference")
     assert calls[-1] == "reference"
+
+
+def _fake_fused(calls: list[str], reason: str | None) -> wkv.FusedForm:
+    """A fused form that runs the reference (so its answers are right) and records each call."""
+
+    def run(*tensors_and_state):
+        calls.append("fake")
+        return wkv.OPS[2].reference(*tensors_and_state)  # wkv7
+
+    return wkv.FusedForm(name="triton", unavailable=lambda tensors, state: reason, run=run)
+
+
+def test_fused_forms_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fused form runs when asked for by name and can run the inputs; auto picks it on a CUDA device
+    only (faked here), never for packed rows or short T; asked for where it cannot run, a clear error."""
+    table = importlib.import_module("rwkvkit.wkv.ops")
+    dispatch = importlib.import_module("rwkvkit.wkv.dispatch")
+    calls: list[str] = []
+    monkeypatch.setattr(table, "WKV7", dataclasses.replace(table.WKV7, fused=(_fake_fused(calls, None),)))
+    long, _ = _op_inputs("wkv7", 2, 20)
+    want, _ = wkv.wkv7(*long, impl="reference")
+    got, _ = wkv.wkv7(*long, impl="triton")
+    torch.testing.assert_close(got, want)
+    assert calls == ["fake"]
+    wkv.wkv7(*long)  # CPU: auto never picks a fused kernel
+    assert calls == ["fake"]
+    monkeypatch.setattr(dispatch, "on_fused_device", lambda lead: True)
+    wkv.wkv7(*long)
+    assert calls == ["fake", "fake"]
+    short, _ = _op_inputs("wkv7", 1, 1)
+    wkv.wkv7(*short)  # one token: the recurrent form
+    resets = torch.zeros(2, 20, dtype=torch.bool)
+    resets[:, 7] = True
+    wkv.wkv7(*long, resets=resets)  # packed rows: the chunked varlen form
+    assert calls == ["fake", "fake"]
+    with pytest.raises(ValueError, match="no 'fla' kernel"):
+        wkv.wkv7(*long, impl="fla")
+    monkeypatch.setattr(
+        table, "WKV7", dataclasses.replace(table.WKV7, fused=(_fake_fused(calls, "not a CUDA tensor"),))
+    )
+    with pytest.raises(ValueError, match="impl='triton' cannot run these inputs: not a CUDA tensor"):
+        wkv.wkv7(*long, impl="triton")
+    wkv.wkv7(*long)  # auto passes over a form that cannot run the inputs
+    assert calls == ["fake", "fake"]

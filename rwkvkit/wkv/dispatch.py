@@ -10,8 +10,14 @@ Implementations (``impl=``):
   "recurrent"  the op's single-token step kernel (``wkv*_step``, the decode fast path) once per token:
                the production form for short sequences;
   "chunked"    chunk-parallel, pure PyTorch, any device: the production form for long sequences;
-  "auto"       "recurrent" for T <= the op's bound (AUTO_STEP_MAX_T; WKV-4 without gradients: any T,
-               its per-channel step is faster than its chunked form there), "chunked" above.
+  "fla", "triton"
+               fused GPU kernels (:data:`FUSED_IMPLEMENTATIONS`): an op's :class:`FusedForm` records, each
+               with its own rule for which inputs it runs (a CUDA device, an importable package, dtypes,
+               shapes); asked for by name on inputs it cannot run, it raises ValueError saying why;
+  "auto"       on a CUDA device, the op's first fused form that can run the inputs (no packed rows, T
+               above the recurrent bound); otherwise "recurrent" for T <= the op's bound
+               (AUTO_STEP_MAX_T; WKV-4 without gradients: any T, its per-channel step is faster than its
+               chunked form there), "chunked" above. Never a fused form on the CPU.
 
 ``impl=None`` means the value of the context variable :data:`WKV_IMPL` ("auto" unless set), which
 :func:`use_impl` switches for the code running in the current context only: a
@@ -35,7 +41,9 @@ from rwkvkit.wkv.common import check_chunk_size, check_tensors, full_precision
 __all__ = [
     "AUTO",
     "AUTO_STEP_MAX_T",
+    "FUSED_IMPLEMENTATIONS",
     "IMPLEMENTATIONS",
+    "FusedForm",
     "WKV_IMPL",
     "WKVOp",
     "get_default_impl",
@@ -45,8 +53,12 @@ __all__ = [
     "use_impl",
 ]
 
-# Names accepted by `impl=` besides "auto" (None means the context's choice, see WKV_IMPL).
+# The portable forms every op has on every device, accepted by `impl=` besides "auto" (None means the
+# context's choice, see WKV_IMPL).
 IMPLEMENTATIONS: tuple[str, ...] = ("reference", "recurrent", "chunked")
+
+# The fused kernels an op may have (FusedForm records), also accepted by `impl=`.
+FUSED_IMPLEMENTATIONS: tuple[str, ...] = ("fla", "triton")
 
 AUTO = "auto"  # the choice by T (and by whether gradients are needed, for an op whose rule says so)
 
@@ -57,6 +69,21 @@ AUTO_STEP_MAX_T = 3
 WKV_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar("rwkvkit_wkv_impl", default=AUTO)
 
 State = torch.Tensor | Sequence[torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class FusedForm:
+    """A fused kernel of one op (fla's, or rwkvkit's own Triton kernel), with its rule for what it runs.
+
+    ``unavailable(tensors, state)`` is None when the kernel can run these (already validated) inputs,
+    else the reason it cannot ("not a CUDA tensor", "fla is not installed", ...); it must import nothing
+    heavy unless the inputs could run. ``run(*tensors, state)`` returns ``(y, final state)`` with the
+    op's contract: y in the lead tensor's dtype, the state in float32.
+    """
+
+    name: str  # one of FUSED_IMPLEMENTATIONS
+    unavailable: Callable[[Sequence[torch.Tensor], State], str | None]
+    run: Callable[..., tuple]
 
 
 @dataclass(frozen=True)
@@ -91,12 +118,14 @@ class WKVOp:
     recurrent_max_t: float = AUTO_STEP_MAX_T  # auto: "recurrent" for T <= this, "chunked" above
     recurrent_max_t_no_grad: float | None = None  # the bound when no input needs a gradient (None: same)
     check_chunked: Callable[[Sequence[torch.Tensor], int], None] | None = None
+    fused: tuple[FusedForm, ...] = ()  # in the order "auto" tries them on a CUDA device
 
 
 def _check_impl(impl: str | None, op: str = "wkv") -> None:
-    if impl is not None and impl != AUTO and impl not in IMPLEMENTATIONS:
+    if impl is not None and impl != AUTO and impl not in IMPLEMENTATIONS + FUSED_IMPLEMENTATIONS:
         raise ValueError(
-            f"{op}: unknown impl {impl!r}; expected None or {AUTO!r} (auto) or one of {IMPLEMENTATIONS}"
+            f"{op}: unknown impl {impl!r}; expected None or {AUTO!r} (auto) or one of "
+            f"{IMPLEMENTATIONS + FUSED_IMPLEMENTATIONS}"
         )
 
 
@@ -150,12 +179,38 @@ def resolve_impl(op: WKVOp, impl: str | None, T: int, tensors: Sequence[torch.Te
     _check_impl(impl, op.name)
     if impl is None:
         impl = WKV_IMPL.get()
+    if impl in FUSED_IMPLEMENTATIONS:
+        fused_form(op, impl, tensors, state)  # raises unless it can run these inputs
+        return impl
     if impl != AUTO:
         return impl
     bound = op.recurrent_max_t
     if op.recurrent_max_t_no_grad is not None and not _needs_grad(tensors, state):
         bound = op.recurrent_max_t_no_grad
-    return "recurrent" if T <= bound else "chunked"
+    if T <= bound:
+        return "recurrent"
+    if on_fused_device(tensors[op.args.index(op.lead)]):
+        for form in op.fused:
+            if form.unavailable(tensors, state) is None:
+                return form.name
+    return "chunked"
+
+
+def on_fused_device(lead: torch.Tensor) -> bool:
+    """Whether "auto" may choose a fused kernel for inputs on lead's device (CUDA only)."""
+    return lead.device.type == "cuda"
+
+
+def fused_form(op: WKVOp, name: str, tensors: Sequence[torch.Tensor], state: State) -> FusedForm:
+    """The fused form ``name`` of `op`, checked to run these inputs; ValueError saying why not."""
+    form = next((f for f in op.fused if f.name == name), None)
+    if form is None:
+        have = ", ".join(f.name for f in op.fused) or "none"
+        raise ValueError(f"{op.name}: no {name!r} kernel for this op (fused kernels: {have})")
+    reason = form.unavailable(tensors, state)
+    if reason is not None:
+        raise ValueError(f"{op.name}: impl={name!r} cannot run these inputs: {reason}")
+    return form
 
 
 def _shape_text(dims: Sequence[str]) -> str:
@@ -208,14 +263,16 @@ def run(
         varlen.check_resets(op.name, resets, lead)
         if not bool(resets[:, 1:].any()):
             resets = None  # one sequence per row: the plain forms
-    if resets is not None and (WKV_IMPL.get() if impl is None else impl) == AUTO:
-        impl = "chunked"  # packed rows: the one form that runs them all at once
+    if resets is not None and (WKV_IMPL.get() if impl is None else impl) in (AUTO, *FUSED_IMPLEMENTATIONS):
+        impl = "chunked"  # packed rows: the one form that runs them all at once (no fused varlen yet)
     impl = resolve_impl(op, impl, T, tensors, state)
     default = op.default_chunk_size if resets is None else op.varlen_chunk_size
     chunk_size = check_chunk_size(op.name, chunk_size, default)
     if impl == "chunked" and op.check_chunked is not None:
         op.check_chunked(tensors, op.chunk_length(T, chunk_size, tensors))
     with full_precision(lead.device):
+        if impl in FUSED_IMPLEMENTATIONS:
+            return fused_form(op, impl, tensors, state).run(*tensors, state)
         if impl == "chunked":
             if resets is not None:
                 return varlen.run_chunked(op, tensors, state, resets, chunk_size)
