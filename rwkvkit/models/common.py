@@ -288,6 +288,18 @@ class RWKVModel(nn.Module):
         x, new_state = self._run_blocks(x, layer_states, self.dtype, write_in_place=False)
         return layer_norm(self.ln_out, x, self.dtype), new_state
 
+    def decode_step(self, tokens: torch.Tensor, state: RWKVState) -> tuple[torch.Tensor, RWKVState]:
+        """One token for each of B sequences on the torch path, WITHOUT :meth:`check_tokens` (which reads
+        the ids on the host): nothing waits on the device, so a CUDA graph can capture it
+        (:mod:`rwkvkit.infer.cuda_graph`). tokens (B, 1) long on the model's device, already checked;
+        ``state`` a state for B sequences; call it without gradients. Returns (logits (B, 1, V) float32,
+        the new state), as :meth:`forward` does."""
+        layer_states = zip(state.att_shift, state.wkv, state.ffn_shift, strict=True)
+        x = self.emb(tokens)  # (B, 1, C)
+        x, new_state = self._run_blocks(x, layer_states, self.dtype, write_in_place=True)
+        logits = blas.linear(self.head, layer_norm(self.ln_out, x, self.dtype)).float()  # (B, 1, V)
+        return logits, new_state
+
     def _check_resets(self, resets: torch.Tensor, tokens: torch.Tensor, state: RWKVState | None) -> None:
         if not isinstance(resets, torch.Tensor) or resets.dtype != torch.bool or resets.shape != tokens.shape:
             got = tuple(resets.shape) if isinstance(resets, torch.Tensor) else type(resets).__name__

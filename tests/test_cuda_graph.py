@@ -1,0 +1,40 @@
+"""The step a CUDA graph records (``RWKVModel.decode_step``, no host-side checks) against ``forward``, and
+the graph decoder's refusals. The graph itself needs a GPU: benchmarks/bench_gpu.py compares its logits
+with the eager step's there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkvkit.errors import RwkvkitError
+from rwkvkit.infer.cuda_graph import CUDAGraphDecoder
+from rwkvkit.models import new_model
+
+
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_decode_step_is_forward_of_one_token(version: str) -> None:
+    """Three steps from a prompt's state: the same logits and states as forward's one-token path."""
+    torch.manual_seed(0)
+    model = new_model(version, n_layer=2, n_embd=32, vocab_size=50, head_size=16)
+    tokens = torch.randint(0, 50, (3, 5))
+    with torch.no_grad():
+        _, state = model(tokens)
+        mine = state.clone()
+        for t in (7, 11, 49):
+            step = torch.full((3, 1), t)
+            want, state = model(step, state)
+            got, mine = model.decode_step(step, mine)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            for a, b in zip(
+                (mine.att_shift, mine.wkv, mine.ffn_shift),
+                (state.att_shift, state.wkv, state.ffn_shift),
+                strict=True,
+            ):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_graph_decoder_needs_a_cuda_model() -> None:
+    model = new_model("7", n_layer=1, n_embd=32, vocab_size=50, head_size=16)
+    with pytest.raises(RwkvkitError, match="CUDA graphs need a model on a CUDA device"):
+        CUDAGraphDecoder(model, batch_size=2)
