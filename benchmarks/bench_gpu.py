@@ -251,11 +251,45 @@ def decode_row(model, B: int, V: int, device, reps: int) -> dict:
     return row
 
 
+def engine_with_graphs_matches(model, device) -> dict:
+    """Greedy text of 6 prompts through the engine, with and without CUDA graphs: the same tokens (uneven
+    lengths: the batch shrinks, so several graph sizes run)."""
+    from rwkvkit.infer.engine import Engine, FinishEvent
+    from rwkvkit.infer.sampling import SamplingParams
+    from rwkvkit.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("world" if model.config.vocab_size == 65536 else "byte")
+    prompts = [tok.encode("The quick brown fox. " * (1 + 2 * i)) for i in range(6)]
+
+    def run(graphs: bool) -> tuple[list[list[int]], float]:
+        engine = Engine(model, tok, max_batch=8, cuda_graphs=graphs)
+        finished: list[FinishEvent] = []
+        for i, p in enumerate(prompts):
+            engine.submit(
+                p, SamplingParams(temperature=0), max_tokens=16 + 4 * i, stop_tokens=(),
+                on_event=lambda e: finished.append(e) if isinstance(e, FinishEvent) else None,
+            )  # fmt: skip
+        t0 = time.perf_counter()
+        engine.run_until_idle()
+        sync(device)
+        return [e.tokens for e in sorted(finished, key=lambda e: e.prompt_tokens)], time.perf_counter() - t0
+
+    run(True)  # records the graphs
+    eager, eager_s = run(False)
+    graphed, graphed_s = run(True)
+    return {"engine_same_tokens": eager == graphed, "engine_eager_s": eager_s, "engine_graphs_s": graphed_s}
+
+
 def bench_decode(device, batch_sizes, smoke: bool, reps: int) -> list[dict]:
     L, D, V = (2, 64, 1000) if smoke else (12, 768, 65536)
     torch.manual_seed(0)
     model = new_model("7", L, D, V, 16 if smoke else 64, device=device).to(torch.bfloat16).eval()
     rows = [decode_row(model, B, V, device, reps) for B in batch_sizes]
+    if device.type == "cuda":
+        try:
+            rows.append({"model": f"L{L}-D{D}", "engine": engine_with_graphs_matches(model, device)})
+        except Exception as e:
+            rows.append({"model": f"L{L}-D{D}", "engine": {"error": f"{type(e).__name__}: {e}"[:300]}})
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -370,6 +404,9 @@ def print_tables(result: dict) -> None:
         f"{'model':10} {'B':>5} {'forward()':>10} {'decode_step':>12} {'CUDA graph':>11} {'best tok/s':>11}"
     )
     for r in result["decode"]:
+        if "engine" in r:
+            print(f"  engine, greedy, 6 prompts, with / without CUDA graphs: {r['engine']}")
+            continue
         if "skipped" in r:
             print(f"{r.get('model', '-'):10} {r.get('batch', '-'):>5} {r['skipped']}")
             continue

@@ -38,3 +38,20 @@ def test_graph_decoder_needs_a_cuda_model() -> None:
     model = new_model("7", n_layer=1, n_embd=32, vocab_size=50, head_size=16)
     with pytest.raises(RwkvkitError, match="CUDA graphs need a model on a CUDA device"):
         CUDAGraphDecoder(model, batch_size=2)
+
+
+def test_graph_pool_sizes_and_engine_refusal() -> None:
+    """The pool's graph for n rows is the next power of two (capped at max_batch); the engine's
+    cuda_graphs option refuses a CPU model with the same one line."""
+    from rwkvkit.infer.cuda_graph import CUDAGraphPool
+    from rwkvkit.infer.engine import Engine
+    from rwkvkit.tokenizer import load_tokenizer
+
+    pool = CUDAGraphPool.__new__(CUDAGraphPool)  # the size rule needs no GPU
+    pool.max_batch = 48
+    assert [pool.size_for(n) for n in (1, 2, 3, 5, 16, 17, 33, 48)] == [1, 2, 4, 8, 16, 32, 48, 48]
+    with pytest.raises(RwkvkitError, match="1 to 48 sequences, got 49"):
+        pool.size_for(49)
+    model = new_model("7", n_layer=1, n_embd=32, vocab_size=256, head_size=16)
+    with pytest.raises(RwkvkitError, match="CUDA graphs need a model on a CUDA device"):
+        Engine(model, load_tokenizer("byte"), cuda_graphs=True)

@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_bf16_prefill_arg(parser)
     parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="on a CUDA device: replay each decode step from a CUDA graph (one recorded per power-of-two "
+        "batch size on first use), which removes the per-kernel launch time of small batches",
+    )
+    parser.add_argument(
         "--state-dir",
         default=None,
         metavar="DIR",
@@ -170,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         cache=cache,
         bf16_prefill=args.bf16_prefill,
+        cuda_graphs=args.cuda_graphs,
     )
     app = create_app(
         engine,

@@ -9,6 +9,9 @@ them in, so bad ids still get their clear error.
 
 The graph's buffers are reused: the logits and state a step returns are overwritten by the next step
 (clone them to keep them). Passing the state a step returned back into the next step is the normal loop.
+A graph recorded for B rows also runs fewer: the rows past them are padding. :class:`CUDAGraphPool`
+keeps one graph per power-of-two batch size, so a batch that grows and shrinks (the engine's) records
+at most log2(max_batch) + 1 graphs.
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ import torch
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.state import RWKVState
 
-__all__ = ["CUDAGraphDecoder"]
+__all__ = ["CUDAGraphDecoder", "CUDAGraphPool"]
+
+
+def _rows(state: RWKVState, n: int) -> RWKVState:
+    """The first ``n`` sequences of ``state`` (views; the batch is dimension 1 of every part)."""
+    return RWKVState(state.att_shift[:, :n], state.wkv[:, :n], state.ffn_shift[:, :n])
 
 
 def _copy_state(dst: RWKVState, src: RWKVState) -> None:
@@ -30,9 +38,9 @@ def _copy_state(dst: RWKVState, src: RWKVState) -> None:
 class CUDAGraphDecoder:
     """Decode steps of ``model`` for ``batch_size`` sequences, captured once in a CUDA graph.
 
-    ``step(tokens, state)`` with tokens (B,) or (B, 1) ids and a state for B sequences returns (logits
-    (B, V) float32, new state), the same numbers as ``model(tokens, state)`` (tests/bench compare them).
-    Both outputs live in the graph's buffers until the next call.
+    ``step(tokens, state)`` with tokens (n,) or (n, 1) ids and a state for n <= B sequences returns
+    (logits (n, V) float32, new state), the same numbers as ``model(tokens, state)`` (the GPU benchmark
+    compares them). Both outputs live in the graph's buffers until the next call.
     """
 
     def __init__(self, model: torch.nn.Module, batch_size: int, warmup: int = 2):
@@ -62,14 +70,39 @@ class CUDAGraphDecoder:
         ``check=False`` skips the token-id check (a host read of the ids) for ids known to be valid, such
         as those sampled on the device from the last step's logits."""
         tokens = tokens.reshape(-1, 1)
-        if tokens.shape[0] != self.batch_size:
-            raise RwkvkitError(
-                f"this graph decodes {self.batch_size} sequences, got {tokens.shape[0]} tokens"
-            )
+        n = tokens.shape[0]
+        if not 1 <= n <= self.batch_size:
+            raise RwkvkitError(f"this graph decodes 1 to {self.batch_size} sequences, got {n} tokens")
         if check:
             self.model.check_tokens(tokens)
-        state.check_compatible(self.model.config, self.batch_size)
-        self.tokens.copy_(tokens)
-        _copy_state(self.state_in, state)
+        state.check_compatible(self.model.config, n)
+        self.tokens[:n].copy_(tokens)
+        _copy_state(_rows(self.state_in, n), state)
         self.graph.replay()
-        return self.logits, self.state_out
+        return self.logits[:n], _rows(self.state_out, n)
+
+
+class CUDAGraphPool:
+    """Graphed decode steps for any batch of 1 to ``max_batch`` sequences: the graph of the smallest power
+    of two that holds the batch (recorded on first use), the rows past the batch padding."""
+
+    def __init__(self, model: torch.nn.Module, max_batch: int):
+        if model.device.type != "cuda":
+            raise RwkvkitError(f"CUDA graphs need a model on a CUDA device, this one is on {model.device}")
+        self.model, self.max_batch = model, max_batch
+        self.graphs: dict[int, CUDAGraphDecoder] = {}
+
+    def size_for(self, n: int) -> int:
+        """The graph size that runs a batch of ``n``: the next power of two, at most max_batch."""
+        if not 1 <= n <= self.max_batch:
+            raise RwkvkitError(f"this pool decodes 1 to {self.max_batch} sequences, got {n}")
+        return min(1 << (n - 1).bit_length(), self.max_batch)
+
+    def step(
+        self, tokens: torch.Tensor, state: RWKVState, check: bool = True
+    ) -> tuple[torch.Tensor, RWKVState]:
+        """As :meth:`CUDAGraphDecoder.step`, for a batch of any size up to max_batch."""
+        size = self.size_for(tokens.reshape(-1).shape[0])
+        if size not in self.graphs:
+            self.graphs[size] = CUDAGraphDecoder(self.model, size)
+        return self.graphs[size].step(tokens, state, check)

@@ -133,10 +133,17 @@ class Engine:
         prefill_chunk: int = 256,
         cache=None,
         bf16_prefill: bool = False,
+        cuda_graphs: bool = False,
     ):
         if max_batch < 1 or max_waiting < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_waiting >= 0")
         self.model = model
+        # decode steps replayed from CUDA graphs (one per power-of-two batch size), for a model on a GPU
+        self.graphs = None
+        if cuda_graphs:
+            from rwkvkit.infer.cuda_graph import CUDAGraphPool
+
+            self.graphs = CUDAGraphPool(model, max_batch)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_waiting = max_waiting
@@ -519,8 +526,13 @@ class Engine:
         logits and return the new states of those rows (in that order)."""
         state = self._batch_state if len(rows) == len(self._decoding) else self._batch_state.select(rows)
         x = torch.tensor(tokens, dtype=torch.long, device=self.model.device).view(-1, 1)  # (B, 1)
-        logits, new_state = self.model(x, state)  # logits (B, 1, V)
-        last = logits[:, -1].float()  # (B, V)
+        if self.graphs is not None:  # sampled ids, in range: no check; copies out of the graph's buffers
+            with torch.no_grad():
+                logits, new_state = self.graphs.step(x, state, check=False)  # logits (B, V)
+            last, new_state = logits.clone(), new_state.clone()
+        else:
+            logits, new_state = self.model(x, state)  # logits (B, 1, V)
+            last = logits[:, -1].float()  # (B, V)
         for i, row in enumerate(rows):
             self._decoding[row].logits = last[i]
         self._fed = ([self._decoding[row] for row in rows], last)
