@@ -67,7 +67,9 @@ def test_sequence_matches_reference_float32(B: int, T: int, H: int, N: int) -> N
     def reference(*xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return wkv7(*xs[:6], xs[6], impl="reference")
 
-    y_ref, s_ref, grads_ref = run_with_grads(reference, [x.double() for x in tensors], dy.double(), ds.double())
+    y_ref, s_ref, grads_ref = run_with_grads(
+        reference, [x.double() for x in tensors], dy.double(), ds.double()
+    )
     assert y.dtype == torch.float32 and s.dtype == torch.float32
     assert rel_err(y, y_ref) < 1e-5
     assert rel_err(s, s_ref) < 1e-5
@@ -149,7 +151,9 @@ def test_opcheck_custom_ops() -> None:
     torch.library.opcheck(wkv7_fwd, (r, w, k, v, a, b, s0), test_utils=("test_schema", "test_faketensor"))
     y, s, ckpt = wkv7_fwd(r, w, k, v, a, b, s0)
     torch.library.opcheck(
-        wkv7_bwd, (r, w, k, v, a, b, ckpt, torch.ones_like(y), torch.ones_like(s)), test_utils="test_faketensor"
+        wkv7_bwd,
+        (r, w, k, v, a, b, ckpt, torch.ones_like(y), torch.ones_like(s)),
+        test_utils="test_faketensor",
     )
 
 

@@ -146,9 +146,7 @@ def wkv7_fwd(
     s_final = torch.empty_like(s0)
     ckpt = torch.empty(B, H, NC, N, N, dtype=torch.float32, device=r.device)
     if B * H > 0:
-        _fwd_kernel[(B * H, N // BV)](
-            r, w, k, v, a, b, s0, y, s_final, ckpt, T, NC, H=H, N=N, BV=BV, C=CHUNK
-        )
+        _fwd_kernel[(B * H, N // BV)](r, w, k, v, a, b, s0, y, s_final, ckpt, T, NC, H=H, N=N, BV=BV, C=CHUNK)
     return y, s_final, ckpt
 
 
@@ -162,7 +160,15 @@ def _(r, w, k, v, a, b, s0):  # noqa: ANN001, ANN202
 
 @torch.library.custom_op("rwkvkit::wkv7_bwd", mutates_args=())
 def wkv7_bwd(
-    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, ckpt: Tensor, dy: Tensor, ds_final: Tensor
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    ckpt: Tensor,
+    dy: Tensor,
+    ds_final: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients (dr, dw, dk, dv, da, db in the inputs' dtypes, ds0 fp32) from dy and the final
     state's gradient."""

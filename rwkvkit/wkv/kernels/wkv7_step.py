@@ -40,7 +40,9 @@ def _step_kernel(r, w, k, v, a, b, s_in, s_out, y, H: tl.constexpr, N: tl.conste
 
 
 @torch.library.custom_op("rwkvkit::wkv7_step_triton", mutates_args=("out",))
-def _step_op(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor, out: Tensor) -> Tensor:
+def _step_op(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor, out: Tensor
+) -> Tensor:
     B, H, N = r.shape
     y = torch.empty(B, H, N, dtype=torch.float32, device=r.device)
     BV = min(N, 16)
