@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo test test-tensorflow lint format bench bench-infer bench-peers clean
+.PHONY: demo test test-tensorflow test-triton lint format bench bench-infer bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ test-tensorflow:
 	$(TF_VENV)/bin/python -m pip install -q -e '.[keras]' tensorflow-cpu==2.21.0 pytest
 	$(TF_VENV)/bin/python -m pytest -q tests/test_keras.py
 
+# rwkvkit's Triton kernels (tests marked `triton`, deselected by the default suite), in a venv of their
+# own; without a GPU they run on CPU under Triton's interpreter (the tests set TRITON_INTERPRET=1)
+TRITON_VENV := .venv-triton
+test-triton:
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(TRITON_VENV)/bin/python -m pip install -q triton==3.9.0
+	$(TRITON_VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(TRITON_VENV)/bin/python -m pytest -q -m triton
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -55,4 +65,4 @@ bench-peers: $(STAMP)
 	$(PY) benchmarks/bench_vs_llamacpp.py
 
 clean:
-	rm -rf $(VENV) $(TF_VENV) runs build *.egg-info
+	rm -rf $(VENV) $(TF_VENV) $(TRITON_VENV) runs build *.egg-info

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from rwkvkit.blas import fast_decode_on, linear
 from rwkvkit.config import ModelConfig
 from rwkvkit.wkv import wkv4, wkv4_step, wkv6, wkv6_step, wkv7, wkv7_step
+from rwkvkit.wkv.kernels import step_usable
+from rwkvkit.wkv.kernels import wkv7_step as triton_wkv7_step
 
 GROUPNORM_EPS = 64e-5  # ln_x of v5.2 / v6 / v7 (the trainers' x / 8 with eps 1e-5 is the same thing)
 RESCALE_EVERY = 6  # sub-block outputs are computed 2x smaller every this many layers (common.py)
@@ -136,6 +138,12 @@ def run_wkv6(
     return y, _into(out, state)
 
 
+def use_triton_step(state: Tensor, out: Tensor | None) -> bool:
+    """Whether the WKV-7 decode step runs rwkvkit's Triton kernel: a contiguous fp32 CUDA state (and
+    ``out``) with Triton importable; otherwise (CPU, no Triton) the PyTorch step."""
+    return step_usable(state) and state.is_contiguous() and (out is None or out.is_contiguous())
+
+
 def run_wkv7(
     r: Tensor,
     w: Tensor,
@@ -150,8 +158,11 @@ def run_wkv7(
     """WKV-7 for r, w, k, v, a, b (B, T, H, N) (w fp32), state (B, H, N, N): (y (B, T, H, N) fp32, new
     state), the new state written into ``out`` when given. ``resets`` (B, T): packed rows."""
     if one_decode_token(r):
-        step = (t[:, 0].float() for t in (r, w, k, v, a, b))
-        y, state = wkv7_step(*step, state, out)
+        step = [t[:, 0].float() for t in (r, w, k, v, a, b)]
+        if use_triton_step(state, out):
+            y, state = triton_wkv7_step(*step, state, out)
+        else:
+            y, state = wkv7_step(*step, state, out)
         return y.unsqueeze(1), state
     y, state = wkv7(r.float(), w, k, v, a, b, state, resets=resets)
     return y, _into(out, state)

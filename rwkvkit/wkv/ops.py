@@ -15,6 +15,7 @@ from torch import Tensor
 
 from rwkvkit.wkv.common import check_matrix_state
 from rwkvkit.wkv.dispatch import WKVOp, run
+from rwkvkit.wkv.kernels import TRITON_WKV7
 from rwkvkit.wkv.v4 import (
     DEFAULT_CHUNK_SIZE as WKV4_CHUNK_SIZE,
 )
@@ -89,6 +90,7 @@ WKV7 = WKVOp(
     chunk_length=wkv7_chunk_length,
     varlen_chunk_size=16,  # per step as fast as 32 (RESULTS.md), half the filler
     check_chunked=check_w_range,
+    fused=(TRITON_WKV7,),
 )
 
 OPS: tuple[WKVOp, ...] = (WKV4, WKV6, WKV7)
