@@ -3,7 +3,8 @@ record per op, and ``wkv4`` / ``wkv6`` / ``wkv7``, each one call of :func:`rwkvk
 
 A record names the op's argument layout (checked by the shared validation), its reference, recurrent,
 chunked and step forms (from ``rwkvkit/wkv/v4``, ``v6``, ``v7``), its fused GPU kernels (fla's, from
-:mod:`rwkvkit.wkv.fla_backend`), its default chunk size and its rule for "auto". The exact contract of each op is the docstring of its package (:mod:`rwkvkit.wkv.v4`, ...).
+:mod:`rwkvkit.wkv.fla_backend`), its default chunk size and its rule for "auto". The exact contract of
+each op is the docstring of its package (:mod:`rwkvkit.wkv.v4`, ...).
 """
 
 from __future__ import annotations
