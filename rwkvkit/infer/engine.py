@@ -141,7 +141,7 @@ class Engine:
         # decode steps replayed from CUDA graphs (one per power-of-two batch size), for a model on a GPU
         self.graphs = None
         if cuda_graphs:
-            from rwkvkit.infer.cuda_graph import CUDAGraphPool
+            from rwkvkit.infer.cuda_graph import CUDAGraphPool  # CUDA only: CPU engines never load it
 
             self.graphs = CUDAGraphPool(model, max_batch)
         self.tokenizer = tokenizer

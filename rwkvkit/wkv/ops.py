@@ -2,8 +2,9 @@
 record per op, and ``wkv4`` / ``wkv6`` / ``wkv7``, each one call of :func:`rwkvkit.wkv.dispatch.run`.
 
 A record names the op's argument layout (checked by the shared validation), its reference, recurrent,
-chunked and step forms (from ``rwkvkit/wkv/v4``, ``v6``, ``v7``), its default chunk size and its rule
-for "auto". The exact contract of each op is the docstring of its package (:mod:`rwkvkit.wkv.v4`, ...).
+chunked and step forms (from ``rwkvkit/wkv/v4``, ``v6``, ``v7``), its fused GPU kernels (fla's, from
+:mod:`rwkvkit.wkv.fla_backend`), its default chunk size and its rule for "auto". The exact contract of
+each op is the docstring of its package (:mod:`rwkvkit.wkv.v4`, ...).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from rwkvkit.wkv.common import check_matrix_state
 from rwkvkit.wkv.dispatch import WKVOp, run
+from rwkvkit.wkv.fla_backend import FLA_WKV6, FLA_WKV7
 from rwkvkit.wkv.kernels import TRITON_WKV7
 from rwkvkit.wkv.v4 import (
     DEFAULT_CHUNK_SIZE as WKV4_CHUNK_SIZE,
@@ -72,6 +74,7 @@ WKV6 = WKVOp(
     default_chunk_size=WKV6_CHUNK_SIZE,
     chunk_length=wkv6_chunk_length,
     varlen_chunk_size=32,  # per step as fast as 64, half the filler
+    fused=(FLA_WKV6,),  # fla's chunk_rwkv6 (rwkvkit.wkv.fla_backend), CUDA only
 )
 
 WKV7 = WKVOp(
@@ -90,7 +93,9 @@ WKV7 = WKVOp(
     chunk_length=wkv7_chunk_length,
     varlen_chunk_size=16,  # per step as fast as 32 (RESULTS.md), half the filler
     check_chunked=check_w_range,
-    fused=(TRITON_WKV7,),
+    # fused GPU kernels, in the order auto tries them on CUDA: fla's chunk_rwkv7
+    # (rwkvkit.wkv.fla_backend), rwkvkit's own Triton kernel (rwkvkit.wkv.kernels)
+    fused=(FLA_WKV7, TRITON_WKV7),
 )
 
 OPS: tuple[WKVOp, ...] = (WKV4, WKV6, WKV7)
@@ -144,7 +149,8 @@ def wkv6(
         u: (H, N) the bonus of the current token (time_faaaa).
         state: initial state (B, H, N, N) as [value, key], or None for zeros.
         impl: None (the context's choice, auto unless rwkvkit.wkv.use_impl set it), "auto",
-            "reference", "recurrent" or "chunked".
+            "reference", "recurrent", "chunked" or "fla" (CUDA, rwkvkit.wkv.fla_backend; auto picks it
+            there when it can run the inputs).
         chunk_size: chunk length for the chunked form (default rwkvkit.wkv.v6.DEFAULT_CHUNK_SIZE).
         resets: (B, T) bool or None: packed rows, each True position starts a new sequence from `state`
             (rwkvkit.wkv.varlen; the final state is that of each row's last sequence).
@@ -173,7 +179,8 @@ def wkv7(
         r, w, k, v, a, b: (B, T, H, N); w is the log of the per-step decay (w <= 0).
         state: initial state (B, H, N, N) as [value, key], or None for zeros.
         impl: None (the context's choice, auto unless rwkvkit.wkv.use_impl set it), "auto",
-            "reference", "recurrent" or "chunked".
+            "reference", "recurrent", "chunked" or "fla" (CUDA, rwkvkit.wkv.fla_backend; auto picks it
+            there when it can run the inputs).
         chunk_size: chunk length for the chunked form (default DEFAULT_CHUNK_SIZE).
         resets: (B, T) bool or None: packed rows, each True position starts a new sequence from `state`
             (rwkvkit.wkv.varlen; the final state is that of each row's last sequence).

@@ -66,14 +66,14 @@ def unavailable(tensors: Sequence[torch.Tensor], state: torch.Tensor | None) -> 
 
 def wkv7_seq(r, w, k, v, a, b, state=None):  # noqa: ANN001, ANN201 (see .wkv7_seq.wkv7_triton)
     """The Triton WKV-7 over a whole sequence (:func:`rwkvkit.wkv.kernels.wkv7_seq.wkv7_triton`)."""
-    from rwkvkit.wkv.kernels.wkv7_seq import wkv7_triton
+    from rwkvkit.wkv.kernels.wkv7_seq import wkv7_triton  # imports triton: only when a kernel runs
 
     return wkv7_triton(r, w, k, v, a, b, state)
 
 
 def wkv7_step(r, w, k, v, a, b, state, out=None):  # noqa: ANN001, ANN201 (see .wkv7_step)
     """The Triton WKV-7 decode step (:func:`rwkvkit.wkv.kernels.wkv7_step.wkv7_step_triton`)."""
-    from rwkvkit.wkv.kernels.wkv7_step import wkv7_step_triton
+    from rwkvkit.wkv.kernels.wkv7_step import wkv7_step_triton  # imports triton: only when a kernel runs
 
     return wkv7_step_triton(r, w, k, v, a, b, state, out)
 
