@@ -55,3 +55,24 @@ def test_graph_pool_sizes_and_engine_refusal() -> None:
     model = new_model("7", n_layer=1, n_embd=32, vocab_size=256, head_size=16)
     with pytest.raises(RwkvkitError, match="CUDA graphs need a model on a CUDA device"):
         Engine(model, load_tokenizer("byte"), cuda_graphs=True)
+
+
+def test_gpu_benchmark_runs_in_smoke_mode(tmp_path) -> None:
+    """benchmarks/bench_gpu.py (the one command of a GPU lease) runs end to end on tiny shapes here, and
+    its correctness table is right for the chunked form (errors against the float64 reference)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu.py"
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, str(script), "--smoke", "--reps", "1", "--json", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=env)
+    result = json.loads(out.read_text())
+    fp32 = [r for r in result["correctness"] if r["impl"] == "chunked" and r["dtype"] == "float32"]
+    assert {r["op"] for r in fp32} == {"wkv6", "wkv7"}
+    assert all(r["max_rel_err_y"] < 1e-5 and r["max_rel_err_grads"] < 1e-5 for r in fp32)
+    assert all("tokens_per_s" in r for r in result["training"] if not r["compile"])
