@@ -1,0 +1,292 @@
+"""DPO (``--objective dpo``): the loss and its gradients against a direct implementation of the formula,
+the reference cache (counted forwards), a synthetic preference set whose held-out accuracy rises, bad
+records, resume, and the LoRA path.
+
+The direct implementation below is the DPO formula written out per pair: prompt + completion run together
+from scratch (no state reuse, no padding, no batching), summed log-probabilities, -log sigmoid of the
+beta-scaled difference of log-ratios, averaged over the pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rwkvkit import RwkvkitError
+from rwkvkit.models import new_model
+from rwkvkit.models.common import RWKVModel
+from rwkvkit.train import dpo
+from rwkvkit.train.config import TrainConfig
+from rwkvkit.train.trainer import Trainer, train
+
+BETA = 0.3
+
+
+def direct_logp(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """sum_t log pi(c_t | prompt, c_<t), prompt + completion run from scratch in one sequence."""
+    full = torch.tensor([prompt + completion])  # (1, Tp + Tc)
+    logits, _ = model(full)  # (1, Tp + Tc, V)
+    rows = logits[0, len(prompt) - 1 : len(prompt) + len(completion) - 1].float()  # (Tc, V) predicting c_t
+    logp = torch.log_softmax(rows, dim=-1)
+    return logp[torch.arange(len(completion)), torch.tensor(completion)].sum()
+
+
+def direct_loss(model, reference, pairs: list[tuple[list[int], list[int], list[int]]]) -> torch.Tensor:
+    """mean over pairs of -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))."""
+    losses = []
+    for prompt, chosen, rejected in pairs:
+        with torch.no_grad():
+            ref_c, ref_r = direct_logp(reference, prompt, chosen), direct_logp(reference, prompt, rejected)
+        pi_c, pi_r = direct_logp(model, prompt, chosen), direct_logp(model, prompt, rejected)
+        losses.append(-F.logsigmoid(BETA * ((pi_c - ref_c) - (pi_r - ref_r))))
+    return torch.stack(losses).mean()
+
+
+def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    scale = b.abs().max().item()
+    assert (a - b).abs().max().item() <= rel * max(scale, 1e-8), (a, b)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+RECORDS = [
+    {"prefix": "Hello", "chosen": " world", "rejected": " there, you"},
+    {"prompt": "2+2?", "chosen": "4", "rejected": "five"},
+    {"prefix": "xyz w", "chosen": "a", "rejected": "bcd"},
+    {"prompt": "Name a colour.", "chosen": "Blue, the sky's.", "rejected": "No."},
+]
+
+
+def byte_tokens(record: dict) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) as the module docstring says they are rendered (byte tokenizer)."""
+    if "prefix" in record:
+        return [list(record[k].encode()) for k in ("prefix", "chosen", "rejected")]
+    prompt = list(f"User: {record['prompt']}\n\nAssistant:".encode())
+    return prompt, [*(" " + record["chosen"]).encode(), 0], [*(" " + record["rejected"]).encode(), 0]
+
+
+@pytest.mark.parametrize("tune", ["full", "lora"])
+def test_the_loss_and_its_gradients_equal_the_direct_formula(tune, tmp_path):
+    """A Trainer's DPO step (weights moved away from the reference after the cache was made): the loss,
+    every trained parameter's gradient and the metrics equal the direct formula, with the starting weights
+    (full) or the base without adapters (LoRA) as the reference."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    cfg = TrainConfig(
+        data=str(data), objective="dpo", dpo_beta=BETA, tune=tune, n_layer=1, n_embd=32, head_size=16,
+        batch_size=4, out=str(tmp_path / "out"), progress=False, seed=3,
+    )  # fmt: skip
+    with Trainer(cfg) as trainer:
+        trainer.setup()
+        model = trainer.parts.model
+        if tune == "full":
+            torch.manual_seed(3)  # the starting weights, built independently
+            reference = new_model("7", 1, 32, 256, 16, torch.device("cpu"))
+        else:
+            reference = new_model("7", 1, 32, 256, 16, torch.device("cpu"))
+            reference.load_state_dict(
+                {k.replace("base_layer.", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+            )
+        trained = [(n, p) for n, p in trainer.parts.trained.named_parameters() if p.requires_grad]
+        with torch.no_grad():
+            for k, (_, p) in enumerate(trained):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(k)) * 0.05)
+        out = trainer.objective.forward_backward(trainer)
+        got = {n: p.grad.clone() for n, p in trained if p.grad is not None}
+        trainer.parts.trained.zero_grad()
+        pairs = [byte_tokens(r) for r in RECORDS]
+        expected = direct_loss(model, reference, pairs)
+        expected.backward()
+        want = {n: p.grad.clone() for n, p in trained if p.grad is not None}
+        with torch.no_grad():
+            rewards = [
+                [BETA * (direct_logp(model, p, c) - direct_logp(reference, p, c)) for c in (ch, rj)]
+                for p, ch, rj in pairs
+            ]
+    assert math.isclose(out.loss, expected.item(), rel_tol=1e-5)
+    assert set(got) == set(want) and len(want) > 0
+    for name in want:
+        assert_close_rel(got[name], want[name])
+    margins = [float(c - r) for c, r in rewards]
+    assert math.isclose(out.metrics["margin"], sum(margins) / 4, rel_tol=1e-4, abs_tol=1e-6)
+    assert out.metrics["accuracy"] == sum(m > 0 for m in margins) / 4
+    assert math.isclose(out.metrics["reward_chosen"], sum(float(c) for c, _ in rewards) / 4, rel_tol=1e-4)
+    assert math.isclose(out.metrics["reward_rejected"], sum(float(r) for _, r in rewards) / 4, rel_tol=1e-4)
+    assert out.tokens == sum(len(p) + len(c) + len(r) for p, c, r in pairs)
+
+
+def test_every_pair_is_seen_once_per_epoch():
+    seen = [i for step in range(5) for i in dpo.step_pairs(10, step, 4, seed=1)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert seen == [i for step in range(5) for i in dpo.step_pairs(10, step, 4, seed=1)]
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def synthetic_pairs(seed: int, n: int) -> list[dict]:
+    """A preference the test builds: after a random lowercase prefix, the chosen completion ends with '!',
+    the rejected one (the same letters) with '?'."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prefix = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 5)))
+        body = " " + "".join(rng.choice("ijklmnop") for _ in range(rng.randint(1, 3)))
+        out.append({"prefix": prefix, "chosen": body + "!", "rejected": body + "?"})
+    return out
+
+
+def toy_run(tmp_path: Path, out: str, **settings) -> TrainConfig:
+    data = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(0, 24))
+    val = write_jsonl(tmp_path / "val.jsonl", synthetic_pairs(1, 12))
+    base = dict(
+        data=str(data), val_data=str(val), objective="dpo", dpo_beta=0.5, n_layer=1, n_embd=32,
+        head_size=16, batch_size=4, lr=1e-2, lr_final=1e-2, warmup_steps=0, out=str(tmp_path / out),
+        progress=False, plot_every=0,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **settings})
+
+
+def entries(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_held_out_preference_accuracy_rises(tmp_path):
+    """From a new byte model (policy = reference: margins 0, accuracy one half), 20 steps learn that '!'
+    ends the preferred completion on held-out prefixes too."""
+    result = train(toy_run(tmp_path, "toy", steps=20, eval_every=10))
+    logged = entries(Path(result.model_path).parent)
+    with Trainer(toy_run(tmp_path, "start", steps=1)) as trainer:
+        trainer.setup()
+        before = trainer.evaluate()
+    assert before["val_accuracy"] == 0.5 and before["val_margin"] == 0.0
+    assert math.isclose(before["val_loss"], math.log(2), rel_tol=1e-6)
+    after = [e for e in logged if "val_accuracy" in e][-1]
+    assert after["step"] == 20
+    assert after["val_accuracy"] >= 0.9 and after["val_margin"] > 1.0, logged
+    assert after["val_policy_accuracy"] > before["val_policy_accuracy"]
+    assert after["val_loss"] < 0.5 * math.log(2)
+
+
+def test_reference_log_probs_are_computed_once(tmp_path, monkeypatch):
+    """Counted model forwards: the reference runs each pair once at setup (a prefill and a 2-row
+    continuation), then each step runs only the policy (2 forwards a pair), and the final evaluation
+    2 a validation pair."""
+    calls = []
+    original = RWKVModel.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RWKVModel, "forward", counted)
+    with Trainer(toy_run(tmp_path, "count", steps=3, eval_every=0)) as trainer:
+        trainer.setup()
+        assert len(calls) == 2 * (24 + 12) and not any(calls)  # the cache, without gradients
+        assert trainer.objective.reference_forwards == 36
+        trainer.train()
+    assert len(calls) == 2 * 36 + 3 * 4 * 2 + 2 * 12
+    assert trainer.objective.reference_forwards == 36
+
+
+def test_a_run_writes_its_outputs_and_resumes_on_the_same_curve(tmp_path, monkeypatch):
+    """model.pth, metrics.jsonl with the DPO metrics and validation; a run killed after step 4 (saved at
+    step 3) and resumed (its reference cache computed again) logs the same steps and ends with the same
+    weights as one that never stopped."""
+    settings = dict(steps=6, save_every=3, eval_every=3)
+    train(toy_run(tmp_path, "whole", **settings))
+    out = tmp_path / "whole"
+    logged = entries(out)
+    steps = [e for e in logged if "loss" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
+    for key in ("margin", "accuracy", "reward_chosen", "reward_rejected"):
+        assert all(math.isfinite(e[key]) for e in steps), key
+    assert [e["step"] for e in logged if "val_accuracy" in e] == [3, 6]
+    assert (out / "model.pth").is_file()
+
+    original = dpo.DPOObjective.forward_backward
+
+    def dies_at_step_5(self, trainer):
+        if trainer.step == 4:
+            raise KeyboardInterrupt
+        return original(self, trainer)
+
+    monkeypatch.setattr(dpo.DPOObjective, "forward_backward", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(toy_run(tmp_path, "killed", **settings))
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(dpo.DPOObjective, "forward_backward", original)
+    train(toy_run(tmp_path, "killed", **settings, resume=True))
+    drop = ("tokens_per_s", "elapsed_s")
+    assert [{k: v for k, v in e.items() if k not in drop} for e in entries(killed)] == [
+        {k: v for k, v in e.items() if k not in drop} for e in logged
+    ]
+    a = torch.load(killed / "model.pth", weights_only=True)
+    b = torch.load(out / "model.pth", weights_only=True)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_trains_only_the_adapters(tmp_path):
+    """--tune lora: three steps change the adapters and nothing of the base model; the margin moves."""
+    with Trainer(toy_run(tmp_path, "lora", steps=3, tune="lora", lora_r=4, lora_alpha=8)) as trainer:
+        trainer.setup()
+        before = {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
+        trainer.train()
+        after = trainer.parts.model.state_dict()
+    lora = [k for k in before if "lora_" in k]
+    assert lora and all(not torch.equal(before[k], after[k]) for k in lora if "lora_B" in k)
+    assert all(torch.equal(before[k], after[k]) for k in before if "lora_" not in k)
+    assert [e["accuracy"] for e in entries(tmp_path / "lora") if "accuracy" in e][0] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ('["a list"]', "line 2: a preference record must be a JSON object"),
+        ('{"chosen": "a", "rejected": "b"}', "line 2: a preference record needs exactly one of 'prompt'"),
+        ('{"prompt": "q", "rejected": "b"}', "line 2: missing 'chosen'"),
+        ('{"prefix": "q", "chosen": "a"}', "line 2: missing 'rejected'"),
+        ('{"prompt": "q", "chosen": 4, "rejected": "b"}', "line 2: 'chosen' must be a string, got int"),
+        ('{"prompt": "q", "chosen": "a", "rejected": ""}', "line 2: 'rejected' is empty"),
+        ('{"prompt": " ", "chosen": "a", "rejected": "b"}', "line 2: 'prompt' is empty"),
+        (
+            '{"prefix": "q", "chosen": "same", "rejected": "same"}',
+            "line 2: 'chosen' and 'rejected' are the same",
+        ),
+    ],
+)
+def test_a_bad_record_stops_the_run_before_it_starts(tmp_path, line, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prefix": "ok", "chosen": "a", "rejected": "b"}\n' + line + "\n", encoding="utf-8")
+    cfg = toy_run(tmp_path, "bad", steps=2)
+    cfg.data = str(data)
+    with pytest.raises(RwkvkitError, match=message) as info:
+        train(cfg)
+    assert "\n" not in str(info.value) and str(data) in str(info.value)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(fsdp=True), "--fsdp does not go with --objective dpo"),
+        (dict(dpo_beta=0.0), "--dpo-beta must be > 0"),
+        (dict(data="nowhere.jsonl"), "no such preference file"),
+    ],
+)
+def test_bad_dpo_settings_are_one_line(tmp_path, settings, message):
+    with pytest.raises(RwkvkitError, match=message) as info:
+        train(toy_run(tmp_path, "bad", steps=2, **settings))
+    assert "\n" not in str(info.value)
