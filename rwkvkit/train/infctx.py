@@ -161,9 +161,9 @@ def forward_backward(trainer: Trainer) -> float:
         def window_loss(logits: torch.Tensor, j: int, y=y, mask=mask) -> tuple[torch.Tensor, torch.Tensor]:
             yj = y[:, j * T : (j + 1) * T]  # (B, T)
             if mask is None:
-                loss = trainer.loss_fn(logits, yj) * (window_share * share)
-                objective = L2Wrap.apply(loss, logits) if cfg.l2wrap else loss
-                return objective, loss
+                loss = trainer.loss_fn(logits, yj)  # the window's mean
+                objective = L2Wrap.apply(loss, logits) if cfg.l2wrap else loss  # its weight: the loss's
+                return objective * (window_share * share), loss * (window_share * share)
             loss = masked_loss_sum(logits, yj, mask[:, j * T : (j + 1) * T]) * weight
             objective = loss
             if cfg.l2wrap:
