@@ -144,6 +144,7 @@ def assert_same_grads(ours: dict, ref: dict, what: str, rel: float = 1e-5) -> No
     [
         ("7", {}),
         ("7", {"grad_checkpoint": True, "micro_batch_size": 1}),
+        ("7", {"tune": "lora"}),
         ("6", {}),
         ("5.2", {}),
         ("4", {}),
@@ -155,9 +156,23 @@ def test_gradient_through_every_window_is_the_whole_sequence_gradient(tmp_path, 
     cfg = config(tmp_path, token_file(tmp_path), version=version, state_grad_windows=4, **settings)
     loss, grads, trainer = trainer_step(cfg)
     ref_loss, ref_grads = reference_grads(trainer, None)
-    assert abs(loss - ref_loss) <= 1e-6 * ref_loss
+    assert grads and abs(loss - ref_loss) <= 1e-6 * ref_loss
     assert_same_grads(grads, ref_grads, f"v{version}")
+    if settings.get("tune") == "lora":
+        assert all("lora_" in name for name in grads)
     trainer.close()
+
+
+def test_bf16_autocast_runs_the_windows(tmp_path):
+    """--precision bf16: the windows run under autocast; loss and gradients near the fp32 step's."""
+    data = token_file(tmp_path)
+    loss32, grads32, trainer = trainer_step(config(tmp_path, data, state_grad_windows=2))
+    trainer.close()
+    loss16, grads16, trainer = trainer_step(config(tmp_path, data, state_grad_windows=2, precision="bf16"))
+    trainer.close()
+    assert loss16 != loss32 and abs(loss16 - loss32) <= 2e-2 * loss32  # autocast ran, and is close
+    for name, g in grads32.items():
+        assert (grads16[name] - g).norm() <= 0.1 * g.norm() + 1e-6, name
 
 
 def test_chat_masks_through_every_window(tmp_path):
