@@ -111,10 +111,13 @@ FLAG_HELP = {
     "after each document) the WKV state and the token shifts restart, so the 0 begins the next document "
     "and each document trains as if it ran alone",
     "seq_len": "infinite-context training: each sequence is this many tokens, run in --ctx-len windows "
-    "with the state (WKV and token shifts) carried from window to window; memory is that of a window "
-    "(0 = off: sequences are one window)",
-    "state_grad_windows": "with --seq-len: the gradient flows through the carried state across this many "
-    "consecutive windows before it is cut (memory grows with it; 1 = cut at every window boundary)",
+    "with the state (WKV and token shifts) carried from window to window; memory is that of a window, "
+    "the loss is the whole sequence's; validation runs in sequences of this length too (0 = off: "
+    "sequences are one window)",
+    "state_grad_windows": "with --seq-len: the gradient flows through the carried state across groups of "
+    "this many consecutive windows and is cut between groups (1 = cut at every window boundary; "
+    "seq_len / ctx_len = the exact whole-sequence gradient); memory stays one window's, each window "
+    "of a group but its last runs forward twice",
     "dpo_beta": "DPO: strength of the implicit KL constraint to the reference model (beta)",
     "reward": "GRPO: the reward, 'module:function' (a Python function (prompt, completion) -> float; "
     "module may be a .py path) or a verifier script path (prompt and completion as JSON on stdin, "

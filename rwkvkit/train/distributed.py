@@ -96,6 +96,29 @@ def all_reduce_sum(value: torch.Tensor, world: Distributed) -> torch.Tensor:
     return value
 
 
+def all_reduce_gradients(module: nn.Module, world: Distributed, bucket: int = 1 << 24) -> None:
+    """Average the accumulated ``.grad`` of ``module``'s parameters over the processes, as DDP's backward
+    does, for steps that run the unwrapped model. Parameters without a gradient are left alone (which
+    parameters have one depends only on the model and the step's shape, the same on every process).
+    Gradients travel flattened in buckets of about ``bucket`` elements."""
+    if not world.enabled:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    while grads:
+        size, count = 0, 0
+        while count < len(grads) and (count == 0 or size + grads[count].numel() <= bucket):
+            size += grads[count].numel()
+            count += 1
+        part, grads = grads[:count], grads[count:]
+        flat = torch.cat([g.flatten() for g in part])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world.world_size
+        offset = 0
+        for g in part:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 def barrier(world: Distributed) -> None:
     if world.enabled:
         dist.barrier()

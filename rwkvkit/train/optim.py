@@ -2,7 +2,7 @@
 
 AdamW with betas (0.9, 0.99) and eps 1e-18; weight decay only on 2-D ``.weight`` matrices; the decay
 base (``att.w0`` for RWKV-7) at twice the learning rate; linear warmup then cosine decay; and the
-L2Wrap regulariser that keeps logits small.
+L2Wrap regulariser that keeps logits small; and the masked cross-entropy sum every loss path shares.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DOUBLE_LR_SUFFIXES = ("att.w0", "att.time_decay")
@@ -74,3 +75,9 @@ class L2Wrap(torch.autograd.Function):
         max_val, max_idx = logits.max(dim=-1, keepdim=True)
         grad_logits = torch.zeros_like(logits).scatter_(-1, max_idx, max_val * factor * grad_output)
         return grad_output, grad_logits
+
+
+def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of the next-token cross-entropy of logits (B, T, V) over targets (B, T) where mask (B, T) is 1."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*T,)
+    return (ce * mask.flatten().to(ce.dtype)).sum()

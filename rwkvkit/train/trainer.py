@@ -5,6 +5,8 @@ init) or from an official checkpoint (fine-tuning: full, LoRA, or state tuning),
 (DDP, or FSDP2 with ``--fsdp``). One optimizer step sees ``batch_size`` windows of ``ctx_len`` tokens,
 drawn as a pure function of (seed, step) and split over processes and micro-batches, so the loss curve
 does not depend on how the batch is split and a resumed run sees the data it would have seen.
+With ``--seq-len`` a step's rows are sequences of ``seq_len`` tokens run in ``ctx_len`` windows with the
+state carried (:mod:`rwkvkit.train.infctx`).
 
 :class:`Trainer` runs in named phases: ``setup`` (data, model, tuning, optimizer, resume), ``train_step``
 (AdamW with the official parameter groups, warmup + cosine schedule, gradient accumulation, L2Wrap,
@@ -34,13 +36,13 @@ from rwkvkit.errors import RwkvkitError
 from rwkvkit.models import load_model, new_model
 from rwkvkit.models.common import RWKVModel
 from rwkvkit.tokenizer import load_tokenizer
-from rwkvkit.train import distributed, finetune
+from rwkvkit.train import distributed, finetune, infctx
 from rwkvkit.train.checkpointing import Checkpointer, ModelParts
 from rwkvkit.train.config import TrainConfig, check_config, config_to_json
 from rwkvkit.train.data import EOT_ID, eval_windows, load_training_data, sample_batch, sample_mask
 from rwkvkit.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog
 from rwkvkit.train.objective import StepOutput, make_objective
-from rwkvkit.train.optim import L2Wrap, lr_at, make_optimizer, set_lr
+from rwkvkit.train.optim import L2Wrap, lr_at, make_optimizer, masked_loss_sum, set_lr
 
 log = logging.getLogger("rwkvkit.train")
 
@@ -48,12 +50,6 @@ log = logging.getLogger("rwkvkit.train")
 def compute_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of logits (B, T, V) against targets (B, T)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of the next-token cross-entropy of logits (B, T, V) over targets (B, T) where mask (B, T) is 1."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*T,)
-    return (ce * mask.flatten().to(ce.dtype)).sum()
 
 
 @torch.no_grad()
@@ -228,13 +224,18 @@ class Trainer:
             self.objective.load_data(self)
             return
         self.tokens, self.mask = load_training_data(cfg.data, tokenizer)  # mask: chat data's loss mask
+        if cfg.seq_len:
+            infctx.check_sequence_data(self.tokens.size, cfg.seq_len, f"--data {cfg.data}")
         if cfg.val_data:
             val_tokens, val_mask = load_training_data(cfg.val_data, tokenizer)
             if cfg.eval_tokens:
                 val_tokens = val_tokens[: cfg.eval_tokens + 1]
-            self.val = eval_windows(val_tokens, cfg.ctx_len)
+            length = cfg.seq_len or cfg.ctx_len  # --seq-len: whole sequences, run in windows
+            if cfg.seq_len:
+                infctx.check_sequence_data(val_tokens.size, cfg.seq_len, f"--val-data {cfg.val_data}", 1)
+            self.val = eval_windows(val_tokens, length)
             if val_mask is not None:
-                self.val_mask = eval_windows(val_mask[: val_tokens.size], cfg.ctx_len)[1].float()
+                self.val_mask = eval_windows(val_mask[: val_tokens.size], length)[1].float()
 
     def _build(self) -> None:
         cfg = self.cfg
@@ -293,7 +294,9 @@ class Trainer:
         """The gradients of this step's batch, from the objective (or next-token prediction)."""
         if self.objective is not None:
             return self.objective.forward_backward(self)
-        return StepOutput(self.forward_backward(), self.cfg.batch_size * self.cfg.ctx_len)
+        return StepOutput(
+            self.forward_backward(), self.cfg.batch_size * (self.cfg.seq_len or self.cfg.ctx_len)
+        )
 
     def resets(self, x: torch.Tensor) -> torch.Tensor | None:
         """The document starts of windows x (B, T) under ``--pack`` (None without it)."""
@@ -302,6 +305,8 @@ class Trainer:
     def forward_backward(self) -> float:
         """Gradients of this step's batch, summed over micro-batches; returns the loss (mean of processes)."""
         cfg, world, module, autocast = self.cfg, self.world, self.parts.module, self.autocast
+        if cfg.seq_len:  # sequences of --seq-len in --ctx-len windows, the state carried
+            return infctx.forward_backward(self)
         accumulation = self.local_rows // self.micro_rows
         share = self.micro_rows / self.local_rows  # of this process's mean loss (DDP averages processes)
         loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
@@ -398,7 +403,14 @@ class Trainer:
             metrics = self.objective.evaluate(self)
         else:
             module, micro = self.parts.module, self.micro_rows
-            val_loss = evaluate(module, *self.val, batch_size=micro, mask=self.val_mask, pack=self.cfg.pack)
+            if self.cfg.seq_len:
+                val_loss = infctx.evaluate_sequences(
+                    module, *self.val, self.cfg.ctx_len, batch_size=micro, mask=self.val_mask
+                )
+            else:
+                val_loss = evaluate(
+                    module, *self.val, batch_size=micro, mask=self.val_mask, pack=self.cfg.pack
+                )
             metrics = {"val_loss": val_loss}
         self.val_loss = metrics.get("val_loss", self.val_loss)
         return {name: round(value, 6) for name, value in metrics.items()}
