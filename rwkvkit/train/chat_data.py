@@ -28,6 +28,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -105,12 +106,11 @@ def encode_record(tokenizer, record: dict, where: str) -> tuple[np.ndarray, np.n
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
 
 
-def iter_chat_records(path: str | Path, tokenizer) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(where, token ids, mask) of each record of a chat ``.jsonl`` file, in order (every record must be
-    chat data; a bad one is an error naming its line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RwkvkitError(f"no such data file: {path}")
+def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, value) for each non-blank line of a ``.jsonl`` file, ``where`` being "PATH: line N" and
+    ``value`` the line's parsed JSON (any type: the caller checks it); a line that is not UTF-8 (a BOM
+    allowed on line 1) or not JSON is an RwkvkitError naming it. Every ``.jsonl`` reader of training
+    data (documents, chat records, GRPO prompts, DPO pairs) reads its lines through this."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}: line {line_no}"
@@ -124,12 +124,20 @@ def iter_chat_records(path: str | Path, tokenizer) -> Iterator[tuple[str, np.nda
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RwkvkitError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or not is_chat_record(record):
-                raise RwkvkitError(
-                    f"{where}: not a chat record (expected 'messages' or 'prompt' + 'completion')"
-                )
-            tokens, mask = encode_record(tokenizer, record, where)
-            yield where, tokens, mask
+            yield where, record
+
+
+def iter_chat_records(path: str | Path, tokenizer) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(where, token ids, mask) of each record of a chat ``.jsonl`` file, in order (every record must be
+    chat data; a bad one is an error naming its line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RwkvkitError(f"no such data file: {path}")
+    for where, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not is_chat_record(record):
+            raise RwkvkitError(f"{where}: not a chat record (expected 'messages' or 'prompt' + 'completion')")
+        tokens, mask = encode_record(tokenizer, record, where)
+        yield where, tokens, mask
 
 
 def load_chat_jsonl(path: str | Path, tokenizer) -> tuple[np.ndarray, np.ndarray]:

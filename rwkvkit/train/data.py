@@ -19,7 +19,6 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import time
@@ -44,6 +43,7 @@ from rwkvkit.train.binidx import (  # noqa: F401 (BinIdx and binidx_paths re-exp
 )
 from rwkvkit.train.chat_data import (
     first_record_is_chat,
+    iter_jsonl,
     load_chat_jsonl,
     mask_path,
     read_mask,
@@ -110,31 +110,19 @@ def _read_text_file(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path, text_key: str) -> Iterator[str]:
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            where = f"{path}: line {line_no}"
-            try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise RwkvkitError(f"{where}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RwkvkitError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise RwkvkitError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if text_key not in record:
-                fields = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-                raise RwkvkitError(
-                    f"{where}: no {text_key!r} field (fields: {fields}); choose the field with text_key "
-                    "(--text-key)"
-                )
-            text = record[text_key]
-            if not isinstance(text, str):
-                raise RwkvkitError(f"{where}: field {text_key!r} is {type(text).__name__}, not a string")
-            yield text
+    for where, record in iter_jsonl(path):
+        if not isinstance(record, dict):
+            raise RwkvkitError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if text_key not in record:
+            fields = ", ".join(repr(k) for k in list(record)[:10]) or "none"
+            raise RwkvkitError(
+                f"{where}: no {text_key!r} field (fields: {fields}); choose the field with text_key "
+                "(--text-key)"
+            )
+        text = record[text_key]
+        if not isinstance(text, str):
+            raise RwkvkitError(f"{where}: field {text_key!r} is {type(text).__name__}, not a string")
+        yield text
 
 
 def _import_pyarrow() -> tuple[Any, Any]:

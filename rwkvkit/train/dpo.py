@@ -48,7 +48,6 @@ log-probability (no reference; not 0.5 at the start).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,7 @@ import torch.nn.functional as F
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer.chat_format import normalize_message
 from rwkvkit.train import distributed
-from rwkvkit.train.chat_data import EOT_ID
+from rwkvkit.train.chat_data import EOT_ID, iter_jsonl
 from rwkvkit.train.grpo import GRPOObjective, completion_logprobs, pad_completions, prompt_tokens
 from rwkvkit.train.objective import Objective, StepOutput
 from rwkvkit.train.trainer import Trainer, build_model
@@ -89,20 +88,8 @@ def load_pairs(path: str | Path, tokenizer) -> list[PreferencePair]:
     if not path.is_file():
         raise RwkvkitError(f"no such preference file: {path}")
     pairs = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            where = f"{path}: line {line_no}"
-            try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise RwkvkitError(f"{where}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RwkvkitError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            pairs.append(_pair(record, where, tokenizer))
+    for where, record in iter_jsonl(path):
+        pairs.append(_pair(record, where, tokenizer))
     if not pairs:
         raise RwkvkitError(f"{path}: no preference pairs")
     return pairs

@@ -49,7 +49,6 @@ validation prompt sampled with a fixed seed (the same draws at every evaluation)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ from rwkvkit.infer.chat_format import normalize_message
 from rwkvkit.infer.engine import Engine, FinishEvent
 from rwkvkit.infer.sampling import SamplingParams
 from rwkvkit.train import distributed
-from rwkvkit.train.chat_data import EOT_ID, render_segments
+from rwkvkit.train.chat_data import EOT_ID, iter_jsonl, render_segments
 from rwkvkit.train.objective import Objective, StepOutput
 from rwkvkit.train.rewards import Reward
 from rwkvkit.train.trainer import Trainer, build_model
@@ -106,20 +105,8 @@ def load_prompts(path: str | Path, tokenizer) -> list[PromptRecord]:
     if not path.is_file():
         raise RwkvkitError(f"no such prompts file: {path}")
     records = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            where = f"{path}: line {line_no}"
-            try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise RwkvkitError(f"{where}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RwkvkitError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            records.append(_prompt_record(record, where, tokenizer))
+    for where, record in iter_jsonl(path):
+        records.append(_prompt_record(record, where, tokenizer))
     if not records:
         raise RwkvkitError(f"{path}: no prompt records")
     return records
