@@ -96,6 +96,29 @@ def all_reduce_sum(value: torch.Tensor, world: Distributed) -> torch.Tensor:
     return value
 
 
+def sum_values(values: list[float], world: Distributed) -> list[float]:
+    """The sums over all processes of a few numbers (float64, one all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    return all_reduce_sum(t, world).tolist()
+
+
+def sum_gradients(module: nn.Module, world: Distributed) -> None:
+    """Sum the gradients of ``module``'s trained parameters over processes, in place (for objectives that
+    call the model outside DDP and scale each process's loss by the global count); a parameter no
+    process has a gradient for keeps None."""
+    if not world.enabled:
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    has = torch.tensor([float(p.grad is not None) for p in params], device=world.device)
+    has = all_reduce_sum(has, world)
+    for p, n in zip(params, has.tolist(), strict=True):
+        if n == 0:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
 def barrier(world: Distributed) -> None:
     if world.enabled:
         dist.barrier()

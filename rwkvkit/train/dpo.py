@@ -62,7 +62,7 @@ from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer.chat_format import normalize_message
 from rwkvkit.train import distributed
 from rwkvkit.train.chat_data import EOT_ID
-from rwkvkit.train.grpo import GRPOObjective, completion_logprobs, pad_completions, prompt_tokens
+from rwkvkit.train.grpo import completion_logprobs, pad_completions, prompt_tokens
 from rwkvkit.train.objective import Objective, StepOutput
 from rwkvkit.train.trainer import Trainer, build_model
 
@@ -145,11 +145,13 @@ def completion_tokens(tokenizer, text: str, chat: bool) -> list[int]:
 def step_pairs(n_pairs: int, step: int, batch_size: int, seed: int) -> list[int]:
     """The pair indices of step ``step``'s global batch: global index ``step * batch_size + k`` through
     the seeded permutation of its epoch (every pair once per epoch)."""
-    out = []
+    out: list[int] = []
+    orders: dict[int, np.ndarray] = {}
     for index in range(step * batch_size, (step + 1) * batch_size):
         epoch, position = divmod(index, n_pairs)
-        order = np.random.default_rng([seed, epoch, 0xD90]).permutation(n_pairs)
-        out.append(int(order[position]))
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch, 0xD90]).permutation(n_pairs)
+        out.append(int(orders[epoch][position]))
     return out
 
 
@@ -192,8 +194,9 @@ class DPOObjective(Objective):
         cfg = trainer.cfg
         if cfg.fsdp:
             raise RwkvkitError(
-                "--fsdp does not go with --objective dpo: each pair runs unsharded forwards on one "
-                "process alone (use DDP, the default)"
+                "--fsdp does not go with --objective dpo: the reference log-probabilities come from a whole "
+                "copy of the starting weights on each process and a step sums replicated gradients (use "
+                "DDP, the default)"
             )
         if not cfg.dpo_beta > 0:
             raise RwkvkitError(f"--dpo-beta must be > 0, got {cfg.dpo_beta}")
@@ -268,8 +271,10 @@ class DPOObjective(Objective):
                 ],
                 dtype=torch.float64,
             )
-        GRPOObjective._sum_gradients(trainer)
-        loss_sum, margin, accuracy, r_chosen, r_rejected, tokens = GRPOObjective._sum(world, totals.tolist())
+        distributed.sum_gradients(trainer.parts.trained, world)
+        loss_sum, margin, accuracy, r_chosen, r_rejected, tokens = distributed.sum_values(
+            totals.tolist(), world
+        )
         metrics = {
             "margin": margin * weight,
             "accuracy": accuracy * weight,
@@ -307,7 +312,7 @@ class DPOObjective(Objective):
                 )
         finally:
             model.train(was_training)
-        loss, margin, accuracy, own = GRPOObjective._sum(world, totals.tolist())
+        loss, margin, accuracy, own = distributed.sum_values(totals.tolist(), world)
         n = len(self.val_pairs)
         return {
             "val_loss": loss / n,
