@@ -34,10 +34,13 @@ again, or the same initialisation by the seed), used for the cache and dropped, 
 in memory during training. Under several processes each computes its share of the cache and one
 all-reduce gives everyone all of it.
 
-Several processes (torchrun): each trains its share of the step's pairs and the gradients are summed
-over processes once per step (one all-reduce), as GRPO does, since a step runs the model a different
-number of times per process. ``--fsdp`` is refused: the pairs run unsharded forwards on each process
-alone. No L2Wrap (an LM-loss regulariser).
+Each pair is its own forward and backward (its graph freed before the next), so memory is that of one
+pair and ``--micro-batch-size`` changes nothing. Several processes (torchrun): each trains its share of
+the step's pairs, calling the model outside DDP (two forwards a pair, one backward), and the gradients
+are summed over processes once per step (one all-reduce), as GRPO does. ``--fsdp`` is refused: the
+reference cache is made from a whole copy of the starting weights on each process, and the step sums
+gradients of replicated parameters; a sharded version would need the cache made from the sharded
+policy before the first step and stored with the checkpoint. No L2Wrap (an LM-loss regulariser).
 
 Metrics per step: ``margin``, ``accuracy`` (the fraction of pairs with margin > 0, a tie counting one
 half), ``reward_chosen``, ``reward_rejected`` (means over the step's pairs), all on the progress bar.
