@@ -123,6 +123,40 @@ def test_the_loss_and_its_gradients_equal_the_direct_formula(tune, tmp_path):
     assert out.tokens == sum(len(p) + len(c) + len(r) for p, c, r in pairs)
 
 
+@pytest.mark.parametrize("version", ["7", "6", "5.2", "4"])
+def test_one_prefill_per_pair_equals_each_sequence_alone(version):
+    """pair_logprobs (the prompt once, both completions from copies of its state, right-padded) gives the
+    summed log-probs of prompt + completion run as one sequence, and the same gradients (through the
+    shared prefill too), for completions of unequal length and of one token."""
+    torch.manual_seed(0)
+    model = new_model(version, 2, 32, 256, 16, torch.device("cpu")).train()
+    with torch.no_grad():  # away from the init, whose small values would hide mistakes
+        for k, p in enumerate(model.parameters()):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(k)) * 0.05)
+    pairs = [
+        dpo.PreferencePair("a", [72, 101, 108], [1, 2, 3, 4, 5, 6], [7, 8]),
+        dpo.PreferencePair("b", [9], [10], [11]),  # one-token prompt and completions
+        dpo.PreferencePair("c", [65, 66, 67, 68, 69], [12], [13, 14, 15, 0]),
+    ]
+    weights = torch.tensor([[0.7, -1.3], [0.4, 2.0], [-0.9, 0.5]])
+    params = list(model.parameters())
+    model.zero_grad()
+    got = torch.stack([dpo.pair_logprobs(model, p, 256, torch.device("cpu")) for p in pairs])  # (3, 2)
+    (got * weights).sum().backward()
+    got_grads = [None if p.grad is None else p.grad.clone() for p in params]
+    model.zero_grad()
+    want = torch.stack(
+        [torch.stack([direct_logp(model, p.prompt, c) for c in (p.chosen, p.rejected)]) for p in pairs]
+    )
+    (want * weights).sum().backward()
+    assert_close_rel(got.detach(), want.detach())
+    for p, g in zip(params, got_grads, strict=True):
+        if p.grad is None:
+            assert g is None or not g.any()
+        else:
+            assert_close_rel(g, p.grad)
+
+
 def test_every_pair_is_seen_once_per_epoch():
     seen = [i for step in range(5) for i in dpo.step_pairs(10, step, 4, seed=1)]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
@@ -197,11 +231,12 @@ def test_reference_log_probs_are_computed_once(tmp_path, monkeypatch):
     assert trainer.objective.reference_forwards == 36
 
 
-def test_a_run_writes_its_outputs_and_resumes_on_the_same_curve(tmp_path, monkeypatch):
-    """model.pth, metrics.jsonl with the DPO metrics and validation; a run killed after step 4 (saved at
-    step 3) and resumed (its reference cache computed again) logs the same steps and ends with the same
-    weights as one that never stopped."""
-    settings = dict(steps=6, save_every=3, eval_every=3)
+@pytest.mark.parametrize("tune", ["full", "lora"])
+def test_a_run_writes_its_outputs_and_resumes_on_the_same_curve(tune, tmp_path, monkeypatch):
+    """model.pth, loss.png, metrics.jsonl with the DPO metrics and validation; a run killed after step 4
+    (saved at step 3) and resumed (its reference cache computed again: the starting weights built again,
+    or LoRA's base) logs the same steps and ends with the same weights as one that never stopped."""
+    settings = dict(steps=6, save_every=3, eval_every=3, tune=tune)
     train(toy_run(tmp_path, "whole", **settings))
     out = tmp_path / "whole"
     logged = entries(out)
@@ -210,7 +245,8 @@ def test_a_run_writes_its_outputs_and_resumes_on_the_same_curve(tmp_path, monkey
     for key in ("margin", "accuracy", "reward_chosen", "reward_rejected"):
         assert all(math.isfinite(e[key]) for e in steps), key
     assert [e["step"] for e in logged if "val_accuracy" in e] == [3, 6]
-    assert (out / "model.pth").is_file()
+    assert (out / "model.pth").is_file() and (out / "loss.png").is_file()
+    assert (out / "adapter.safetensors").is_file() == (tune == "lora")
 
     original = dpo.DPOObjective.forward_backward
 
@@ -235,8 +271,9 @@ def test_a_run_writes_its_outputs_and_resumes_on_the_same_curve(tmp_path, monkey
 
 
 def test_lora_trains_only_the_adapters(tmp_path):
-    """--tune lora: three steps change the adapters and nothing of the base model; the margin moves."""
-    with Trainer(toy_run(tmp_path, "lora", steps=3, tune="lora", lora_r=4, lora_alpha=8)) as trainer:
+    """--tune lora: five steps change the adapters and nothing of the base model; the margin, 0 at the
+    first step (adapters start at zero: policy = reference), grows."""
+    with Trainer(toy_run(tmp_path, "lora", steps=5, tune="lora", lora_r=4, lora_alpha=8)) as trainer:
         trainer.setup()
         before = {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
         trainer.train()
@@ -244,7 +281,34 @@ def test_lora_trains_only_the_adapters(tmp_path):
     lora = [k for k in before if "lora_" in k]
     assert lora and all(not torch.equal(before[k], after[k]) for k in lora if "lora_B" in k)
     assert all(torch.equal(before[k], after[k]) for k in before if "lora_" not in k)
-    assert [e["accuracy"] for e in entries(tmp_path / "lora") if "accuracy" in e][0] == 0.5
+    logged = [e for e in entries(tmp_path / "lora") if "accuracy" in e]
+    assert logged[0]["accuracy"] == 0.5 and logged[0]["margin"] == 0.0
+    assert logged[-1]["margin"] > 0.01 and logged[-1]["accuracy"] > 0.5, logged
+
+
+def test_a_non_finite_step_is_skipped(tmp_path, monkeypatch):
+    """A step whose loss is NaN (here: its reference log-probs poisoned) leaves the weights and the
+    optimizer as they were and is logged as skipped; the next step trains."""
+    with Trainer(toy_run(tmp_path, "nan", steps=2)) as trainer:
+        trainer.setup()
+        start = {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
+        good = trainer.objective.ref.clone()
+        trainer.objective.ref[:] = math.nan
+        first, _ = trainer.train_step(0.0)
+        assert first == {"step": 1, "skipped": True, "loss": None, "lr": first["lr"]}
+        now = trainer.parts.model.state_dict()
+        assert all(torch.equal(start[k], now[k]) for k in start) and not trainer.optimizer.state
+        trainer.objective.ref[:] = good
+        second, _ = trainer.train_step(0.5)
+    assert second["step"] == 2 and math.isfinite(second["loss"]) and second["accuracy"] == 0.5
+    assert any(not torch.equal(start[k], v) for k, v in trainer.parts.model.state_dict().items())
+
+
+def test_the_progress_bar_shows_the_dpo_metrics(tmp_path, capsys):
+    train(toy_run(tmp_path, "bar", steps=2, progress=True))
+    shown = capsys.readouterr().err
+    for name in ("loss=", "margin=", "accuracy=", "reward_chosen=", "reward_rejected="):
+        assert name in shown, shown
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -129,7 +129,7 @@ FLAG_HELP = {
     "clip_eps": "GRPO: clipping range of the policy ratio (PPO-style)",
     "ctx_len": "training window length in tokens",
     "batch_size": "sequences per optimizer step, summed over all processes (--objective grpo: prompts per "
-    "step, each sampled --group-size times)",
+    "step, each sampled --group-size times; --objective dpo: preference pairs per step)",
     "micro_batch_size": "sequences per forward/backward on one process; gradients are accumulated over "
     "batch_size / (processes * micro_batch_size) of them (0 = no accumulation)",
     "steps": "number of optimizer steps; also the horizon of the cosine schedule",

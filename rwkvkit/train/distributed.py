@@ -96,14 +96,23 @@ def all_reduce_sum(value: torch.Tensor, world: Distributed) -> torch.Tensor:
     return value
 
 
-def all_reduce_gradients(module: nn.Module, world: Distributed, bucket: int = 1 << 24) -> None:
-    """Average the accumulated ``.grad`` of ``module``'s parameters over the processes, as DDP's backward
-    does, for steps that run the unwrapped model. Parameters without a gradient are left alone (which
-    parameters have one depends only on the model and the step's shape, the same on every process).
-    Gradients travel flattened in buckets of about ``bucket`` elements."""
+def all_reduce_gradients(module: nn.Module, world: Distributed, mean: bool, bucket: int = 1 << 24) -> None:
+    """Sum (``mean=False``) or average (``mean=True``, as DDP's backward does) the ``.grad`` of
+    ``module``'s trained parameters over the processes, in place, for steps that run the unwrapped model.
+    A parameter that has a gradient on some process but not on this one takes part with zeros; one no
+    process has a gradient for keeps None. Gradients travel flattened in buckets of about ``bucket``
+    elements."""
     if not world.enabled:
         return
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    params = [p for p in module.parameters() if p.requires_grad]
+    has = torch.tensor([float(p.grad is not None) for p in params], device=world.device)
+    has = all_reduce_sum(has, world)
+    grads = []
+    for p, n in zip(params, has.tolist(), strict=True):
+        if n > 0:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
     while grads:
         size, count = 0, 0
         while count < len(grads) and (count == 0 or size + grads[count].numel() <= bucket):
@@ -112,11 +121,18 @@ def all_reduce_gradients(module: nn.Module, world: Distributed, bucket: int = 1 
         part, grads = grads[:count], grads[count:]
         flat = torch.cat([g.flatten() for g in part])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= world.world_size
+        if mean:
+            flat /= world.world_size
         offset = 0
         for g in part:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def sum_values(values: list[float], world: Distributed) -> list[float]:
+    """The sums over all processes of a few numbers (float64, one all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    return all_reduce_sum(t, world).tolist()
 
 
 def barrier(world: Distributed) -> None:

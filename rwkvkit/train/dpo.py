@@ -34,10 +34,13 @@ again, or the same initialisation by the seed), used for the cache and dropped, 
 in memory during training. Under several processes each computes its share of the cache and one
 all-reduce gives everyone all of it.
 
-Several processes (torchrun): each trains its share of the step's pairs and the gradients are summed
-over processes once per step (one all-reduce), as GRPO does, since a step runs the model a different
-number of times per process. ``--fsdp`` is refused: the pairs run unsharded forwards on each process
-alone. No L2Wrap (an LM-loss regulariser).
+Each pair is its own forward and backward (its graph freed before the next), so memory is that of one
+pair and ``--micro-batch-size`` changes nothing. Several processes (torchrun): each trains its share of
+the step's pairs, calling the model outside DDP (two forwards a pair, one backward), and the gradients
+are summed over processes once per step (one all-reduce), as GRPO does. ``--fsdp`` is refused: the
+reference cache is made from a whole copy of the starting weights on each process, and the step sums
+gradients of replicated parameters; a sharded version would need the cache made from the sharded
+policy before the first step and stored with the checkpoint. No L2Wrap (an LM-loss regulariser).
 
 Metrics per step: ``margin``, ``accuracy`` (the fraction of pairs with margin > 0, a tie counting one
 half), ``reward_chosen``, ``reward_rejected`` (means over the step's pairs), all on the progress bar.
@@ -61,7 +64,7 @@ from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer.chat_format import normalize_message
 from rwkvkit.train import distributed
 from rwkvkit.train.chat_data import EOT_ID, iter_jsonl
-from rwkvkit.train.grpo import GRPOObjective, completion_logprobs, pad_completions, prompt_tokens
+from rwkvkit.train.grpo import completion_logprobs, pad_completions, prompt_tokens
 from rwkvkit.train.objective import Objective, StepOutput
 from rwkvkit.train.trainer import Trainer, build_model
 
@@ -132,11 +135,13 @@ def completion_tokens(tokenizer, text: str, chat: bool) -> list[int]:
 def step_pairs(n_pairs: int, step: int, batch_size: int, seed: int) -> list[int]:
     """The pair indices of step ``step``'s global batch: global index ``step * batch_size + k`` through
     the seeded permutation of its epoch (every pair once per epoch)."""
-    out = []
+    out: list[int] = []
+    orders: dict[int, np.ndarray] = {}
     for index in range(step * batch_size, (step + 1) * batch_size):
         epoch, position = divmod(index, n_pairs)
-        order = np.random.default_rng([seed, epoch, 0xD90]).permutation(n_pairs)
-        out.append(int(order[position]))
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch, 0xD90]).permutation(n_pairs)
+        out.append(int(orders[epoch][position]))
     return out
 
 
@@ -179,8 +184,9 @@ class DPOObjective(Objective):
         cfg = trainer.cfg
         if cfg.fsdp:
             raise RwkvkitError(
-                "--fsdp does not go with --objective dpo: each pair runs unsharded forwards on one "
-                "process alone (use DDP, the default)"
+                "--fsdp does not go with --objective dpo: the reference log-probabilities come from a whole "
+                "copy of the starting weights on each process and a step sums replicated gradients (use "
+                "DDP, the default)"
             )
         if not cfg.dpo_beta > 0:
             raise RwkvkitError(f"--dpo-beta must be > 0, got {cfg.dpo_beta}")
@@ -255,8 +261,10 @@ class DPOObjective(Objective):
                 ],
                 dtype=torch.float64,
             )
-        GRPOObjective._sum_gradients(trainer)
-        loss_sum, margin, accuracy, r_chosen, r_rejected, tokens = GRPOObjective._sum(world, totals.tolist())
+        distributed.all_reduce_gradients(trainer.parts.trained, world, mean=False)
+        loss_sum, margin, accuracy, r_chosen, r_rejected, tokens = distributed.sum_values(
+            totals.tolist(), world
+        )
         metrics = {
             "margin": margin * weight,
             "accuracy": accuracy * weight,
@@ -294,7 +302,7 @@ class DPOObjective(Objective):
                 )
         finally:
             model.train(was_training)
-        loss, margin, accuracy, own = GRPOObjective._sum(world, totals.tolist())
+        loss, margin, accuracy, own = distributed.sum_values(totals.tolist(), world)
         n = len(self.val_pairs)
         return {
             "val_loss": loss / n,

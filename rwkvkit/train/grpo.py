@@ -57,7 +57,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer.chat_format import normalize_message
@@ -377,7 +376,8 @@ class GRPOObjective(Objective):
         )
         failures = self._score(records, groups, step + 1)
         rewards = [c.reward for g in groups for c in g if c.reward is not None]
-        first = self._sum(world, [len(rewards), sum(rewards), sum(r * r for r in rewards), failures])
+        counts = [len(rewards), sum(rewards), sum(r * r for r in rewards), failures]
+        first = distributed.sum_values(counts, world)
         scored, reward_sum, reward_sq, failures = first
         weight = 1.0 / scored if scored else float("nan")  # nothing scored: the step is skipped
         totals = torch.zeros(5, dtype=torch.float64)  # loss, kl, clipped tokens, completion tokens, tokens
@@ -412,8 +412,8 @@ class GRPOObjective(Objective):
                 ],
                 dtype=torch.float64,
             )
-        self._sum_gradients(trainer)
-        loss_sum, kl_sum, clipped, completion_tokens, tokens = self._sum(world, totals.tolist())
+        distributed.all_reduce_gradients(trainer.parts.trained, world, mean=False)
+        loss_sum, kl_sum, clipped, completion_tokens, tokens = distributed.sum_values(totals.tolist(), world)
         mean = reward_sum / scored if scored else float("nan")
         var = max(reward_sq / scored - mean * mean, 0.0) if scored else float("nan")
         metrics = {
@@ -426,29 +426,6 @@ class GRPOObjective(Objective):
         if cfg.kl_coef > 0:
             metrics["kl"] = kl_sum / scored if scored else float("nan")
         return StepOutput(loss_sum * weight, int(tokens), metrics)
-
-    @staticmethod
-    def _sum(world: distributed.Distributed, values: list[float]) -> list[float]:
-        """The sums over processes of ``values``."""
-        t = torch.tensor(values, dtype=torch.float64, device=world.device)
-        return distributed.all_reduce_sum(t, world).tolist()
-
-    @staticmethod
-    def _sum_gradients(trainer: Trainer) -> None:
-        """Sum the trained parameters' gradients over processes (each process's share of the loss is
-        already divided by the global count); parameters no process has a gradient for keep None."""
-        world = trainer.world
-        if not world.enabled:
-            return
-        params = [p for p in trainer.parts.trained.parameters() if p.requires_grad]
-        has = torch.tensor([float(p.grad is not None) for p in params], device=world.device)
-        has = distributed.all_reduce_sum(has, world)
-        for p, n in zip(params, has.tolist(), strict=True):
-            if n == 0:
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
     # ------------------------------------------------------------------------------------------ evaluation
 
@@ -472,5 +449,5 @@ class GRPOObjective(Objective):
                     value, _ = self.reward.score(record.text, completion.text, record.extra)
                     if value is not None:
                         total, count = total + value, count + 1
-        total, count = self._sum(world, [total, count])
+        total, count = distributed.sum_values([total, count], world)
         return {"val_reward": total / count} if count else {}

@@ -172,7 +172,7 @@ def forward_backward(trainer: Trainer) -> float:
 
         loss_sum += sequence_backward(model, x, T, cfg.state_grad_windows, window_loss, trainer.autocast)
     if world.enabled and not cfg.fsdp:
-        distributed.all_reduce_gradients(trainer.parts.trained, world)
+        distributed.all_reduce_gradients(trainer.parts.trained, world, mean=True)
     return (distributed.all_reduce_sum(loss_sum, world) / world.world_size).item()
 
 
