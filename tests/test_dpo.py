@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -309,6 +313,57 @@ def test_the_progress_bar_shows_the_dpo_metrics(tmp_path, capsys):
     shown = capsys.readouterr().err
     for name in ("loss=", "margin=", "accuracy=", "reward_chosen=", "reward_rejected="):
         assert name in shown, shown
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """2 processes (gloo, CPU): each computes half the reference cache and trains half of each step's
+    pairs; the gradients summed over them give the single-process curve, validation and weights; rank 0
+    alone writes metrics.jsonl."""
+    # Completions with no tokens in common: with a shared body (as synthetic_pairs has) the two
+    # completions' gradients cancel exactly on many weights, leaving ~1e-12 of rounding that the trainer's
+    # AdamW (eps 1e-18, as RWKV-LM's) turns into +-lr steps whose signs depend on the summation order.
+    rng = random.Random(2)
+    pairs = [
+        {
+            "prefix": "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 5))),
+            "chosen": " " + "".join(rng.choice("ijklm") for _ in range(rng.randint(1, 3))) + "!",
+            "rejected": " " + "".join(rng.choice("nopqr") for _ in range(rng.randint(1, 3))) + "?",
+        }
+        for _ in range(24)
+    ]
+    cfg = toy_run(tmp_path, "single", steps=4, eval_every=2)
+    cfg.data = str(write_jsonl(tmp_path / "disjoint.jsonl", pairs))
+    train(cfg)
+    argv = [
+        "--data", cfg.data, "--val-data", cfg.val_data, "--objective", "dpo", "--dpo-beta", "0.5",
+        "--n-layer", "1", "--n-embd", "32", "--head-size", "16", "--batch-size", "4", "--lr", "1e-2",
+        "--lr-final", "1e-2", "--warmup-steps", "0", "--steps", "4", "--eval-every", "2", "--no-progress",
+        "--plot-every", "0", "--out", str(tmp_path / "ddp"),
+    ]  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), "-m", "rwkvkit.train", *argv,
+    ]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    drop = ("tokens_per_s", "elapsed_s")
+    one, two = entries(tmp_path / "single"), entries(tmp_path / "ddp")
+    assert [e["step"] for e in two] == [e["step"] for e in one] and any("val_accuracy" in e for e in two)
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - set(drop):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, one, two)
+    a = torch.load(tmp_path / "single" / "model.pth", weights_only=True)
+    b = torch.load(tmp_path / "ddp" / "model.pth", weights_only=True)
+    # As in test_grpo: Adam turns the ~1e-7 differences of another summation order into weight
+    # differences of a few 1e-6; a wrong gradient sum is off by ~lr = 1e-2 per step.
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5, msg=k)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
