@@ -41,14 +41,17 @@ def direct_logp(model, prompt: list[int], completion: list[int]) -> torch.Tensor
     return logp[torch.arange(len(completion)), torch.tensor(completion)].sum()
 
 
-def direct_loss(model, reference, pairs: list[tuple[list[int], list[int], list[int]]]) -> torch.Tensor:
-    """mean over pairs of -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))."""
+def direct_loss(
+    model, reference, pairs: list[tuple[list[int], list[int], list[int]]], sft_weight: float = 0.0
+) -> torch.Tensor:
+    """mean over pairs of -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) - sft_weight * pi_c / |c|."""
     losses = []
     for prompt, chosen, rejected in pairs:
         with torch.no_grad():
             ref_c, ref_r = direct_logp(reference, prompt, chosen), direct_logp(reference, prompt, rejected)
         pi_c, pi_r = direct_logp(model, prompt, chosen), direct_logp(model, prompt, rejected)
-        losses.append(-F.logsigmoid(BETA * ((pi_c - ref_c) - (pi_r - ref_r))))
+        dpo_term = -F.logsigmoid(BETA * ((pi_c - ref_c) - (pi_r - ref_r)))
+        losses.append(dpo_term - sft_weight * pi_c / len(chosen))
     return torch.stack(losses).mean()
 
 
@@ -78,15 +81,15 @@ def byte_tokens(record: dict) -> tuple[list[int], list[int], list[int]]:
     return prompt, [*(" " + record["chosen"]).encode(), 0], [*(" " + record["rejected"]).encode(), 0]
 
 
-@pytest.mark.parametrize("tune", ["full", "lora"])
-def test_the_loss_and_its_gradients_equal_the_direct_formula(tune, tmp_path):
+@pytest.mark.parametrize("tune, sft_weight", [("full", 0.0), ("lora", 0.0), ("full", 0.7), ("lora", 0.7)])
+def test_the_loss_and_its_gradients_equal_the_direct_formula(tune, sft_weight, tmp_path):
     """A Trainer's DPO step (weights moved away from the reference after the cache was made): the loss,
     every trained parameter's gradient and the metrics equal the direct formula, with the starting weights
-    (full) or the base without adapters (LoRA) as the reference."""
+    (full) or the base without adapters (LoRA) as the reference, with and without the SFT term."""
     data = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
     cfg = TrainConfig(
-        data=str(data), objective="dpo", dpo_beta=BETA, tune=tune, n_layer=1, n_embd=32, head_size=16,
-        batch_size=4, out=str(tmp_path / "out"), progress=False, seed=3,
+        data=str(data), objective="dpo", dpo_beta=BETA, dpo_sft_weight=sft_weight, tune=tune, n_layer=1,
+        n_embd=32, head_size=16, batch_size=4, out=str(tmp_path / "out"), progress=False, seed=3,
     )  # fmt: skip
     with Trainer(cfg) as trainer:
         trainer.setup()
@@ -107,7 +110,7 @@ def test_the_loss_and_its_gradients_equal_the_direct_formula(tune, tmp_path):
         got = {n: p.grad.clone() for n, p in trained if p.grad is not None}
         trainer.parts.trained.zero_grad()
         pairs = [byte_tokens(r) for r in RECORDS]
-        expected = direct_loss(model, reference, pairs)
+        expected = direct_loss(model, reference, pairs, sft_weight)
         expected.backward()
         want = {n: p.grad.clone() for n, p in trained if p.grad is not None}
         with torch.no_grad():
@@ -115,7 +118,9 @@ def test_the_loss_and_its_gradients_equal_the_direct_formula(tune, tmp_path):
                 [BETA * (direct_logp(model, p, c) - direct_logp(reference, p, c)) for c in (ch, rj)]
                 for p, ch, rj in pairs
             ]
+            nll = [-direct_logp(model, p, ch).item() / len(ch) for p, ch, _ in pairs]
     assert math.isclose(out.loss, expected.item(), rel_tol=1e-5)
+    assert math.isclose(out.metrics["nll_chosen"], sum(nll) / 4, rel_tol=1e-5)
     assert set(got) == set(want) and len(want) > 0
     for name in want:
         assert_close_rel(got[name], want[name])
@@ -246,7 +251,7 @@ def test_a_run_writes_its_outputs_and_resumes_on_the_same_curve(tune, tmp_path, 
     logged = entries(out)
     steps = [e for e in logged if "loss" in e]
     assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
-    for key in ("margin", "accuracy", "reward_chosen", "reward_rejected"):
+    for key in ("margin", "accuracy", "reward_chosen", "reward_rejected", "nll_chosen"):
         assert all(math.isfinite(e[key]) for e in steps), key
     assert [e["step"] for e in logged if "val_accuracy" in e] == [3, 6]
     assert (out / "model.pth").is_file() and (out / "loss.png").is_file()
@@ -311,7 +316,7 @@ def test_a_non_finite_step_is_skipped(tmp_path, monkeypatch):
 def test_the_progress_bar_shows_the_dpo_metrics(tmp_path, capsys):
     train(toy_run(tmp_path, "bar", steps=2, progress=True))
     shown = capsys.readouterr().err
-    for name in ("loss=", "margin=", "accuracy=", "reward_chosen=", "reward_rejected="):
+    for name in ("loss=", "margin=", "accuracy=", "reward_chosen=", "reward_rejected=", "nll_chosen="):
         assert name in shown, shown
 
 
@@ -402,6 +407,7 @@ def test_a_bad_record_stops_the_run_before_it_starts(tmp_path, line, message):
     [
         (dict(fsdp=True), "--fsdp does not go with --objective dpo"),
         (dict(dpo_beta=0.0), "--dpo-beta must be > 0"),
+        (dict(dpo_sft_weight=-1.0), "--dpo-sft-weight must be >= 0"),
         (dict(data="nowhere.jsonl"), "no such preference file"),
     ],
 )

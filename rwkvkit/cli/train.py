@@ -50,10 +50,12 @@ def run(args: argparse.Namespace) -> int:
     from rwkvkit.train.trainer import train  # imports torch: only when the command runs
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = train(config_from_args(args))
+    config = config_from_args(args)
+    result = train(config)
     if result.rank == 0:  # under torchrun, the first process reports
+        unit = " nats/token" if config.objective == "lm" else f" (the {config.objective} loss)"
         print(f"model: {result.model_path}")
-        print(f"final training loss: {result.final_loss:.4f}")
+        print(f"final training loss: {result.final_loss:.4f}{unit}")
         if result.val_loss is not None:
-            print(f"validation loss: {result.val_loss:.4f} nats/token")
+            print(f"validation loss: {result.val_loss:.4f}{unit}")
     return 0

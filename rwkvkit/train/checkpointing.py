@@ -59,6 +59,7 @@ MUST_MATCH = (
     "seq_len",
     "state_grad_windows",
     "dpo_beta",
+    "dpo_sft_weight",
     "reward",
     "group_size",
     "max_new_tokens",

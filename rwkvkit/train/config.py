@@ -47,6 +47,7 @@ class TrainConfig:
     state_grad_windows: int = 1
     # preference tuning (--objective dpo)
     dpo_beta: float = 0.1
+    dpo_sft_weight: float = 0.0
     # reinforcement learning with verifiable rewards (--objective grpo)
     reward: str = ""
     group_size: int = 4
@@ -119,6 +120,9 @@ FLAG_HELP = {
     "seq_len / ctx_len = the exact whole-sequence gradient); memory stays one window's, each window "
     "of a group but its last runs forward twice",
     "dpo_beta": "DPO: strength of the implicit KL constraint to the reference model (beta)",
+    "dpo_sft_weight": "DPO: weight of an added language-model loss on the chosen completion (its mean "
+    "negative log-likelihood per token, as TRL's rpo_alpha); keeps the likelihood of preferred text from "
+    "falling (0 = plain DPO)",
     "reward": "GRPO: the reward, 'module:function' (a Python function (prompt, completion) -> float; "
     "module may be a .py path) or a verifier script path (prompt and completion as JSON on stdin, "
     "the reward printed on stdout)",

@@ -18,7 +18,13 @@ The loss of pair i, with ``logp`` the summed log-probability of a completion's t
     reward_chosen_i   = beta * (logp_policy(chosen_i)   - logp_ref(chosen_i))
     reward_rejected_i = beta * (logp_policy(rejected_i) - logp_ref(rejected_i))
     margin_i          = reward_chosen_i - reward_rejected_i
-    loss              = mean over the step's pairs (all processes) of -log sigmoid(margin_i)
+    loss              = mean over the step's pairs (all processes) of
+                        -log sigmoid(margin_i) + sft_weight * nll_chosen_i
+    nll_chosen_i      = -logp_policy(chosen_i) / len(chosen_i)     (mean per token)
+
+``--dpo-sft-weight`` (default 0: plain DPO) adds the language-model loss on the chosen completion, as
+TRL's ``rpo_alpha``: plain DPO can raise the margin while lowering the likelihood of both completions,
+and on the demo model that cost language-model quality (benchmarks/RESULTS.md).
 
 Per pair the prompt runs ONCE (its last logit predicts each completion's first token) and the two
 completions continue from copies of its state as a 2-row batch (right-padded, masked): the gradient flows
@@ -43,10 +49,10 @@ gradients of replicated parameters; a sharded version would need the cache made 
 policy before the first step and stored with the checkpoint. No L2Wrap (an LM-loss regulariser).
 
 Metrics per step: ``margin``, ``accuracy`` (the fraction of pairs with margin > 0, a tie counting one
-half), ``reward_chosen``, ``reward_rejected`` (means over the step's pairs), all on the progress bar.
-With ``--val-data`` (pairs too): ``val_loss``, ``val_margin``, ``val_accuracy`` (as above), and
-``val_policy_accuracy``, the fraction of pairs whose chosen completion the model alone gives the higher
-log-probability (no reference; not 0.5 at the start).
+half), ``reward_chosen``, ``reward_rejected``, ``nll_chosen`` (means over the step's pairs), all on the
+progress bar. With ``--val-data`` (pairs too): ``val_loss``, ``val_margin``, ``val_accuracy``,
+``val_nll_chosen`` (as above), and ``val_policy_accuracy``, the fraction of pairs whose chosen completion
+the model alone gives the higher log-probability (no reference; not 0.5 at the start).
 """
 
 from __future__ import annotations
@@ -157,13 +163,22 @@ def pair_logprobs(model, pair: PreferencePair, vocab: int, device: torch.device)
 
 
 def dpo_loss_terms(
-    policy: torch.Tensor, reference: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss (N,), reward_chosen (N,), reward_rejected (N,)) from summed log-probs (N, 2) of the policy
-    and the reference, columns (chosen, rejected)."""
+    policy: torch.Tensor,
+    reference: torch.Tensor,
+    beta: float,
+    chosen_lengths: torch.Tensor,
+    sft_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss (N,), reward_chosen (N,), reward_rejected (N,), nll_chosen (N,)) from summed log-probs
+    (N, 2) of the policy and the reference, columns (chosen, rejected), and the chosen completions'
+    token counts (N,)."""
     rewards = beta * (policy - reference)  # (N, 2)
     margin = rewards[:, 0] - rewards[:, 1]  # (N,)
-    return -F.logsigmoid(margin), rewards[:, 0].detach(), rewards[:, 1].detach()
+    nll_chosen = -policy[:, 0] / chosen_lengths  # (N,)
+    loss = -F.logsigmoid(margin)
+    if sft_weight:
+        loss = loss + sft_weight * nll_chosen
+    return loss, rewards[:, 0].detach(), rewards[:, 1].detach(), nll_chosen.detach()
 
 
 def accuracy_of(margins: torch.Tensor) -> torch.Tensor:
@@ -178,7 +193,7 @@ class DPOObjective(Objective):
     """``--objective dpo`` (see the module docstring)."""
 
     name = "dpo"
-    bar_metrics = ("margin", "accuracy", "reward_chosen", "reward_rejected")
+    bar_metrics = ("margin", "accuracy", "reward_chosen", "reward_rejected", "nll_chosen")
 
     def load_data(self, trainer: Trainer) -> None:
         cfg = trainer.cfg
@@ -190,6 +205,8 @@ class DPOObjective(Objective):
             )
         if not cfg.dpo_beta > 0:
             raise RwkvkitError(f"--dpo-beta must be > 0, got {cfg.dpo_beta}")
+        if not cfg.dpo_sft_weight >= 0:
+            raise RwkvkitError(f"--dpo-sft-weight must be >= 0, got {cfg.dpo_sft_weight}")
         self.pairs = load_pairs(cfg.data, trainer.tokenizer)
         self.val_pairs = load_pairs(cfg.val_data, trainer.tokenizer) if cfg.val_data else []
         self.has_validation = bool(self.val_pairs)
@@ -237,15 +254,19 @@ class DPOObjective(Objective):
         chosen = step_pairs(len(self.pairs), step, cfg.batch_size, cfg.seed)
         slots = range(world.rank * trainer.local_rows, (world.rank + 1) * trainer.local_rows)
         weight = 1.0 / cfg.batch_size
-        totals = torch.zeros(6, dtype=torch.float64)  # loss, margin, accuracy, chosen, rejected, tokens
+        totals = torch.zeros(7, dtype=torch.float64)  # loss, margin, accuracy, chosen, rejected, nll, tokens
         for s in slots:
             i = chosen[s]
             pair = self.pairs[i]
             with trainer.autocast:
                 policy = pair_logprobs(trainer.parts.model, pair, self.vocab, world.device)  # (2,)
             reference = self.ref[i].to(device=world.device, dtype=policy.dtype)  # (2,)
-            loss, r_chosen, r_rejected = dpo_loss_terms(
-                policy.unsqueeze(0), reference.unsqueeze(0), cfg.dpo_beta
+            loss, r_chosen, r_rejected, nll = dpo_loss_terms(
+                policy.unsqueeze(0),
+                reference.unsqueeze(0),
+                cfg.dpo_beta,
+                torch.tensor([len(pair.chosen)], device=world.device),
+                cfg.dpo_sft_weight,
             )
             (loss.sum() * weight).backward()
             margin = r_chosen - r_rejected
@@ -257,12 +278,13 @@ class DPOObjective(Objective):
                     float(accuracy_of(margin).sum()),
                     float(r_chosen.sum()),
                     float(r_rejected.sum()),
+                    float(nll.sum()),
                     n_tokens,
                 ],
                 dtype=torch.float64,
             )
         distributed.all_reduce_gradients(trainer.parts.trained, world, mean=False)
-        loss_sum, margin, accuracy, r_chosen, r_rejected, tokens = distributed.sum_values(
+        loss_sum, margin, accuracy, r_chosen, r_rejected, nll, tokens = distributed.sum_values(
             totals.tolist(), world
         )
         metrics = {
@@ -270,6 +292,7 @@ class DPOObjective(Objective):
             "accuracy": accuracy * weight,
             "reward_chosen": r_chosen * weight,
             "reward_rejected": r_rejected * weight,
+            "nll_chosen": nll * weight,
         }
         return StepOutput(loss_sum * weight, int(tokens), metrics)
 
@@ -282,13 +305,16 @@ class DPOObjective(Objective):
         cfg, world, model = trainer.cfg, trainer.world, trainer.parts.model
         was_training = model.training
         model.eval()
-        totals = torch.zeros(4, dtype=torch.float64)  # loss, margin, accuracy, policy accuracy
+        totals = torch.zeros(5, dtype=torch.float64)  # loss, margin, accuracy, policy accuracy, nll
         try:
             for i in range(world.rank, len(self.val_pairs), world.world_size):
                 with trainer.autocast:
                     policy = pair_logprobs(model, self.val_pairs[i], self.vocab, world.device).double()
                 reference = self.val_ref[i].to(world.device)
-                loss, r_chosen, r_rejected = dpo_loss_terms(policy[None], reference[None], cfg.dpo_beta)
+                lengths = torch.tensor([len(self.val_pairs[i].chosen)], device=world.device)
+                loss, r_chosen, r_rejected, nll = dpo_loss_terms(
+                    policy[None], reference[None], cfg.dpo_beta, lengths, cfg.dpo_sft_weight
+                )
                 margin = r_chosen - r_rejected
                 own = accuracy_of(policy[:1] - policy[1:])
                 totals += torch.tensor(
@@ -297,16 +323,18 @@ class DPOObjective(Objective):
                         float(margin.sum()),
                         float(accuracy_of(margin).sum()),
                         float(own.sum()),
+                        float(nll.sum()),
                     ],
                     dtype=torch.float64,
                 )
         finally:
             model.train(was_training)
-        loss, margin, accuracy, own = distributed.sum_values(totals.tolist(), world)
+        loss, margin, accuracy, own, nll = distributed.sum_values(totals.tolist(), world)
         n = len(self.val_pairs)
         return {
             "val_loss": loss / n,
             "val_margin": margin / n,
             "val_accuracy": accuracy / n,
             "val_policy_accuracy": own / n,
+            "val_nll_chosen": nll / n,
         }
