@@ -402,6 +402,25 @@ def test_a_run_writes_its_outputs_and_resumes_on_the_same_curve(tmp_path, monkey
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_non_finite_step_is_skipped(tmp_path):
+    """A step whose loss is NaN (here: the reference model's weights poisoned, so the KL term is NaN)
+    leaves the weights and the optimizer as they were and is logged as skipped; the next step trains."""
+    with Trainer(toy_run(tmp_path, "nan", steps=2, kl_coef=0.1)) as trainer:
+        trainer.setup()
+        start = {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
+        head = trainer.objective.reference.head.weight
+        good = head.clone()
+        head.data.fill_(math.nan)
+        first, _ = trainer.train_step(0.0)
+        assert first == {"step": 1, "skipped": True, "loss": None, "lr": first["lr"]}
+        now = trainer.parts.model.state_dict()
+        assert all(torch.equal(start[k], now[k]) for k in start) and not trainer.optimizer.state
+        head.data.copy_(good)
+        second, _ = trainer.train_step(0.5)
+    assert second["step"] == 2 and math.isfinite(second["loss"]) and math.isfinite(second["kl"])
+    assert any(not torch.equal(start[k], v) for k, v in trainer.parts.model.state_dict().items())
+
+
 def test_torchrun_two_processes_match_one(tmp_path):
     """2 processes (gloo, CPU) each roll out and train half the prompts; the gradients summed over them
     give the single-process curve and weights; rank 0 alone writes metrics.jsonl."""

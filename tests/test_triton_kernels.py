@@ -2,7 +2,8 @@
 
 Marked ``triton``: the default suite deselects them; ``make test-triton`` (or ``pytest -m triton`` in an
 environment with Triton) runs them. Without CUDA they run on CPU tensors under Triton's interpreter
-(TRITON_INTERPRET=1, set here before Triton is imported).
+(TRITON_INTERPRET=1, set by tests/conftest.py before anything imports Triton, and here again for a run
+of this file alone).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
