@@ -12,15 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_training import torchrun_train
 
 from rwkvkit import RwkvkitError
 from rwkvkit.models import new_model
@@ -432,16 +429,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
         "--lr", "1e-2", "--lr-final", "1e-2", "--warmup-steps", "0", "--kl-coef", "0.05", "--steps", "4",
         "--no-progress", "--plot-every", "0", "--out", str(tmp_path / "ddp"),
     ]  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(port), "-m", "rwkvkit.train", *argv,
-    ]  # fmt: skip
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    done = torchrun_train(argv)
     assert done.returncode == 0, done.stderr[-3000:]
     drop = ("tokens_per_s", "elapsed_s")
     one, two = entries(tmp_path / "single"), entries(tmp_path / "ddp")

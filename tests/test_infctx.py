@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from asserts import assert_matches
 from checkpoints import random_state_dict
+from tiny_training import torchrun_train
 
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.train import infctx
@@ -284,15 +281,7 @@ def test_torchrun_two_processes_match_one(tmp_path, mode):
         "--steps", "3", "--lr", "3e-3", "--eval-every", "3", "--no-progress", "--plot-every", "0",
         "--out", str(tmp_path / mode), *(["--fsdp"] if mode == "fsdp" else []),
     ]  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(port), "-m", "rwkvkit.train", *argv,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    done = torchrun_train(argv)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = entries(tmp_path / "single"), entries(tmp_path / mode)
     assert [e["step"] for e in two if "loss" in e] == [1, 2, 3]
