@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -36,6 +36,8 @@ from tqdm import tqdm
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer.chat_format import ROLES, normalize_message
 from rwkvkit.train.binidx import BinIdxWriter, binidx_paths
+
+T = TypeVar("T")
 
 EOT_ID = 0  # as rwkvkit.train.data.EOT_ID
 TURN_SEPARATOR = "\n\n"
@@ -104,6 +106,19 @@ def encode_record(tokenizer, record: dict, where: str) -> tuple[np.ndarray, np.n
     ids.append(EOT_ID)
     mask.append(int(turns[-1][0] == "assistant"))
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
+
+
+def load_jsonl_records(path: str | Path, kind: str, plural: str, parse: Callable[[Any, str], T]) -> list[T]:
+    """Every record of a ``.jsonl`` file of ``kind`` ("preference", "prompts") through
+    ``parse(record, "FILE: line N")``; RwkvkitError for a missing file, the first bad record (from
+    ``parse`` or :func:`iter_jsonl`) or a file without records (``plural``: what it lacks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RwkvkitError(f"no such {kind} file: {path}")
+    records = [parse(record, where) for where, record in iter_jsonl(path)]
+    if not records:
+        raise RwkvkitError(f"{path}: no {plural}")
+    return records
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:

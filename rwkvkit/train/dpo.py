@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.infer.chat_format import normalize_message
 from rwkvkit.train import distributed
-from rwkvkit.train.chat_data import EOT_ID, iter_jsonl
+from rwkvkit.train.chat_data import EOT_ID, load_jsonl_records
 from rwkvkit.train.grpo import completion_logprobs, pad_completions, prompt_tokens
 from rwkvkit.train.objective import Objective, StepOutput
 from rwkvkit.train.trainer import Trainer, build_model
@@ -93,15 +93,9 @@ class PreferencePair:
 def load_pairs(path: str | Path, tokenizer) -> list[PreferencePair]:
     """The pairs of a preference ``.jsonl`` file (see the module docstring); RwkvkitError naming the first
     bad record."""
-    path = Path(path)
-    if not path.is_file():
-        raise RwkvkitError(f"no such preference file: {path}")
-    pairs = []
-    for where, record in iter_jsonl(path):
-        pairs.append(_pair(record, where, tokenizer))
-    if not pairs:
-        raise RwkvkitError(f"{path}: no preference pairs")
-    return pairs
+    return load_jsonl_records(
+        path, "preference", "preference pairs", lambda r, where: _pair(r, where, tokenizer)
+    )
 
 
 def _pair(record: Any, where: str, tokenizer) -> PreferencePair:

@@ -63,7 +63,7 @@ from rwkvkit.infer.chat_format import normalize_message
 from rwkvkit.infer.engine import Engine, FinishEvent
 from rwkvkit.infer.sampling import SamplingParams
 from rwkvkit.train import distributed
-from rwkvkit.train.chat_data import EOT_ID, iter_jsonl, render_segments
+from rwkvkit.train.chat_data import EOT_ID, load_jsonl_records, render_segments
 from rwkvkit.train.objective import Objective, StepOutput
 from rwkvkit.train.rewards import Reward
 from rwkvkit.train.trainer import Trainer, build_model
@@ -100,15 +100,9 @@ def prompt_tokens(tokenizer, text: str, chat: bool) -> list[int]:
 def load_prompts(path: str | Path, tokenizer) -> list[PromptRecord]:
     """The records of a prompts ``.jsonl`` file (see the module docstring); RwkvkitError naming the first
     bad record."""
-    path = Path(path)
-    if not path.is_file():
-        raise RwkvkitError(f"no such prompts file: {path}")
-    records = []
-    for where, record in iter_jsonl(path):
-        records.append(_prompt_record(record, where, tokenizer))
-    if not records:
-        raise RwkvkitError(f"{path}: no prompt records")
-    return records
+    return load_jsonl_records(
+        path, "prompts", "prompt records", lambda r, where: _prompt_record(r, where, tokenizer)
+    )
 
 
 def _prompt_record(record: Any, where: str, tokenizer) -> PromptRecord:
